@@ -1,0 +1,1 @@
+"""Embeddings -> FAISS index -> search and dedup, and the `imgindex` command line."""

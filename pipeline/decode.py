@@ -1,0 +1,133 @@
+"""Encoded bytes -> upright RGB image -> model-ready uint8 pixels, sha256 and phash.
+
+A sample that cannot become an image raises SampleError with a short class (`empty`,
+`not_an_image`, `too_large`, `truncated`, `decode_error`) that ends up in the failures table.
+The image is turned upright by its EXIF orientation; odd modes are converted, not failed:
+CMYK, palette and 16-bit images become 8-bit RGB, and transparent pixels are composited
+onto `alpha_background`.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import timm.data
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision import transforms as T
+
+DECODE_MODE = "pil; exif_transpose; 16-bit>>8; alpha composited on background; convert RGB"
+
+
+class SampleError(Exception):
+    """This sample cannot be embedded; `kind` is the failures table's short error class."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def open_upright(data: bytes | None, max_pixels: int,
+                 background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Decode bytes into an upright 8-bit RGB image, or raise SampleError.
+
+    The size is checked from the header before any pixel is decoded, so a decompression
+    bomb costs nothing.
+    """
+    if not data:
+        raise SampleError("empty", "zero-byte file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise SampleError("not_an_image", f"not a recognised image format ({len(data)} bytes)") from None
+        except Image.DecompressionBombError as exc:  # Pillow's own cap, 2 x Image.MAX_IMAGE_PIXELS
+            raise SampleError("too_large", f"rejected by Pillow's decompression-bomb check: {exc}") from None
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise SampleError("decode_error", f"{type(exc).__name__}: {exc}") from None
+        width, height = img.size
+        if width * height > max_pixels:
+            raise SampleError("too_large", f"{width}x{height} pixels is over the limit of {max_pixels}")
+        if width == 0 or height == 0:
+            raise SampleError("decode_error", f"image has no pixels ({width}x{height})")
+        try:
+            img.load()
+        except OSError as exc:
+            text = str(exc).lower()
+            kind = "truncated" if ("truncat" in text or "broken data stream" in text) else "decode_error"
+            raise SampleError(kind, f"{type(exc).__name__}: {exc}") from None
+        except (SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+            raise SampleError("decode_error", f"{type(exc).__name__}: {exc}") from None
+    return to_rgb(ImageOps.exif_transpose(img), background)
+
+
+def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB: high bit depths are scaled down, alpha is composited."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit data (PNG, TIFF): keep the top 8 bits rather than clipping at 255.
+        pixels = np.asarray(img, dtype=np.int64)
+        img = Image.fromarray(np.clip(pixels >> 8, 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), "L")
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        img.mode == "P" and "transparency" in img.info
+    )
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, tuple(background))
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+_PHASH_SIZE = 32
+_DCT_LOW = 2.0 * np.cos(
+    np.pi * np.arange(8)[:, None] * (2 * np.arange(_PHASH_SIZE)[None, :] + 1) / (2 * _PHASH_SIZE)
+)
+
+
+def phash(img: Image.Image) -> int:
+    """64-bit perceptual hash as imagehash.phash defines it, as a signed int64.
+
+    Grayscale, Lanczos to 32x32, 2-D DCT-II, top-left 8x8 compared with its median, bits
+    row-major with the first bit most significant: the unsigned value's hex is
+    str(imagehash.phash(img)). Only the 8 low-frequency DCT rows are computed.
+    """
+    pixels = np.asarray(img.convert("L").resize((_PHASH_SIZE, _PHASH_SIZE), Image.Resampling.LANCZOS),
+                        dtype=np.float64)
+    low = _DCT_LOW @ pixels @ _DCT_LOW.T
+    bits = (low > np.median(low)).ravel()
+    value = int("".join("1" if b else "0" for b in bits), 2)
+    return value - (1 << 64) if value >= (1 << 63) else value
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def build_preprocess(data_config: dict) -> Callable[[Image.Image], np.ndarray]:
+    """timm's eval transform up to (not including) ToTensor+Normalize, returning uint8 HWC.
+
+    The float conversion and normalization run on the model's device (pipeline.model), with
+    the same operations as timm's ToTensor and Normalize, so results match the model card's.
+    """
+    transform = timm.data.create_transform(**data_config, is_training=False)
+    steps = list(transform.transforms)
+    if len(steps) < 2 or not isinstance(steps[-1], T.Normalize) or "ToTensor" not in type(steps[-2]).__name__:
+        raise ValueError(f"unexpected timm eval transform, cannot split it: {transform}")
+    pil_steps = T.Compose(steps[:-2])
+
+    def preprocess(img: Image.Image) -> np.ndarray:
+        out = pil_steps(img)
+        return np.asarray(out, dtype=np.uint8)
+
+    return preprocess
+
+
+def describe_preprocess(data_config: dict) -> list[str]:
+    """The transform steps as text, for the manifest."""
+    transform = timm.data.create_transform(**data_config, is_training=False)
+    return [repr(step) for step in transform.transforms]

@@ -1,0 +1,196 @@
+"""The embedding job: plan shards, skip the done ones, decode in workers, embed, write parts.
+
+Each shard is a pure function of (shard, config) -> part; the job can be killed at any
+point and rerun with the same command, and only the unfinished shards are redone.
+"""
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow
+import timm
+import torch
+from tqdm import tqdm
+
+from pipeline.config import ConfigError, EmbedConfig
+from pipeline.decode import DECODE_MODE, build_preprocess, describe_preprocess
+from pipeline.loader import ROW_FIELDS, Batch, ShardBatches, ShardDone, make_loader
+from pipeline.model import Backbone, load_backbone
+from pipeline.sources import Shard, plan_shards
+from pipeline.writer import EmbeddingStore
+
+log = logging.getLogger(__name__)
+
+FORMAT = "imgindex.embeddings/1"
+
+
+@dataclass
+class Summary:
+    out: str
+    shards_total: int
+    shards_skipped: int = 0
+    shards_done: int = 0
+    images: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    random_weights: bool = False
+    failures_by_error: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        text = (f"embedded {self.images} images ({self.failed} failed) from {self.shards_done} shards "
+                f"in {self.seconds:.1f} s, {self.images_per_s:.1f} images/s")
+        if self.shards_skipped:
+            text += f"; {self.shards_skipped} shards already done"
+        if self.failures_by_error:
+            text += " [failures: " + ", ".join(f"{k}={v}" for k, v in sorted(self.failures_by_error.items())) + "]"
+        text += f" -> {self.out}"
+        if self.random_weights:
+            text += "  WARNING: random weights, embeddings are meaningless"
+        return text
+
+
+def build_manifest(config: EmbedConfig, backbone: Backbone) -> dict:
+    """Everything needed to know, and reproduce, how the vectors were made."""
+    cfg = backbone.model.pretrained_cfg
+    return {
+        "format": FORMAT,
+        "model": {"name": backbone.name, "architecture": cfg.get("architecture"), "tag": cfg.get("tag"),
+                  "num_classes": 0, "pooled": True},
+        "weights": backbone.weights,
+        "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in backbone.data_config.items()},
+        "preprocess": describe_preprocess(backbone.data_config),
+        "dim": backbone.dim,
+        "dtype": "float32",
+        "normalized": backbone.normalize,
+        "precision": backbone.precision,
+        "decode": {"mode": DECODE_MODE, "max_pixels": config.decode.max_pixels,
+                   "alpha_background": list(config.decode.alpha_background)},
+        "device": str(backbone.device),
+        "config": config.to_dict(),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "timm": timm.__version__, "pyarrow": pyarrow.__version__},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def parse_slice(text: str | None) -> tuple[int, int] | None:
+    """'i/n' -> (i, n): this process takes shards i, i+n, ... (SLURM arrays, one process per GPU)."""
+    if not text:
+        return None
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--slice must look like i/n (e.g. 0/4), got {text!r}") from None
+    if not 0 <= index < count:
+        raise ConfigError(f"--slice {text}: need 0 <= i < n")
+    return index, count
+
+
+class _ShardBuffer:
+    """Rows and vectors of one shard, kept until its ShardDone arrives."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, list] = {name: [] for name in ROW_FIELDS}
+        self.vectors: list[np.ndarray] = []
+        self.started = time.time()
+
+    def add(self, batch: Batch, vectors: np.ndarray) -> None:
+        for name in ROW_FIELDS:
+            self.rows[name].extend(batch.rows[name])
+        self.vectors.append(vectors)
+
+    def embeddings(self, dim: int) -> np.ndarray:
+        return np.concatenate(self.vectors) if self.vectors else np.zeros((0, dim), np.float32)
+
+
+def run_embed(sources: list[str], out: str, config: EmbedConfig, overwrite: bool = False,
+              slice_: str | None = None, progress: bool | None = None) -> Summary:
+    """Embed every shard of `sources` into `out`. Bad job inputs raise ConfigError before any work."""
+    shards = plan_shards(sources, config.source)
+    part = parse_slice(slice_)
+    if part:
+        shards = shards[part[0]::part[1]]
+    store = EmbeddingStore(out)
+    store.check_writable()
+    backbone = load_backbone(config)
+    store.prepare(build_manifest(config, backbone), overwrite=overwrite)
+
+    done = store.done_shards()
+    todo = [s for s in shards if s.name not in done]
+    summary = Summary(out=out, shards_total=len(shards), shards_skipped=len(shards) - len(todo),
+                      random_weights=backbone.weights.get("source") == "random")
+    if not todo:
+        return summary
+    _embed_shards(todo, store, config, backbone, summary, progress)
+    return summary
+
+
+def _embed_shards(todo: list[Shard], store: EmbeddingStore, config: EmbedConfig, backbone: Backbone,
+                  summary: Summary, progress: bool | None) -> None:
+    dataset = ShardBatches(todo, build_preprocess(backbone.data_config), config.decode, config.runtime.batch_size)
+    loader = make_loader(dataset, config.runtime.workers, pin_memory=backbone.device.type == "cuda")
+    sources = {s.name: s.url for s in todo}
+    buffers: dict[str, _ShardBuffer] = {}
+    pending: list[Future] = []
+    start = time.time()
+    bar = tqdm(total=len(todo), unit="shard", desc="embed", disable=None if progress is None else not progress)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-writer") as writer:
+        for message in loader:
+            buffer = buffers.setdefault(message.shard, _ShardBuffer())
+            if isinstance(message, Batch):
+                buffer.add(message, backbone.embed(message.images))
+                summary.images += len(message.images)
+                bar.set_postfix(images_per_s=f"{summary.images / (time.time() - start):.1f}", refresh=False)
+                continue
+            assert isinstance(message, ShardDone)
+            buffers.pop(message.shard)
+            embeddings = buffer.embeddings(backbone.dim)
+            stats = _shard_stats(message, sources[message.shard], len(embeddings), buffer.started)
+            summary.failed += len(message.failures)
+            for error, count in stats["failures_by_error"].items():
+                summary.failures_by_error[error] = summary.failures_by_error.get(error, 0) + count
+            pending.append(writer.submit(store.write_shard, message.shard, buffer.rows, embeddings,
+                                         message.failures, stats))
+            pending = _reap(pending)
+            summary.shards_done += 1
+            bar.update(1)
+        for future in pending:
+            future.result()
+    bar.close()
+    summary.seconds = time.time() - start
+
+
+def _reap(pending: list[Future]) -> list[Future]:
+    """Surface a write error as soon as it happens, not at the end of the job."""
+    still = []
+    for future in pending:
+        if future.done():
+            future.result()
+        else:
+            still.append(future)
+    return still
+
+
+def _shard_stats(done: ShardDone, source: str, rows: int, started: float) -> dict:
+    seconds = time.time() - started
+    errors: dict[str, int] = {}
+    for failure in done.failures:
+        errors[failure["error"]] = errors.get(failure["error"], 0) + 1
+    if rows + len(done.failures) != done.samples:
+        raise RuntimeError(f"shard {done.shard}: {rows} rows + {len(done.failures)} failures != "
+                           f"{done.samples} samples")
+    return {"shard": done.shard, "source": source, "samples": done.samples, "rows": rows,
+            "failures": len(done.failures), "failures_by_error": errors,
+            "seconds": round(seconds, 3), "decode_seconds": round(done.decode_seconds, 3),
+            "images_per_s": round(rows / seconds, 2) if seconds > 0 else None,
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}

@@ -1,0 +1,104 @@
+"""Shards -> decode worker processes -> uint8 batches, one shard per worker at a time.
+
+Each worker reads whole shards, so a batch never mixes shards and the main process knows
+when a shard is complete: after its batches, the worker sends one `ShardDone` message with
+the failures and the sample count. The accounting rows + failures = samples holds per shard.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.config import DecodeConfig
+from pipeline.decode import SampleError, open_upright, phash, sha256
+from pipeline.sources import Shard, read_shard
+
+ROW_FIELDS = ("key", "width", "height", "sha256", "phash", "caption", "json", "url")
+
+
+@dataclass
+class Batch:
+    shard: str
+    images: torch.Tensor  # uint8, N x C x H x W
+    rows: dict[str, list]  # ROW_FIELDS -> one value per image
+
+    def pin_memory(self) -> "Batch":
+        """Called by DataLoader(pin_memory=True): page-locked so the copy to the GPU is async."""
+        return Batch(self.shard, self.images.pin_memory(), self.rows)
+
+
+@dataclass
+class ShardDone:
+    shard: str
+    samples: int
+    failures: list[dict] = field(default_factory=list)  # key, member, error, message
+    decode_seconds: float = 0.0
+
+
+class ShardBatches(IterableDataset):
+    """Worker k of n takes shards k, k+n, ...; yields Batch messages then one ShardDone per shard."""
+
+    def __init__(self, shards: list[Shard], preprocess: Callable, decode: DecodeConfig, batch_size: int):
+        self.shards = shards
+        self.preprocess = preprocess
+        self.decode = decode
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[Batch | ShardDone]:
+        info = get_worker_info()
+        mine = self.shards if info is None else self.shards[info.id::info.num_workers]
+        for shard in mine:
+            yield from self.shard_messages(shard)
+
+    def _batch(self, shard: Shard, images: list[np.ndarray], rows: dict[str, list]) -> Batch:
+        stacked = np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2))
+        return Batch(shard=shard.name, images=torch.from_numpy(stacked), rows=rows)
+
+    def shard_messages(self, shard: Shard) -> Iterator[Batch | ShardDone]:
+        done = ShardDone(shard=shard.name, samples=0)
+        images: list[np.ndarray] = []
+        rows: dict[str, list] = {name: [] for name in ROW_FIELDS}
+        busy = 0.0
+        for sample in read_shard(shard):
+            start = time.perf_counter()
+            done.samples += 1
+            try:
+                if sample.error:
+                    raise SampleError(*sample.error)
+                img = open_upright(sample.data, self.decode.max_pixels, self.decode.alpha_background)
+                pixels = self.preprocess(img)
+                values = (sample.key, img.width, img.height, sha256(sample.data), phash(img),
+                          sample.caption, sample.json, sample.url)
+            except SampleError as exc:
+                done.failures.append({"key": sample.key, "member": sample.member,
+                                      "error": exc.kind, "message": str(exc)})
+                continue
+            except Exception as exc:  # an unforeseen decoder error is this sample's, not the job's
+                done.failures.append({"key": sample.key, "member": sample.member,
+                                      "error": "decode_error", "message": f"{type(exc).__name__}: {exc}"})
+                continue
+            finally:
+                busy += time.perf_counter() - start
+            images.append(pixels)
+            for name, value in zip(ROW_FIELDS, values):
+                rows[name].append(value)
+            if len(images) == self.batch_size:
+                yield self._batch(shard, images, rows)
+                images, rows = [], {name: [] for name in ROW_FIELDS}
+        if images:
+            yield self._batch(shard, images, rows)
+        done.decode_seconds = busy
+        yield done
+
+
+def make_loader(dataset: ShardBatches, workers: int, pin_memory: bool) -> DataLoader:
+    workers = min(workers, len(dataset.shards))
+    return DataLoader(
+        dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+        prefetch_factor=4 if workers else None, persistent_workers=False,
+    )

@@ -1,0 +1,159 @@
+"""The timm backbone: created with num_classes=0 (pooled features), weights from the hub,
+a local checkpoint or (only when asked) random; forward on uint8 batches with the
+normalization done on the device.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import ConfigError, EmbedConfig
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Backbone:
+    """A loaded model and everything needed to reproduce its embeddings."""
+
+    model: torch.nn.Module
+    name: str
+    data_config: dict
+    dim: int
+    device: torch.device
+    precision: str
+    normalize: bool
+    weights: dict = field(default_factory=dict)  # source, path, sha256 of the state dict
+
+    def __post_init__(self) -> None:
+        self.mean = torch.tensor(self.data_config["mean"], dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(self.data_config["std"], dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+
+    def _autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=_DTYPES[self.precision])
+
+    @torch.inference_mode()
+    def embed(self, images: torch.Tensor) -> np.ndarray:
+        """uint8 NCHW batch -> float32 features (L2-normalized when configured), on the host.
+
+        The steps mirror timm's ToTensor (float, /255) and Normalize (sub mean, div std).
+        """
+        x = images.to(self.device, non_blocking=True).to(torch.float32).div(255)
+        x = x.sub_(self.mean).div_(self.std)
+        with self._autocast():
+            feats = self.model(x)
+        feats = feats.float()
+        if self.normalize:
+            feats = F.normalize(feats, dim=-1)
+        return feats.cpu().numpy()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but no CUDA GPU is visible: use --device cpu")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def state_dict_sha256(model: torch.nn.Module) -> str:
+    """Digest of the weights themselves, the same whether they came from the hub or a file."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _check_model_name(name: str) -> None:
+    if not timm.is_model(name):
+        arch = name.split(".")[0]
+        near = timm.list_models(f"*{arch.split('_')[0]}*")[:5] if arch else []
+        hint = f" (similar: {', '.join(near)})" if near else ""
+        raise ConfigError(f"unknown timm model {name!r}{hint}: see timm.list_models()")
+
+
+def _load_checkpoint(model: torch.nn.Module, path: str) -> None:
+    """Strict load of a local checkpoint; classifier weights in it are dropped (num_classes=0)."""
+    if not Path(path).is_file():
+        raise ConfigError(f"checkpoint {path!r} does not exist: pass a safetensors or .pth file")
+    try:
+        state_dict = timm.models.load_state_dict(path)
+    except Exception as exc:  # torch and safetensors raise many types for a bad file
+        raise ConfigError(f"checkpoint {path!r} could not be read ({type(exc).__name__}: {exc})") from None
+    classifier = model.pretrained_cfg.get("classifier") or ()
+    for head in (classifier,) if isinstance(classifier, str) else classifier:
+        state_dict.pop(f"{head}.weight", None)
+        state_dict.pop(f"{head}.bias", None)
+    architecture = model.pretrained_cfg.get("architecture")
+    try:
+        result = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as exc:  # tensor shapes differ: weights of another model size
+        mismatch = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
+        raise ConfigError(f"checkpoint {path!r} does not fit {architecture}: {mismatch}") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise ConfigError(
+            f"checkpoint {path!r} does not fit {architecture}: "
+            f"{len(result.missing_keys)} missing keys (e.g. {result.missing_keys[:3]}), "
+            f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:3]})"
+        )
+
+
+def load_backbone(config: EmbedConfig) -> Backbone:
+    """Create the configured model. Never falls back: missing weights are an error."""
+    mc = config.model
+    _check_model_name(mc.name)
+    device = resolve_device(config.runtime.device)
+    precision = resolve_precision(config.runtime.precision, device)
+    if precision == "fp16" and device.type == "cpu":
+        raise ConfigError("fp16 is not supported on CPU: use --precision fp32 or bf16")
+    if mc.checkpoint:
+        model = timm.create_model(mc.name, pretrained=False, num_classes=0)
+        _load_checkpoint(model, mc.checkpoint)
+        weights = {"source": "checkpoint", "path": str(Path(mc.checkpoint).resolve())}
+    elif mc.pretrained:
+        try:
+            model = timm.create_model(mc.name, pretrained=True, num_classes=0)
+        except Exception as exc:  # hub errors come as many types (OSError, HTTP, offline mode)
+            raise ConfigError(
+                f"could not load pretrained weights for {mc.name!r} ({type(exc).__name__}); offline? "
+                "pass --checkpoint FILE with local weights (safetensors or .pth)"
+            ) from None
+        cfg = model.pretrained_cfg
+        weights = {"source": "hub", "hf_hub_id": cfg.get("hf_hub_id"), "url": cfg.get("url")}
+    else:
+        torch.manual_seed(config.seed)
+        model = timm.create_model(mc.name, pretrained=False, num_classes=0)
+        weights = {"source": "random", "seed": config.seed}
+        log.warning("model %s uses RANDOM weights (pretrained: false): its embeddings mean nothing", mc.name)
+    model.eval()
+    weights["sha256"] = state_dict_sha256(model)
+    data_config = dict(timm.data.resolve_model_data_config(model))
+    dim = int(model.num_features)
+    model.to(device)
+    if config.runtime.compile:
+        model = torch.compile(model)
+    return Backbone(model=model, name=mc.name, data_config=data_config, dim=dim, device=device,
+                    precision=precision, normalize=mc.normalize, weights=weights)

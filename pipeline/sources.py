@@ -1,0 +1,254 @@
+"""Sources -> a sorted plan of Shards, and a Shard -> its samples (raw bytes, not decoded).
+
+A source is a WebDataset tar (path, glob, brace pattern or fsspec URL), an image folder
+(searched recursively, extensions in any case) or a file list (.txt, one path a line, or
+.parquet with a path column). Folders and lists are cut into shards of
+`folder_shard_size` images so that one shard stays one unit of work.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+import braceexpand
+import fsspec
+import pyarrow.parquet as pq
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+from pipeline.config import ConfigError, SourceConfig
+
+IMAGE_EXTENSIONS = frozenset(
+    "jpg jpeg jpe jfif png webp bmp gif tif tiff ppm pgm pbm pnm ico".split()
+)
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+LIST_SUFFIXES = (".txt", ".lst", ".parquet")
+CAPTION_EXTENSIONS = ("txt", "caption")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One unit of work: its name is unique in a plan and names the output part."""
+
+    name: str
+    kind: str  # "tar" or "files"
+    url: str  # the tar, the folder root or the list file
+    files: tuple[str, ...] = ()  # kind "files": full URLs of the images
+    keys: tuple[str, ...] = ()  # kind "files": the sample key of each image
+    captions: tuple[str | None, ...] = ()
+    urls: tuple[str | None, ...] = ()
+
+
+@dataclass
+class Sample:
+    """One sample of a shard: the image bytes and passthrough sidecars, or why it has none."""
+
+    key: str
+    member: str = ""
+    data: bytes | None = None
+    error: tuple[str, str] | None = None  # (error class, message) when there is no image
+    caption: str | None = None
+    json: str | None = None
+    url: str | None = None
+
+
+def _is_image_name(name: str) -> bool:
+    return name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS if "." in name else False
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "shard"
+
+
+def _stem(path: str) -> str:
+    base = PurePosixPath(path.rstrip("/")).name
+    for suffix in TAR_SUFFIXES + LIST_SUFFIXES:
+        if base.lower().endswith(suffix):
+            return base[: -len(suffix)]
+    return base
+
+
+def _expand(source: str) -> list[tuple[fsspec.AbstractFileSystem, str]]:
+    """Brace patterns and globs -> existing paths, each with its filesystem."""
+    found = []
+    for pattern in braceexpand.braceexpand(source):
+        fs, path = fsspec.core.url_to_fs(pattern)
+        if any(ch in path for ch in "*?["):
+            matches = sorted(fs.glob(path))
+            if not matches:
+                raise ConfigError(f"source {pattern!r} matches no files: check the pattern")
+            found.extend((fs, m) for m in matches)
+        elif fs.exists(path):
+            found.append((fs, path))
+        else:
+            raise ConfigError(f"source {pattern!r} does not exist: check the path or URL")
+    return found
+
+
+def _chunks(name: str, root: str, files: list[str], keys: list[str], size: int,
+            captions: list | None = None, urls: list | None = None) -> list[Shard]:
+    shards = []
+    for start in range(0, len(files), size):
+        end = start + size
+        shards.append(Shard(
+            name=f"{name}-{start // size:05d}", kind="files", url=root,
+            files=tuple(files[start:end]), keys=tuple(keys[start:end]),
+            captions=tuple(captions[start:end]) if captions else (),
+            urls=tuple(urls[start:end]) if urls else (),
+        ))
+    return shards
+
+
+def _folder_shards(fs: fsspec.AbstractFileSystem, root: str, config: SourceConfig) -> list[Shard]:
+    paths = sorted(p for p in fs.find(root) if _is_image_name(p))
+    if not paths:
+        raise ConfigError(
+            f"image folder {root!r} holds no images (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
+    prefix = root.rstrip("/") + "/"
+    keys = [p[len(prefix):] if p.startswith(prefix) else p for p in paths]
+    files = [fs.unstrip_protocol(p) for p in paths]
+    return _chunks(_safe(_stem(root)), fs.unstrip_protocol(root), files, keys, config.folder_shard_size)
+
+
+def _list_shards(fs: fsspec.AbstractFileSystem, path: str, config: SourceConfig) -> list[Shard]:
+    captions = urls = None
+    if path.lower().endswith(".parquet"):
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f)
+        if config.list_column not in table.column_names:
+            raise ConfigError(
+                f"file list {path!r} has no column {config.list_column!r} "
+                f"(columns: {', '.join(table.column_names)}); set source.list_column"
+            )
+        entries = [str(v) for v in table.column(config.list_column).to_pylist() if v]
+        captions = table.column("caption").to_pylist() if "caption" in table.column_names else None
+        urls = table.column("url").to_pylist() if "url" in table.column_names else None
+    else:
+        with fs.open(path, "rt", encoding="utf-8") as f:
+            entries = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    if not entries:
+        raise ConfigError(f"file list {path!r} lists no images")
+    parent = fs.unstrip_protocol(str(PurePosixPath(path).parent))
+    files = [e if "://" in e or e.startswith("/") else f"{parent}/{e}" for e in entries]
+    return _chunks(_safe(_stem(path)), fs.unstrip_protocol(path), files, entries,
+                   config.folder_shard_size, captions, urls)
+
+
+def plan_shards(sources: list[str], config: SourceConfig) -> list[Shard]:
+    """Resolve every source into shards, sorted by name, with unique names.
+
+    Raises ConfigError (one line, says what to fix) for a missing or empty source.
+    """
+    if not sources:
+        raise ConfigError("no source given: pass tar shards, image folders or file lists")
+    shards: list[Shard] = []
+    for source in sources:
+        for fs, path in _expand(source):
+            lower = path.lower()
+            if fs.isdir(path):
+                shards.extend(_folder_shards(fs, path, config))
+            elif lower.endswith(TAR_SUFFIXES):
+                shards.append(Shard(name=_safe(_stem(path)), kind="tar", url=fs.unstrip_protocol(path)))
+            elif lower.endswith(LIST_SUFFIXES):
+                shards.extend(_list_shards(fs, path, config))
+            else:
+                raise ConfigError(
+                    f"source {path!r} is not a tar shard, image folder or file list "
+                    f"(expected a folder or a name ending in {', '.join(TAR_SUFFIXES + LIST_SUFFIXES)})"
+                )
+    return _dedupe_names(shards)
+
+
+def _dedupe_names(shards: list[Shard]) -> list[Shard]:
+    """Keep names short and stable; two sources with the same stem get a hash of their URL."""
+    seen: dict[str, int] = {}
+    for shard in shards:
+        seen[shard.name] = seen.get(shard.name, 0) + 1
+    renamed = []
+    for shard in shards:
+        if seen[shard.name] > 1:
+            digest = hashlib.sha1(f"{shard.url}|{shard.keys[:1]}".encode()).hexdigest()[:8]
+            shard = Shard(**{**shard.__dict__, "name": f"{shard.name}-{digest}"})
+        renamed.append(shard)
+    names = [s.name for s in renamed]
+    if len(set(names)) != len(names):
+        raise ConfigError("the same source is given twice: each tar, folder or list may appear once")
+    return sorted(renamed, key=lambda s: s.name)
+
+
+def _tar_sample(key: str, members: dict[str, tuple[str, bytes]]) -> Sample:
+    """A webdataset-style group of members (extension -> (member name, bytes)) -> Sample."""
+    sample = Sample(key=key)
+    for ext in CAPTION_EXTENSIONS:
+        if ext in members:
+            sample.caption = members[ext][1].decode("utf-8", errors="replace")
+            break
+    if "json" in members:
+        sample.json = members["json"][1].decode("utf-8", errors="replace")
+        try:
+            meta = json.loads(sample.json)
+            url = meta.get("url") if isinstance(meta, dict) else None
+            sample.url = url if isinstance(url, str) else None
+        except ValueError:
+            pass
+    images = [ext for ext in members if ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS]
+    if not images:
+        sample.member = next(iter(members.values()))[0]
+        sample.error = ("no_image", f"no image member for key {key!r} (members: {', '.join(sorted(members))})")
+    else:
+        sample.member, sample.data = members[images[0]]
+    return sample
+
+
+def read_tar(shard: Shard) -> Iterator[Sample]:
+    """Samples of a tar shard: consecutive members sharing a key form one sample (webdataset's rule).
+
+    A tar that cannot be opened, or stops being readable part-way, adds one `bad_shard`
+    sample for the unreadable rest, so the loss is recorded rather than silent.
+    """
+    key, members = None, {}
+    try:
+        with fsspec.open(shard.url, "rb") as f:
+            for entry in tar_file_iterator(f):
+                name, data = entry["fname"], entry["data"]
+                prefix, ext = base_plus_ext(name.removeprefix("./"))
+                if prefix is None:
+                    continue
+                if prefix != key and members:
+                    yield _tar_sample(key, members)
+                    members = {}
+                key = prefix
+                members.setdefault(ext.lower(), (name, data))
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        if members:
+            yield _tar_sample(key, members)
+            members = {}
+        where = f"after key {key!r}" if key else "from the start"
+        yield Sample(key=f"{key or ''}#unreadable-rest", member=shard.url,
+                     error=("bad_shard", f"tar is unreadable {where}: {type(exc).__name__}: {exc}"))
+    if members:
+        yield _tar_sample(key, members)
+
+
+def read_files(shard: Shard) -> Iterator[Sample]:
+    for i, (url, key) in enumerate(zip(shard.files, shard.keys)):
+        sample = Sample(
+            key=key, member=url,
+            caption=shard.captions[i] if shard.captions else None,
+            url=shard.urls[i] if shard.urls else None,
+        )
+        try:
+            with fsspec.open(url, "rb") as f:
+                sample.data = f.read()
+        except OSError as exc:
+            sample.error = ("unreadable", f"{type(exc).__name__}: {exc}")
+        yield sample
+
+
+def read_shard(shard: Shard) -> Iterator[Sample]:
+    return read_tar(shard) if shard.kind == "tar" else read_files(shard)

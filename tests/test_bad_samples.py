@@ -1,0 +1,105 @@
+"""A bad sample becomes a failures row with a short error class; odd modes are converted."""
+import io
+import json
+
+import imagehash
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image, ImageOps
+
+from pipeline.decode import SampleError, open_upright, phash
+from pipeline.demo_corpus import photo_files, write_tar
+from pipeline.embed import run_embed
+
+from conftest import bad_and_odd_samples
+
+
+@pytest.fixture
+def bad_shard(tmp_path, photos):
+    samples = bad_and_odd_samples(photos["astronaut"])
+    members = []
+    for key, (ext, data, _) in samples.items():
+        members += [(f"{key}.{ext}", data), (f"{key}.txt", f"caption of {key}".encode())]
+    members.append(("orphan.txt", b"a caption with no image"))
+    return write_tar(tmp_path / "bad-00000.tar", members), samples
+
+
+def test_every_sample_is_a_row_or_a_failure_with_its_error_class(tmp_path, bad_shard, config_for):
+    tar, samples = bad_shard
+    out = tmp_path / "out"
+    summary = run_embed([str(tar)], str(out), config_for(), progress=False)
+
+    rows = pq.read_table(out / "embeddings" / "part-bad-00000.parquet").to_pydict()
+    failures = pq.read_table(out / "failures" / "part-bad-00000.parquet").to_pydict()
+    expected_failures = {k: err for k, (_, _, err) in samples.items() if err} | {"orphan": "no_image"}
+    assert dict(zip(failures["key"], failures["error"])) == expected_failures
+    assert all(failures["message"]) and set(failures["shard"]) == {"bad-00000"}
+    assert sorted(rows["key"]) == sorted(k for k, (_, _, err) in samples.items() if err is None)
+    assert rows["caption"][rows["key"].index("cmyk")] == "caption of cmyk"
+
+    stats = json.loads((out / "_stats" / "part-bad-00000.json").read_text())
+    assert stats["samples"] == len(samples) + 1
+    assert stats["rows"] + stats["failures"] == stats["samples"]
+    assert stats["rows"] == len(rows["key"]) and stats["failures"] == len(failures["key"])
+    assert summary.failed == len(expected_failures)
+
+
+def test_exif_rotated_jpeg_is_stored_upright(tmp_path, bad_shard, config_for):
+    tar, samples = bad_shard
+    run_embed([str(tar)], str(tmp_path / "out"), config_for(), progress=False)
+    rows = pq.read_table(tmp_path / "out" / "embeddings").to_pydict()
+    i = rows["key"].index("exif_rotated")
+    assert (rows["width"][i], rows["height"][i]) == (64, 96)  # stored 96x64, orientation 6
+    upright = ImageOps.exif_transpose(Image.open(io.BytesIO(samples["exif_rotated"][1]))).convert("RGB")
+    assert rows["phash"][i] == phash(upright)
+
+
+def test_odd_modes_become_8_bit_rgb_not_failures(photos):
+    samples = bad_and_odd_samples(photos["astronaut"])
+    for key in ("cmyk", "gray16", "palette", "rgba"):
+        img = open_upright(samples[key][1], max_pixels=10**8)
+        assert img.mode == "RGB" and img.size == (96, 64), key
+    gray = np.asarray(open_upright(samples["gray16"][1], 10**8))
+    reference = np.asarray(photos["astronaut"].resize((96, 64)).convert("L"))
+    assert np.abs(gray[..., 0].astype(int) - reference).max() <= 1  # scaled, not clipped to white
+
+
+def test_alpha_is_composited_onto_the_background():
+    rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    buf = io.BytesIO()
+    rgba.save(buf, "PNG")
+    assert np.asarray(open_upright(buf.getvalue(), 10**6)).min() == 255
+    assert np.asarray(open_upright(buf.getvalue(), 10**6, background=(0, 0, 0))).max() == 0
+
+
+def test_huge_image_is_rejected_from_its_header():
+    from conftest import huge_png_header
+
+    with pytest.raises(SampleError) as err:
+        open_upright(huge_png_header(12_000, 12_000), max_pixels=10**8)
+    assert err.value.kind == "too_large" and "12000x12000" in str(err.value)
+    with pytest.raises(SampleError) as err:  # past Pillow's own decompression-bomb cap
+        open_upright(huge_png_header(200_000, 200_000), max_pixels=10**12)
+    assert err.value.kind == "too_large"
+
+
+def test_truncated_tar_records_the_unreadable_rest(tmp_path, photos, config_for):
+    from pipeline.demo_corpus import jpeg_bytes
+
+    members = [(f"{i:03d}.jpg", jpeg_bytes(photos["coffee"])) for i in range(3)]
+    whole = write_tar(tmp_path / "whole.tar", members).read_bytes()
+    cut = tmp_path / "cut-00000.tar"
+    cut.write_bytes(whole[: int(len(whole) * 0.6)])
+    run_embed([str(cut)], str(tmp_path / "out"), config_for(), progress=False)
+    stats = json.loads((tmp_path / "out" / "_stats" / "part-cut-00000.json").read_text())
+    failures = pq.read_table(tmp_path / "out" / "failures").to_pydict()
+    assert "bad_shard" in failures["error"]
+    assert stats["rows"] >= 1 and stats["rows"] + stats["failures"] == stats["samples"]
+
+
+def test_phash_equals_imagehash_on_real_photos():
+    for path in photo_files():
+        img = Image.open(path).convert("RGB")
+        ours = phash(img) & (2**64 - 1)
+        assert f"{ours:016x}" == str(imagehash.phash(img)), path.name

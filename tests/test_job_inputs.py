@@ -1,0 +1,103 @@
+"""A bad job input stops with one clear line and exit status 2, before any work starts."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+CLI = [sys.executable, "-m", "indexes.cli"]
+
+
+def run_cli(*args, env=None):
+    return subprocess.run(CLI + list(map(str, args)), capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+
+
+def assert_one_line_error(result, *words):
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("imgindex: error:"), result.stderr
+    for word in words:
+        assert word in lines[0]
+
+
+@pytest.fixture
+def one_tar(photo_tars):
+    return photo_tars(count=1, per_shard=1)[0]
+
+
+def test_missing_source(tmp_path, checkpoint):
+    result = run_cli("embed", tmp_path / "nope.tar", "--out", tmp_path / "out", "--config", "test",
+                     "--checkpoint", checkpoint)
+    assert_one_line_error(result, "does not exist")
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_folder(tmp_path, checkpoint):
+    (tmp_path / "empty").mkdir()
+    result = run_cli("embed", tmp_path / "empty", "--out", tmp_path / "out", "--config", "test",
+                     "--checkpoint", checkpoint)
+    assert_one_line_error(result, "holds no images")
+
+
+def test_unknown_model(tmp_path, one_tar):
+    result = run_cli("embed", one_tar, "--out", tmp_path / "out", "--config", "test", "--model", "xcit_giant_99")
+    assert_one_line_error(result, "unknown timm model", "xcit_giant_99")
+    assert not (tmp_path / "out" / "_manifest.json").exists()
+
+
+def test_unwritable_output(tmp_path, one_tar, checkpoint):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    result = run_cli("embed", one_tar, "--out", blocker / "out", "--config", "test", "--checkpoint", checkpoint)
+    assert_one_line_error(result, "cannot write to output")
+
+
+def test_offline_without_weights_says_how_to_pass_a_checkpoint(tmp_path, one_tar):
+    result = run_cli("embed", one_tar, "--out", tmp_path / "out", "--config", "cpu",
+                     env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "th")})
+    assert_one_line_error(result, "--checkpoint")
+    assert not (tmp_path / "out" / "embeddings").exists()
+
+
+def test_checkpoint_for_another_architecture_is_refused(tmp_path, one_tar, checkpoint):
+    result = run_cli("embed", one_tar, "--out", tmp_path / "out", "--config", "test",
+                     "--model", "xcit_tiny_12_p16_224", "--checkpoint", checkpoint)
+    assert_one_line_error(result, "does not fit", "size mismatch")
+
+
+def test_checkpoint_with_missing_layers_is_refused(tmp_path, one_tar):
+    import timm
+    from safetensors.torch import save_file
+
+    state = timm.create_model("xcit_nano_12_p16_224", pretrained=False).state_dict()
+    save_file({k: v for k, v in state.items() if not k.startswith("blocks.11.")}, str(tmp_path / "partial.safetensors"))
+    result = run_cli("embed", one_tar, "--out", tmp_path / "out", "--config", "test",
+                     "--checkpoint", tmp_path / "partial.safetensors")
+    assert_one_line_error(result, "does not fit", "missing keys", "blocks.11.")
+
+
+def test_missing_checkpoint_file(tmp_path, one_tar):
+    result = run_cli("embed", one_tar, "--out", tmp_path / "out", "--config", "test",
+                     "--checkpoint", tmp_path / "nope.safetensors")
+    assert_one_line_error(result, "does not exist")
+
+
+def test_bad_flag_values(tmp_path, one_tar, checkpoint):
+    assert_one_line_error(run_cli("embed", one_tar, "--out", tmp_path / "o", "--config", "test",
+                                  "--batch-size", "0"), "batch size")
+    assert_one_line_error(run_cli("embed", one_tar, "--out", tmp_path / "o", "--config", "nope"), "config")
+    assert_one_line_error(run_cli("embed", one_tar, "--out", tmp_path / "o", "--config", "test",
+                                  "--checkpoint", checkpoint, "--slice", "3/2"), "slice")
+    result = run_cli("embed", one_tar, "--out", tmp_path / "o", "--config", "test", "--device", "cuda")
+    if "no CUDA GPU" in result.stderr:
+        assert_one_line_error(result, "--device cpu")
+
+
+def test_help_explains_every_subcommand():
+    result = run_cli("--help")
+    assert result.returncode == 0 and "embed" in result.stdout and "demo" in result.stdout
+    embed_help = run_cli("embed", "--help").stdout
+    for flag in ("--out", "--model", "--checkpoint", "--batch-size", "--device", "--workers", "--config",
+                 "--overwrite", "--slice"):
+        assert flag in embed_help

@@ -1,0 +1,62 @@
+"""Weights loading and the forward path: checkpoints in either format, precision, devices."""
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.decode import build_preprocess
+from pipeline.model import load_backbone
+
+
+def uint8_batch(photos, backbone, names=("coffee", "chelsea", "rocket")):
+    preprocess = build_preprocess(backbone.data_config)
+    pixels = np.stack([preprocess(photos[n]) for n in names]).transpose(0, 3, 1, 2)
+    return torch.from_numpy(np.ascontiguousarray(pixels))
+
+
+def test_pth_with_state_dict_wrapper_loads_the_same_weights_as_safetensors(tmp_path, checkpoint, config_for):
+    from safetensors.torch import load_file
+
+    pth = tmp_path / "wrapped.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in load_file(str(checkpoint)).items()}, "epoch": 3}, pth)
+    from_safetensors = load_backbone(config_for())
+    from_pth = load_backbone(config_for(**{"model.checkpoint": str(pth)}))
+    assert from_pth.weights["sha256"] == from_safetensors.weights["sha256"]
+    assert from_pth.weights["source"] == "checkpoint"
+
+
+def test_random_weights_are_explicit_seeded_and_recorded():
+    first = load_backbone(load_config("test"))
+    second = load_backbone(load_config("test"))
+    other_seed = load_backbone(load_config("test", {"seed": 5}))
+    assert first.weights["source"] == "random"
+    assert first.weights["sha256"] == second.weights["sha256"] != other_seed.weights["sha256"]
+
+
+def test_bf16_autocast_path_returns_float32_unit_vectors(photos, config_for):
+    fp32 = load_backbone(config_for())
+    bf16 = load_backbone(config_for(**{"runtime.precision": "bf16"}))
+    images = uint8_batch(photos, fp32)
+    a, b = fp32.embed(images), bf16.embed(images)
+    assert a.dtype == b.dtype == np.float32 and a.shape == b.shape == (3, 128)
+    np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1, atol=1e-5)
+    assert (a * b).sum(axis=1).min() > 0.99
+
+
+def test_auto_precision_is_fp32_on_cpu_and_bf16_on_cuda():
+    from pipeline.model import resolve_precision
+
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("auto", torch.device("cuda")) == "bf16"
+    assert resolve_precision("fp32", torch.device("cuda")) == "fp32"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_path_pins_and_matches_cpu(photos, config_for):
+    from pipeline.loader import Batch
+
+    cpu = load_backbone(config_for())
+    gpu = load_backbone(config_for(**{"runtime.device": "cuda", "runtime.precision": "fp32"}))
+    batch = Batch("s", uint8_batch(photos, cpu), {}).pin_memory()
+    assert batch.images.is_pinned()
+    np.testing.assert_allclose(gpu.embed(batch.images), cpu.embed(batch.images), atol=1e-4)
