@@ -1,4 +1,4 @@
-"""`imgindex`: the one command-line entry point (embed, demo).
+"""`imgindex`: the one command-line entry point (embed, index, build, search, demo).
 
 Errors in the job's inputs print one line, `imgindex: error: ...`, and exit with status 2
 before any work starts.
@@ -6,6 +6,7 @@ before any work starts.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -58,6 +59,143 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_options(args: argparse.Namespace):
+    from indexes.build import BuildOptions
+
+    if not 0 < args.target_recall <= 1:
+        raise ConfigError(f"--target-recall must be in (0, 1], got {args.target_recall}")
+    return BuildOptions(index_key=args.index_key, max_memory=args.max_memory, target_recall=args.target_recall)
+
+
+def _print_index(manifest: dict, out: str) -> None:
+    params = ", ".join(f"{k}={v}" for k, v in manifest["search_params"].items()) or "exact"
+    print(f"index {manifest['factory']} of {manifest['count']} vectors ({manifest['selection']}) -> {out}")
+    print(f"recall@10 vs exact search: {manifest['recall_at_10']:.4f} on {manifest['recall_queries']} "
+          f"held-out queries with {params}; built in {manifest['timings']['total_s']:.1f} s")
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from indexes.build import add_parts, build_index
+
+    if bool(args.emb_dir) == bool(args.add):
+        raise ConfigError("give EMB_DIR to build a new index, or --add EMB_DIR to extend the one at --out")
+    progress = False if args.no_progress else None
+    if args.add:
+        manifest, added = add_parts(args.add, args.out, target_recall=args.target_recall, progress=progress)
+        print(f"added {added} vectors to {args.out}")
+    else:
+        manifest = build_index(args.emb_dir, args.out, _build_options(args), overwrite=args.overwrite,
+                               progress=progress)
+    _print_index(manifest, args.out)
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from indexes.build import build_index
+    from pipeline.embed import run_embed
+
+    config = _config_from(args)
+    _warn_if_cpu_by_default(config)
+    progress = False if args.no_progress else None
+    summary = run_embed(args.sources, args.out, config, overwrite=args.overwrite, progress=progress)
+    print(summary.line())
+    index_dir = str(Path(args.out) / "index")
+    manifest = build_index(args.out, index_dir, _build_options(args), overwrite=True, progress=progress)
+    _print_index(manifest, index_dir)
+    return 0
+
+
+def _query_files(args: argparse.Namespace) -> list[Path]:
+    from pipeline.sources import IMAGE_EXTENSIONS
+
+    files = [Path(p) for p in args.image or []]
+    if args.dir:
+        folder = Path(args.dir)
+        if not folder.is_dir():
+            raise ConfigError(f"--dir {folder} is not a folder")
+        found = sorted(p for p in folder.rglob("*") if p.suffix[1:].lower() in IMAGE_EXTENSIONS)
+        if not found:
+            raise ConfigError(f"--dir {folder} holds no images")
+        files += found
+    return files
+
+
+def _print_hits(label: str, hits: list) -> None:
+    print(f"query: {label}")
+    print(f"{'rank':>4}  {'score':>8}  {'shard':<16} {'key':<28} caption / path")
+    for hit in hits:
+        extra = hit.caption or hit.url or hit.path or ""
+        print(f"{hit.rank:>4}  {hit.score:>8.5f}  {hit.shard:<16} {hit.key:<28} {extra[:60]}")
+    print()
+
+
+def _write_search_html(path: str, searcher, results: list[tuple[str, bytes | None, list]]) -> None:
+    from indexes.gallery import fetch_images, figure, page, thumbnail_uri
+
+    images = fetch_images(searcher.sources(), {(h.shard, h.key) for _, _, hits in results for h in hits})
+    sections = []
+    for label, data, hits in results:
+        figs = [figure(thumbnail_uri(data), "query", [label], css="query")]
+        figs += [figure(thumbnail_uri(images.get((h.shard, h.key))), f"#{h.rank}  {h.score:.4f}",
+                        [h.key, h.shard, h.caption]) for h in hits]
+        sections.append((f"query: {label}", figs))
+    Path(path).write_text(page("imgindex search", sections, intro=f"index: {searcher.dir.path}"))
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from indexes.query import Searcher
+
+    files = _query_files(args)
+    if not files and not args.key:
+        raise ConfigError("nothing to search for: pass --image FILE, --dir FOLDER or --key KEY")
+    params = {"nprobe": args.nprobe, "efSearch": args.ef_search}
+    searcher = Searcher(args.index, params={k: v for k, v in params.items() if v}, model=args.model)
+    results: list[tuple[str, bytes | None, list]] = []
+    if files:
+        hits = searcher.search_images(files, k=args.k, device=args.device, checkpoint=args.checkpoint)
+        results += [(str(f), f.read_bytes(), h) for f, h in zip(files, hits)]
+    if args.key:
+        hits = searcher.search_keys(args.key, k=args.k, shard=args.shard)
+        results += [(f"key {key}", None, h) for key, h in zip(args.key, hits)]
+    for label, _, hits in results:
+        if args.json:
+            print(json.dumps({"query": label, "hits": [h.to_dict() for h in hits]}))
+        else:
+            _print_hits(label, hits)
+    if args.html:
+        _write_search_html(args.html, searcher, results)
+        if not args.json:
+            print(f"wrote {args.html}")
+    return 0
+
+
+def add_search_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--image", action="append", metavar="FILE", help="query image (repeatable)")
+    parser.add_argument("--dir", metavar="FOLDER", help="every image in FOLDER is a query")
+    parser.add_argument("--key", action="append", metavar="KEY",
+                        help="a key already in the index: 'more like this one' (repeatable)")
+    parser.add_argument("--shard", metavar="SHARD", help="the shard of --key, when the key is in several")
+    parser.add_argument("-k", type=int, default=10, help="hits per query (default 10)")
+    parser.add_argument("--index", default="index", metavar="IDX", help="index directory (default ./index)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per query, for scripts")
+    parser.add_argument("--html", metavar="FILE", help="also write a page with the query and hit thumbnails")
+    parser.add_argument("--model", metavar="NAME", help="fail unless the index was built with this model")
+    parser.add_argument("--device", metavar="DEV", help="where to embed query images (default auto)")
+    parser.add_argument("--checkpoint", metavar="FILE", help="weights file, if it moved since the index was built")
+    parser.add_argument("--nprobe", type=int, help="override the tuned nprobe (IVF indexes)")
+    parser.add_argument("--ef-search", type=int, help="override the tuned efSearch (HNSW indexes)")
+
+
+def search_main(argv: list[str] | None = None) -> int:
+    """`python search.py ...`: the same as `imgindex search ...`."""
+    parser = argparse.ArgumentParser(
+        prog="search.py", description="Which images look like this one? Query an imgindex index "
+        "by image files, a folder of images, or keys already in the index.")
+    add_search_arguments(parser)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    return _run(parser, argv, cmd_search)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.demo_corpus import write_demo_corpus
     from pipeline.embed import run_embed
@@ -73,13 +211,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
     else:
         print(f"model: {config.model.name} with RANDOM weights (seed {config.seed}): the pipeline runs "
               "end to end, but similarities mean nothing. Pass --checkpoint FILE for real weights.")
-    summary = run_embed([str(p) for p in shards], str(out / "vectors"), config, overwrite=True,
-                        progress=False if args.no_progress else None)
-    print(summary.line())
+    progress = False if args.no_progress else None
     vectors = out / "vectors"
+    summary = run_embed([str(p) for p in shards], str(vectors), config, overwrite=True, progress=progress)
+    print(summary.line())
     print(f"parts: {vectors / 'embeddings'}; failures: {vectors / 'failures'}; "
           f"manifest: {vectors / '_manifest.json'}")
+
+    from indexes.build import build_index
+    from indexes.query import Searcher
+    from pipeline.demo_corpus import photo_files
+
+    index_dir = out / "index"
+    manifest = build_index(str(vectors), str(index_dir), overwrite=True, progress=progress)
+    _print_index(manifest, str(index_dir))
+    query = photo_files()[0]
+    searcher = Searcher(index_dir)
+    hits = searcher.search_images([query], k=5)[0]
+    print(f"\n$ python search.py --image {query} --index {index_dir} -k 5")
+    _print_hits(str(query), hits)
+    html = out / "search.html"
+    _write_search_html(str(html), searcher, [(str(query), query.read_bytes(), hits)])
+    print(f"search page with thumbnails: {html}")
     return 0
+
+
+def _add_index_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("index")
+    group.add_argument("--index-key", metavar="FACTORY",
+                       help="any faiss.index_factory string (default: chosen from the vector count and --max-memory)")
+    group.add_argument("--max-memory", default="16G", metavar="SIZE", help="memory budget of the index (default 16G)")
+    group.add_argument("--target-recall", type=float, default=0.95, metavar="R",
+                       help="tune nprobe/efSearch to reach this recall@10 vs exact search (default 0.95)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +266,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(embed)
     embed.set_defaults(func=cmd_embed)
 
+    index = sub.add_parser(
+        "index", help="build a FAISS index from an embeddings directory",
+        description="Stream the Parquet parts of EMB_DIR into a FAISS index at --out (index.faiss, ids.parquet, "
+                    "manifest.json). The index type is chosen from the vector count and --max-memory unless "
+                    "--index-key is given; recall@10 vs exact search is measured and written to the manifest.")
+    index.add_argument("emb_dir", nargs="?", metavar="EMB_DIR", help="embeddings directory (imgindex embed --out)")
+    index.add_argument("--out", required=True, metavar="IDX", help="index directory")
+    index.add_argument("--add", metavar="EMB_DIR",
+                       help="add the parts of EMB_DIR not yet in the index at --out, without retraining")
+    index.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
+    index.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_index_flags(index)
+    index.set_defaults(func=cmd_index)
+
+    build = sub.add_parser(
+        "build", help="embed then index, in one go",
+        description="imgindex embed SOURCE... --out DIR, then imgindex index DIR --out DIR/index.")
+    build.add_argument("sources", nargs="+", metavar="SOURCE", help="as for imgindex embed")
+    build.add_argument("--out", required=True, metavar="DIR", help="embeddings directory; the index goes to DIR/index")
+    build.add_argument("--overwrite", action="store_true", help="start the embeddings again (see imgindex embed)")
+    build.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_model_flags(build)
+    _add_index_flags(build)
+    build.set_defaults(func=cmd_build)
+
+    search = sub.add_parser(
+        "search", help="query an index by image, folder or key (same as search.py)",
+        description="Which images look like this one? Prints a table per query, or JSON lines with --json.")
+    add_search_arguments(search)
+    search.set_defaults(func=cmd_search)
+
     demo = sub.add_parser(
         "demo", help="build a small corpus of real photos and run the pipeline on it",
         description="Writes two tar shards of the photos scikit-image ships, then embeds them on the CPU "
@@ -115,12 +309,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    return _run(build_parser(), argv, None)
+
+
+def _run(parser: argparse.ArgumentParser, argv: list[str] | None, func) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="imgindex: %(levelname)s: %(message)s")
     try:
-        return args.func(args)
+        return (func or args.func)(args)
     except ConfigError as exc:
         print(f"imgindex: error: {exc}", file=sys.stderr)
         return 2

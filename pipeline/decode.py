@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 import timm.data
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision import transforms as T
 
@@ -125,6 +126,11 @@ def build_preprocess(data_config: dict) -> Callable[[Image.Image], np.ndarray]:
         return np.asarray(out, dtype=np.uint8)
 
     return preprocess
+
+
+def stack_nchw(pixels: list[np.ndarray]) -> torch.Tensor:
+    """uint8 HWC images of one size -> one contiguous uint8 NCHW batch."""
+    return torch.from_numpy(np.ascontiguousarray(np.stack(pixels).transpose(0, 3, 1, 2)))
 
 
 def describe_preprocess(data_config: dict) -> list[str]:

@@ -139,7 +139,7 @@ def _embed_shards(todo: list[Shard], store: EmbeddingStore, config: EmbedConfig,
                   summary: Summary, progress: bool | None) -> None:
     dataset = ShardBatches(todo, build_preprocess(backbone.data_config), config.decode, config.runtime.batch_size)
     loader = make_loader(dataset, config.runtime.workers, pin_memory=backbone.device.type == "cuda")
-    sources = {s.name: s.url for s in todo}
+    sources = {s.name: s for s in todo}
     buffers: dict[str, _ShardBuffer] = {}
     pending: list[Future] = []
     start = time.time()
@@ -181,7 +181,7 @@ def _reap(pending: list[Future]) -> list[Future]:
     return still
 
 
-def _shard_stats(done: ShardDone, source: str, rows: int, started: float) -> dict:
+def _shard_stats(done: ShardDone, source: Shard, rows: int, started: float) -> dict:
     seconds = time.time() - started
     errors: dict[str, int] = {}
     for failure in done.failures:
@@ -189,7 +189,7 @@ def _shard_stats(done: ShardDone, source: str, rows: int, started: float) -> dic
     if rows + len(done.failures) != done.samples:
         raise RuntimeError(f"shard {done.shard}: {rows} rows + {len(done.failures)} failures != "
                            f"{done.samples} samples")
-    return {"shard": done.shard, "source": source, "samples": done.samples, "rows": rows,
+    return {"shard": done.shard, "kind": source.kind, "source": source.url, "samples": done.samples, "rows": rows,
             "failures": len(done.failures), "failures_by_error": errors,
             "seconds": round(seconds, 3), "decode_seconds": round(done.decode_seconds, 3),
             "images_per_s": round(rows / seconds, 2) if seconds > 0 else None,

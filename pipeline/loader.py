@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import DecodeConfig
-from pipeline.decode import SampleError, open_upright, phash, sha256
+from pipeline.decode import SampleError, open_upright, phash, sha256, stack_nchw
 from pipeline.sources import Shard, read_shard
 
 ROW_FIELDS = ("key", "width", "height", "sha256", "phash", "caption", "json", "url")
@@ -56,8 +56,7 @@ class ShardBatches(IterableDataset):
             yield from self.shard_messages(shard)
 
     def _batch(self, shard: Shard, images: list[np.ndarray], rows: dict[str, list]) -> Batch:
-        stacked = np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2))
-        return Batch(shard=shard.name, images=torch.from_numpy(stacked), rows=rows)
+        return Batch(shard=shard.name, images=stack_nchw(images), rows=rows)
 
     def shard_messages(self, shard: Shard) -> Iterator[Batch | ShardDone]:
         done = ShardDone(shard=shard.name, samples=0)

@@ -35,10 +35,10 @@ class Shard:
     """One unit of work: its name is unique in a plan and names the output part."""
 
     name: str
-    kind: str  # "tar" or "files"
+    kind: str  # "tar", "folder" or "list"
     url: str  # the tar, the folder root or the list file
-    files: tuple[str, ...] = ()  # kind "files": full URLs of the images
-    keys: tuple[str, ...] = ()  # kind "files": the sample key of each image
+    files: tuple[str, ...] = ()  # folder and list: full URLs of the images
+    keys: tuple[str, ...] = ()  # folder and list: the sample key of each image
     captions: tuple[str | None, ...] = ()
     urls: tuple[str | None, ...] = ()
 
@@ -89,13 +89,13 @@ def _expand(source: str) -> list[tuple[fsspec.AbstractFileSystem, str]]:
     return found
 
 
-def _chunks(name: str, root: str, files: list[str], keys: list[str], size: int,
+def _chunks(kind: str, name: str, root: str, files: list[str], keys: list[str], size: int,
             captions: list | None = None, urls: list | None = None) -> list[Shard]:
     shards = []
     for start in range(0, len(files), size):
         end = start + size
         shards.append(Shard(
-            name=f"{name}-{start // size:05d}", kind="files", url=root,
+            name=f"{name}-{start // size:05d}", kind=kind, url=root,
             files=tuple(files[start:end]), keys=tuple(keys[start:end]),
             captions=tuple(captions[start:end]) if captions else (),
             urls=tuple(urls[start:end]) if urls else (),
@@ -112,7 +112,7 @@ def _folder_shards(fs: fsspec.AbstractFileSystem, root: str, config: SourceConfi
     prefix = root.rstrip("/") + "/"
     keys = [p[len(prefix):] if p.startswith(prefix) else p for p in paths]
     files = [fs.unstrip_protocol(p) for p in paths]
-    return _chunks(_safe(_stem(root)), fs.unstrip_protocol(root), files, keys, config.folder_shard_size)
+    return _chunks("folder", _safe(_stem(root)), fs.unstrip_protocol(root), files, keys, config.folder_shard_size)
 
 
 def _list_shards(fs: fsspec.AbstractFileSystem, path: str, config: SourceConfig) -> list[Shard]:
@@ -133,10 +133,17 @@ def _list_shards(fs: fsspec.AbstractFileSystem, path: str, config: SourceConfig)
             entries = [line.strip() for line in f if line.strip() and not line.startswith("#")]
     if not entries:
         raise ConfigError(f"file list {path!r} lists no images")
-    parent = fs.unstrip_protocol(str(PurePosixPath(path).parent))
-    files = [e if "://" in e or e.startswith("/") else f"{parent}/{e}" for e in entries]
-    return _chunks(_safe(_stem(path)), fs.unstrip_protocol(path), files, entries,
+    list_url = fs.unstrip_protocol(path)
+    files = [list_entry_url(list_url, e) for e in entries]
+    return _chunks("list", _safe(_stem(path)), list_url, files, entries,
                    config.folder_shard_size, captions, urls)
+
+
+def list_entry_url(list_url: str, entry: str) -> str:
+    """Entries of a file list are URLs, absolute paths, or paths relative to the list's folder."""
+    if "://" in entry or entry.startswith("/"):
+        return entry
+    return f"{list_url.rsplit('/', 1)[0]}/{entry}"
 
 
 def plan_shards(sources: list[str], config: SourceConfig) -> list[Shard]:
@@ -252,3 +259,26 @@ def read_files(shard: Shard) -> Iterator[Sample]:
 
 def read_shard(shard: Shard) -> Iterator[Sample]:
     return read_tar(shard) if shard.kind == "tar" else read_files(shard)
+
+
+def read_images(kind: str, source: str, keys: list[str]) -> dict[str, bytes]:
+    """The encoded images of some samples, read back from their source (thumbnails, reviews).
+
+    `kind` and `source` are those a shard's stats file records. Keys the source no longer
+    holds, or cannot be read, are left out of the result.
+    """
+    found: dict[str, bytes] = {}
+    if kind == "tar":
+        wanted = set(keys)
+        for sample in read_tar(Shard(name="", kind="tar", url=source)):
+            if sample.key in wanted and sample.data is not None:
+                found[sample.key] = sample.data
+        return found
+    for key in keys:
+        url = f"{source.rstrip('/')}/{key}" if kind == "folder" else list_entry_url(source, key)
+        try:
+            with fsspec.open(url, "rb") as f:
+                found[key] = f.read()
+        except OSError:
+            continue
+    return found

@@ -16,6 +16,11 @@ def test_demo_embeds_real_photos_and_says_weights_are_random(tmp_path, capsys):
     table = pq.read_table(tmp_path / "vectors" / "embeddings")
     assert table.num_rows >= 20
     assert set(table["shard"].to_pylist()) == {"demo-00000", "demo-00001"}
+    # it goes on to index the vectors and query by image
+    assert "recall@10 vs exact search: 1.0000" in printed
+    assert "python search.py --image" in printed and "\n   1 " in printed
+    assert (tmp_path / "index" / "index.faiss").is_file()
+    assert "data:image/jpeg;base64," in (tmp_path / "search.html").read_text()
 
 
 def test_demo_with_a_checkpoint_uses_it(tmp_path, capsys, checkpoint):

@@ -4,14 +4,13 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.decode import build_preprocess
+from pipeline.decode import build_preprocess, stack_nchw
 from pipeline.model import load_backbone
 
 
 def uint8_batch(photos, backbone, names=("coffee", "chelsea", "rocket")):
     preprocess = build_preprocess(backbone.data_config)
-    pixels = np.stack([preprocess(photos[n]) for n in names]).transpose(0, 3, 1, 2)
-    return torch.from_numpy(np.ascontiguousarray(pixels))
+    return stack_nchw([preprocess(photos[n]) for n in names])
 
 
 def test_pth_with_state_dict_wrapper_loads_the_same_weights_as_safetensors(tmp_path, checkpoint, config_for):

@@ -1,0 +1,123 @@
+"""Reading an embeddings directory: its manifest, its parts with their row counts, vectors in
+bounded batches, a seeded random sample of rows, and per-shard metadata and sources."""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import ConfigError
+from pipeline.writer import EMBEDDINGS, MANIFEST, STATS
+
+READ_BATCH = 65_536
+
+
+@dataclass(frozen=True)
+class Part:
+    shard: str
+    path: str
+    rows: int
+
+
+def _vectors(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return array.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
+
+
+def normalize_rows(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, 1e-12)
+
+
+class EmbeddingsDir:
+    """One embeddings directory written by `imgindex embed` (local path or fsspec URL)."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.location = url if "://" in url else str(Path(url).resolve())  # as recorded in index manifests
+        self.fs, self.root = fsspec.core.url_to_fs(url)
+        manifest_path = str(PurePosixPath(self.root, MANIFEST))
+        if not self.fs.exists(manifest_path):
+            raise ConfigError(f"{url} is not an embeddings directory (no {MANIFEST}): run `imgindex embed` first")
+        with self.fs.open(manifest_path, "rt") as f:
+            self.manifest = json.load(f)
+        self.dim = int(self.manifest["dim"])
+        self.normalized = bool(self.manifest.get("normalized"))
+
+    def parts(self) -> list[Part]:
+        """Complete parts (those with a stats marker), sorted by shard, with row counts from metadata."""
+        done = {PurePosixPath(p).name for p in self.fs.glob(str(PurePosixPath(self.root, STATS, "part-*.json")))}
+        found = []
+        for path in sorted(self.fs.glob(str(PurePosixPath(self.root, EMBEDDINGS, "part-*.parquet")))):
+            name = PurePosixPath(path).name
+            if name.replace(".parquet", ".json") not in done:
+                continue
+            with self.fs.open(path, "rb") as f:
+                rows = pq.ParquetFile(f).metadata.num_rows
+            found.append(Part(shard=name[len("part-"):-len(".parquet")], path=path, rows=rows))
+        return found
+
+    def part(self, shard: str, rows: int) -> Part:
+        """A part known by name (e.g. from an index manifest)."""
+        path = str(PurePosixPath(self.root, EMBEDDINGS, f"part-{shard}.parquet"))
+        if not self.fs.exists(path):
+            raise ConfigError(f"part of shard {shard!r} is missing from {self.url}")
+        return Part(shard=shard, path=path, rows=rows)
+
+    def iter_batches(self, parts: list[Part], normalize: bool = True) -> Iterator[tuple[Part, pa.Table, np.ndarray]]:
+        """(part, shard+key table, float32 vectors) in batches of at most READ_BATCH rows."""
+        for part in parts:
+            with self.fs.open(part.path, "rb") as f:
+                reader = pq.ParquetFile(f)
+                for batch in reader.iter_batches(batch_size=READ_BATCH, columns=["shard", "key", "embedding"]):
+                    vectors = _vectors(batch.column("embedding"), self.dim)
+                    if normalize and not self.normalized:
+                        vectors = normalize_rows(vectors)
+                    yield part, pa.Table.from_batches([batch]).select(["shard", "key"]), vectors
+
+    def sample(self, parts: list[Part], count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """`count` rows drawn uniformly without replacement: (global row ids, vectors)."""
+        total = sum(p.rows for p in parts)
+        count = min(count, total)
+        chosen = np.sort(np.random.default_rng(seed).choice(total, size=count, replace=False))
+        taken = []
+        offset = 0
+        for _, _, vectors in self.iter_batches(parts):
+            lo, hi = np.searchsorted(chosen, [offset, offset + len(vectors)])
+            if hi > lo:
+                taken.append(vectors[chosen[lo:hi] - offset])
+            offset += len(vectors)
+        vectors = np.concatenate(taken) if taken else np.zeros((0, self.dim), np.float32)
+        return chosen, np.ascontiguousarray(vectors)
+
+    def shard_sources(self) -> dict[str, dict]:
+        """shard -> its stats (kind and source URL among them)."""
+        out = {}
+        for path in self.fs.glob(str(PurePosixPath(self.root, STATS, "part-*.json"))):
+            with self.fs.open(path, "rt") as f:
+                stats = json.load(f)
+            out[stats["shard"]] = stats
+        return out
+
+    def rows_for(self, shard: str, keys: list[str], columns: list[str]) -> dict[str, dict]:
+        """key -> the requested columns of that key's row in `shard`'s part."""
+        path = str(PurePosixPath(self.root, EMBEDDINGS, f"part-{shard}.parquet"))
+        if not self.fs.exists(path):
+            return {}
+        with self.fs.open(path, "rb") as f:
+            table = pq.read_table(f, columns=["key", *columns], filters=[("key", "in", list(keys))])
+        return {row["key"]: row for row in table.to_pylist()}
+
+    def vector_of(self, shard: str, key: str) -> np.ndarray:
+        """The stored full-precision vector of one sample (normalized for cosine search)."""
+        with self.fs.open(self.part(shard, 0).path, "rb") as f:
+            table = pq.read_table(f, columns=["key", "embedding"], filters=[("key", "=", key)])
+        if not table.num_rows:
+            raise ConfigError(f"key {key!r} is not in shard {shard!r} of {self.url}")
+        return normalize_rows(_vectors(table.column("embedding"), self.dim))[0]

@@ -1,0 +1,85 @@
+"""Which FAISS index to build, from the vector count, the dimension and a memory budget.
+
+The rule, in the spirit of autofaiss, and explained in words in the index manifest:
+- up to `flat_threshold` vectors: Flat (exact; brute force is fast at that size);
+- else IVF with nlist ~ 4 sqrt(N) (a power of two, HNSW coarse quantizer from 16k lists), and
+  the finest codes that fit the budget: Flat (4d bytes a vector), SQ8 (d bytes), else PQ.
+IVF indexes memory-map, add without retraining and are tuned with one knob (nprobe).
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import faiss
+
+from pipeline.config import ConfigError
+
+FLAT_THRESHOLD = 50_000
+OVERHEAD = 1.1  # ids and list bookkeeping on top of the codes
+
+
+def parse_memory(text: str) -> int:
+    """'16G', '512MB', '1.5GiB', '1000000' -> bytes."""
+    match = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?)(i?b)?\s*", str(text).lower())
+    if not match:
+        raise ConfigError(f"--max-memory {text!r} is not a size: use e.g. 16G or 512M")
+    scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[match.group(2)]
+    return int(float(match.group(1)) * scale)
+
+
+def human(nbytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if nbytes < 1024 or unit == "TB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.1f} TB"
+
+
+def choose_nlist(count: int) -> int:
+    return int(min(2**18, max(64, 2 ** round(math.log2(4 * math.sqrt(count))))))
+
+
+def choose_index_key(count: int, dim: int, max_memory: int,
+                     flat_threshold: int = FLAT_THRESHOLD) -> tuple[str, str]:
+    """(factory string, one-sentence reason)."""
+    flat_bytes = count * dim * 4 * OVERHEAD
+    if count <= flat_threshold and flat_bytes <= max_memory:
+        return "Flat", (f"{count:,} vectors <= {flat_threshold:,}: exact search (Flat, {human(flat_bytes)})")
+    nlist = choose_nlist(count)
+    ivf = f"IVF{nlist}_HNSW32" if nlist >= 16_384 else f"IVF{nlist}"
+    for codes, per_vector in (("Flat", dim * 4), ("SQ8", dim)):
+        need = count * per_vector * OVERHEAD
+        if need <= max_memory:
+            return f"{ivf},{codes}", (f"{count:,} vectors x {dim} dims: {ivf},{codes} needs {human(need)}, "
+                                      f"within the {human(max_memory)} budget")
+    for m in sorted((m for m in range(8, dim // 2 + 1) if dim % m == 0), reverse=True):
+        need = count * (m + 8) * OVERHEAD
+        if need <= max_memory:
+            return f"{ivf},PQ{m}", (f"{count:,} vectors x {dim} dims: full vectors need {human(flat_bytes)}; "
+                                    f"{ivf},PQ{m} ({m} bytes a vector) fits the {human(max_memory)} budget")
+    raise ConfigError(f"--max-memory {human(max_memory)} is too small for {count:,} vectors of {dim} dims "
+                      f"(at least {human(count * 16 * OVERHEAD)}): raise it")
+
+
+def search_knob(index: faiss.Index) -> str | None:
+    """The parameter that trades speed for recall at search time, by index type."""
+    if faiss.try_extract_index_ivf(index) is not None:
+        return "nprobe"
+    if isinstance(faiss.downcast_index(index), faiss.IndexHNSW):
+        return "efSearch"
+    return None
+
+
+def knob_values(index: faiss.Index, knob: str | None) -> list[int]:
+    if knob == "nprobe":
+        nlist = faiss.extract_index_ivf(index).nlist
+        return [v for v in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096) if v < nlist] + [nlist]
+    if knob == "efSearch":
+        return [16, 32, 64, 128, 256, 512, 1024]
+    return []
+
+
+def set_knob(index: faiss.Index, knob: str | None, value: int | None) -> None:
+    if knob and value:
+        faiss.ParameterSpace().set_index_parameter(index, knob, value)

@@ -1,0 +1,88 @@
+"""The index directory: index.faiss, ids.parquet (row i -> shard, key) and manifest.json.
+
+Loading checks that the three agree, and turns every way a directory can be wrong
+(missing, not an index, truncated or corrupt file, interrupted update) into one clear line.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import faiss
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import ConfigError
+
+INDEX = "index.faiss"
+IDS = "ids.parquet"
+MANIFEST = "manifest.json"
+FORMAT = "imgindex.index/1"
+IDS_SCHEMA = pa.schema([("shard", pa.string()), ("key", pa.string())])
+
+
+class IndexDir:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def exists(self) -> bool:
+        return (self.path / MANIFEST).is_file()
+
+    def read_manifest(self) -> dict:
+        if not self.path.exists():
+            raise ConfigError(f"no index at {self.path}: build one with `imgindex index EMB_DIR --out {self.path}`"
+                              " or pass --index")
+        if not self.exists():
+            raise ConfigError(f"{self.path} is not an index directory (no {MANIFEST}): pass the folder "
+                              "`imgindex index --out` wrote")
+        try:
+            manifest = json.loads((self.path / MANIFEST).read_text())
+        except ValueError as exc:
+            raise ConfigError(f"{self.path / MANIFEST} is not valid JSON ({exc}): rebuild the index") from None
+        if manifest.get("format") != FORMAT:
+            raise ConfigError(f"{self.path / MANIFEST} is not an imgindex index manifest: rebuild the index")
+        return manifest
+
+    def load_index(self, manifest: dict, mmap: bool = True) -> faiss.Index:
+        """Read the index (memory-mapped where the type allows) and check it against the manifest."""
+        path = self.path / INDEX
+        if not path.is_file():
+            raise ConfigError(f"{path} is missing: rebuild the index")
+        flags = (faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY) if mmap else 0
+        try:
+            index = faiss.read_index(str(path), flags)
+        except RuntimeError as exc:
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"{path} is corrupt or truncated ({reason[:120]}): rebuild the index") from None
+        if index.ntotal != manifest["count"] or index.d != manifest["dim"]:
+            raise ConfigError(f"{path} holds {index.ntotal} vectors of dim {index.d}, the manifest says "
+                              f"{manifest['count']} of dim {manifest['dim']} (interrupted update?): rebuild the index")
+        return index
+
+    def read_ids(self, manifest: dict) -> pa.Table:
+        path = self.path / IDS
+        try:
+            ids = pq.read_table(path, schema=IDS_SCHEMA)
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise ConfigError(f"{path} is missing or unreadable ({exc}): rebuild the index") from None
+        if ids.num_rows != manifest["count"]:
+            raise ConfigError(f"{path} has {ids.num_rows} rows for {manifest['count']} vectors: rebuild the index")
+        return ids
+
+    def tmp(self, name: str) -> Path:
+        return self.path / f".{name}.tmp"
+
+    def forget(self) -> None:
+        (self.path / MANIFEST).unlink(missing_ok=True)
+
+    def write_data(self, index: faiss.Index, ids_tmp: Path) -> None:
+        """Write the index and move the ids into place; call write_manifest after."""
+        faiss.write_index(index, str(self.tmp(INDEX)))
+        os.replace(self.tmp(INDEX), self.path / INDEX)
+        os.replace(ids_tmp, self.path / IDS)
+
+    def write_manifest(self, manifest: dict) -> None:
+        """Written last: a directory with a manifest is complete."""
+        self.tmp(MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        os.replace(self.tmp(MANIFEST), self.path / MANIFEST)

@@ -1,0 +1,158 @@
+"""Query an index directory: load it once, then search by vectors, image files or keys.
+
+Hits carry rank, score (cosine), shard and key, and the passthrough metadata read from the
+embeddings parts (caption, url) plus a `path` that says where the image lives: the file
+for folders and lists, `TAR#KEY` for tar shards.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+
+from indexes.embeddings import EmbeddingsDir, normalize_rows
+from indexes.factory import search_knob, set_knob
+from indexes.index_dir import IndexDir
+from pipeline.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Hit:
+    rank: int
+    score: float
+    shard: str
+    key: str
+    path: str | None = None
+    url: str | None = None
+    caption: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def sample_path(kind: str | None, source: str | None, key: str) -> str | None:
+    if not source:
+        return None
+    if kind == "tar":
+        return f"{source}#{key}"
+    if kind == "folder":
+        return f"{source.rstrip('/')}/{key}"
+    if kind == "list":
+        from pipeline.sources import list_entry_url
+
+        return list_entry_url(source, key)
+    return None
+
+
+class Searcher:
+    """An index loaded once (memory-mapped where the type allows) and its row -> (shard, key) map."""
+
+    def __init__(self, index_dir: str | Path, mmap: bool = True, params: dict | None = None,
+                 model: str | None = None):
+        self.dir = IndexDir(index_dir)
+        self.manifest = self.dir.read_manifest()
+        built_with = self.manifest["embeddings"]["model"]["name"]
+        if model and model != built_with:
+            raise ConfigError(f"the index at {index_dir} was built with {built_with}, not {model}: "
+                              "query it without --model, or pass the matching index")
+        self.index = self.dir.load_index(self.manifest, mmap=mmap)
+        self.ids = self.dir.read_ids(self.manifest)
+        self.knob = search_knob(self.index)
+        settings = {**self.manifest.get("search_params", {}), **(params or {})}
+        set_knob(self.index, self.knob, settings.get(self.knob) if self.knob else None)
+        self.shard_dirs = {p["shard"]: p["dir"] for p in self.manifest["parts"]}
+        self._dirs: dict[str, EmbeddingsDir | None] = {}
+        self._sources: dict[str, dict] | None = None
+        self._embedder = None
+
+    def embeddings_for(self, shard: str) -> EmbeddingsDir | None:
+        """The embeddings directory holding a shard's part, if it is still there."""
+        return self._open(self.shard_dirs.get(shard, self.manifest["embeddings_dir"]))
+
+    def _open(self, where: str) -> EmbeddingsDir | None:
+        if where not in self._dirs:
+            try:
+                self._dirs[where] = EmbeddingsDir(where)
+            except ConfigError:
+                log.warning("embeddings directory %s is gone: its hits carry no captions or paths", where)
+                self._dirs[where] = None
+        return self._dirs[where]
+
+    def sources(self) -> dict[str, dict]:
+        """shard -> its stats (kind, source URL), from every embeddings directory of the index."""
+        if self._sources is None:
+            self._sources = {}
+            for where in dict.fromkeys(self.shard_dirs.values()):
+                emb = self._open(where)
+                if emb is not None:
+                    self._sources.update(emb.shard_sources())
+        return self._sources
+
+    def search_vectors(self, vectors: np.ndarray, k: int = 10) -> list[list[Hit]]:
+        vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+        if vectors.shape[1] != self.index.d:
+            raise ConfigError(f"query vectors have dim {vectors.shape[1]}, the index has {self.index.d}")
+        scores, rows = self.index.search(normalize_rows(vectors), k)
+        return [self._hits(s, r) for s, r in zip(scores, rows)]
+
+    def _hits(self, scores: np.ndarray, rows: np.ndarray) -> list[Hit]:
+        valid = rows >= 0
+        rows, scores = rows[valid], scores[valid]
+        picked = self.ids.take(rows)
+        hits = [Hit(rank=i + 1, score=float(score), shard=shard, key=key)
+                for i, (score, shard, key) in enumerate(zip(scores, picked["shard"].to_pylist(),
+                                                             picked["key"].to_pylist()))]
+        self._add_metadata(hits)
+        return hits
+
+    def _add_metadata(self, hits: list[Hit]) -> None:
+        by_shard: dict[str, list[Hit]] = {}
+        for hit in hits:
+            by_shard.setdefault(hit.shard, []).append(hit)
+        for shard, shard_hits in by_shard.items():
+            emb = self.embeddings_for(shard)
+            if emb is None:
+                continue
+            rows = emb.rows_for(shard, [h.key for h in shard_hits], ["caption", "url"])
+            stats = self.sources().get(shard, {})
+            for hit in shard_hits:
+                row = rows.get(hit.key, {})
+                hit.caption, hit.url = row.get("caption"), row.get("url")
+                hit.path = sample_path(stats.get("kind"), stats.get("source"), hit.key)
+
+    def locate(self, key: str, shard: str | None = None) -> tuple[str, str]:
+        """(shard, key) of a key in the index; ambiguous keys need a shard."""
+        mask = pc.equal(self.ids["key"], key)
+        if shard:
+            mask = pc.and_(mask, pc.equal(self.ids["shard"], shard))
+        shards = self.ids.filter(mask)["shard"].to_pylist()
+        if not shards:
+            raise ConfigError(f"key {key!r} is not in the index" + (f" (shard {shard})" if shard else ""))
+        if len(set(shards)) > 1:
+            raise ConfigError(f"key {key!r} is in several shards ({', '.join(sorted(set(shards)))}): pass --shard")
+        return shards[0], key
+
+    def search_keys(self, keys: list[str], k: int = 10, shard: str | None = None) -> list[list[Hit]]:
+        """"More like this one": the stored full-precision vector of each key is the query."""
+        vectors = []
+        for key in keys:
+            found_shard, found_key = self.locate(key, shard)
+            emb = self.embeddings_for(found_shard)
+            if emb is None:
+                raise ConfigError("searching by key needs the embeddings directory the index was built from")
+            vectors.append(emb.vector_of(found_shard, found_key))
+        return self.search_vectors(np.stack(vectors), k)
+
+    def search_images(self, paths: list[str | Path], k: int = 10, device: str | None = None,
+                      checkpoint: str | None = None) -> list[list[Hit]]:
+        """Embed image files with the recorded model and preprocessing, then search."""
+        if self._embedder is None:
+            from pipeline.embedder import ImageEmbedder
+
+            self._embedder = ImageEmbedder(self.manifest["embeddings"], device=device, checkpoint=checkpoint)
+        return self.search_vectors(self._embedder.embed_files(paths), k)

@@ -1,0 +1,52 @@
+"""Synthetic embeddings for benchmarks and tests: clustered unit vectors written as a real
+embeddings directory (same manifest, parts and stats as `imgindex embed` writes).
+
+Random-weight backbones give nearly collinear embeddings, so search quality is measured
+on these instead, where the true neighbours are known.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from indexes.embeddings import normalize_rows
+from pipeline.writer import EmbeddingStore
+
+
+def clustered_vectors(count: int, dim: int, clusters: int = 1000, spread: float = 0.35,
+                      seed: int = 0) -> np.ndarray:
+    """Unit vectors around `clusters` random centres; `spread` sets how tight a cluster is."""
+    rng = np.random.default_rng(seed)
+    centres = normalize_rows(rng.standard_normal((clusters, dim)).astype(np.float32))
+    out = np.empty((count, dim), np.float32)
+    step = 100_000
+    for start in range(0, count, step):
+        n = min(step, count - start)
+        noise = rng.standard_normal((n, dim)).astype(np.float32) * (spread / np.sqrt(dim))
+        out[start:start + n] = centres[rng.integers(0, clusters, n)] + noise
+    return normalize_rows(out)
+
+
+def synthetic_manifest(dim: int) -> dict:
+    return {"format": "imgindex.embeddings/1", "model": {"name": "synthetic"},
+            "weights": {"source": "synthetic", "sha256": None}, "data_config": {}, "preprocess": [],
+            "dim": dim, "dtype": "float32", "normalized": True, "precision": "fp32", "decode": {}}
+
+
+def write_embeddings_dir(out: str, vectors: np.ndarray, shard_size: int = 50_000,
+                         prefix: str = "syn", first_shard: int = 0) -> list[str]:
+    """Write vectors as parts of `shard_size` rows; keys are f"{prefix}{row}". Returns shard names."""
+    store = EmbeddingStore(out)
+    store.check_writable()
+    store.prepare(synthetic_manifest(vectors.shape[1]), overwrite=False)
+    names = []
+    for number, start in enumerate(range(0, len(vectors), shard_size), start=first_shard):
+        block = vectors[start:start + shard_size]
+        name = f"{prefix}-{number:05d}"
+        n = len(block)
+        rows = {"key": [f"{prefix}{start + i}" for i in range(n)], "width": [0] * n, "height": [0] * n,
+                "sha256": [None] * n, "phash": [None] * n, "caption": [None] * n, "json": [None] * n,
+                "url": [None] * n}
+        store.write_shard(name, rows, block, [], {"shard": name, "kind": "synthetic", "source": "synthetic",
+                                                  "samples": n, "rows": n, "failures": 0})
+        names.append(name)
+    return names

@@ -1,0 +1,63 @@
+"""Single image files -> vectors, with exactly the model, weights and preprocessing an
+embeddings manifest records (used to query an index by image)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import ConfigError, EmbedConfig, load_config
+from pipeline.decode import SampleError, build_preprocess, open_upright, stack_nchw
+from pipeline.model import load_backbone
+
+
+def config_from_manifest(manifest: dict, device: str | None = None, checkpoint: str | None = None) -> EmbedConfig:
+    """The recorded config, with the runtime of this machine (device, precision)."""
+    recorded = manifest.get("config")
+    if not recorded:
+        raise ConfigError("the embeddings manifest records no model config (synthetic vectors?): "
+                          "query by vector or key instead")
+    overrides = {f"{section}.{k}": v for section in ("model", "decode", "source")
+                 for k, v in recorded.get(section, {}).items()}
+    overrides["seed"] = recorded.get("seed", 0)
+    overrides["runtime.device"] = device or "auto"
+    overrides["runtime.precision"] = "auto"
+    overrides["runtime.workers"] = 0
+    weights = manifest.get("weights") or {}
+    if checkpoint or weights.get("source") == "checkpoint":
+        overrides["model.checkpoint"] = checkpoint or weights.get("path")
+    return load_config(None, overrides)
+
+
+class ImageEmbedder:
+    """Loads the recorded backbone once; refuses weights that differ from the recorded ones."""
+
+    def __init__(self, manifest: dict, device: str | None = None, checkpoint: str | None = None):
+        config = config_from_manifest(manifest, device, checkpoint)
+        self.decode = config.decode
+        self.backbone = load_backbone(config)
+        recorded = (manifest.get("weights") or {}).get("sha256")
+        if recorded and self.backbone.weights["sha256"] != recorded:
+            raise ConfigError(
+                f"the weights loaded for {config.model.name} ({self.backbone.weights.get('source')}) differ from "
+                "those that made the index: pass --checkpoint with the original weights file")
+        self.preprocess = build_preprocess(self.backbone.data_config)
+
+    def embed_files(self, paths: list[str | Path], batch_size: int = 32) -> np.ndarray:
+        """L2-normalized float32 vectors, one per file; an unreadable image is a ConfigError."""
+        pixels = [self._pixels(path) for path in paths]
+        out = []
+        for start in range(0, len(pixels), batch_size):
+            out.append(self.backbone.embed(stack_nchw(pixels[start:start + batch_size])))
+        vectors = np.concatenate(out)
+        return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+    def _pixels(self, path: str | Path) -> np.ndarray:
+        try:
+            data = Path(path).read_bytes()
+            img = open_upright(data, self.decode.max_pixels, tuple(self.decode.alpha_background))
+        except OSError as exc:
+            raise ConfigError(f"cannot read query image {path}: {exc.strerror or exc}") from None
+        except SampleError as exc:
+            raise ConfigError(f"query image {path} is unusable ({exc.kind}: {exc})") from None
+        return self.preprocess(img)

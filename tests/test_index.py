@@ -1,0 +1,152 @@
+"""Index build, --add and the query module, on synthetic vectors with planted neighbours."""
+import json
+import logging
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from indexes.build import BuildOptions, add_parts, build_index
+from indexes.factory import choose_index_key, parse_memory
+from indexes.query import Searcher
+from indexes.synthetic import clustered_vectors, write_embeddings_dir
+from pipeline.config import ConfigError
+
+IVF = BuildOptions(flat_threshold=1000, eval_queries=300)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return clustered_vectors(12_000, 64, clusters=200, spread=1.0, seed=3)
+
+
+@pytest.fixture(scope="module")
+def ivf_index(tmp_path_factory, corpus):
+    root = tmp_path_factory.mktemp("ivf")
+    write_embeddings_dir(str(root / "emb"), corpus, shard_size=5_000)
+    manifest = build_index(str(root / "emb"), str(root / "idx"), IVF, progress=False)
+    return root, manifest
+
+
+def test_automatic_choice_follows_count_and_memory_budget():
+    assert choose_index_key(10_000, 768, parse_memory("16G"))[0] == "Flat"
+    key, reason = choose_index_key(1_000_000, 768, parse_memory("16G"))
+    assert key == "IVF4096,Flat" and "within the 16.0 GB budget" in reason
+    assert choose_index_key(1_000_000, 768, parse_memory("1G"))[0] == "IVF4096,SQ8"
+    key, reason = choose_index_key(100_000_000, 768, parse_memory("16G"))
+    assert key.startswith("IVF32768_HNSW32,PQ") and "fits" in reason
+    with pytest.raises(ConfigError, match="too small"):
+        choose_index_key(100_000_000, 768, parse_memory("100M"))
+    with pytest.raises(ConfigError, match="not a size"):
+        parse_memory("lots")
+
+
+def test_build_measures_and_reaches_the_target_recall(ivf_index):
+    root, manifest = ivf_index
+    assert manifest["factory"] == "IVF512,Flat"
+    assert manifest["recall_at_10"] >= 0.95 and manifest["search_params"]["nprobe"] >= 1
+    curve = manifest["recall_curve"]
+    assert curve[-1]["nprobe"] == manifest["search_params"]["nprobe"] and curve[-1]["recall"] >= 0.95
+    on_disk = json.loads((root / "idx" / "manifest.json").read_text())
+    assert on_disk["count"] == 12_000 and on_disk["embeddings"]["dim"] == 64
+    assert [p["rows"] for p in on_disk["parts"]] == [5000, 5000, 2000]
+    assert set(on_disk["timings"]) >= {"train_s", "add_s", "ground_truth_s", "total_s"}
+
+
+def test_measured_recall_is_honest(ivf_index, corpus):
+    """Recompute recall@10 with the tuned nprobe by brute force: it matches the manifest's figure."""
+    root, manifest = ivf_index
+    searcher = Searcher(root / "idx")
+    rng = np.random.default_rng(7)
+    queries = rng.choice(len(corpus), 200, replace=False)
+    exact = np.argsort(-(corpus[queries] @ corpus.T), axis=1)[:, 1:11]
+    _, found = searcher.index.search(corpus[queries], 11)
+    recall = np.mean([len(set(f[f != q][:10]) & set(e)) / 10 for f, e, q in zip(found, exact, queries)])
+    assert abs(recall - manifest["recall_at_10"]) < 0.05
+
+
+def test_perturbed_copy_finds_its_original_first(ivf_index, corpus):
+    root, _ = ivf_index
+    searcher = Searcher(root / "idx")
+    rng = np.random.default_rng(1)
+    rows = rng.choice(len(corpus), 50, replace=False)
+    noisy = corpus[rows] + rng.standard_normal((50, 64)).astype(np.float32) * 0.01
+    for row, hits in zip(rows, searcher.search_vectors(noisy, k=5)):
+        assert hits[0].key == f"syn{row}" and hits[0].shard == f"syn-{row // 5000:05d}"
+        assert hits[0].score > 0.99 and [h.rank for h in hits] == [1, 2, 3, 4, 5]
+
+
+def test_add_appends_new_parts_without_retraining_and_ids_stay_right(tmp_path, corpus):
+    write_embeddings_dir(str(tmp_path / "emb"), corpus[:8000], shard_size=4000)
+    build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), IVF, progress=False)
+    write_embeddings_dir(str(tmp_path / "emb"), corpus[8000:], shard_size=4000, first_shard=2, prefix="new")
+    manifest, added = add_parts(str(tmp_path / "emb"), str(tmp_path / "idx"), progress=False)
+    assert added == 4000 and manifest["count"] == 12_000
+    assert manifest["adds"][0]["drift_ratio"] < 1.5
+    ids = pq.read_table(tmp_path / "idx" / "ids.parquet").to_pydict()
+    assert ids["key"][8000] == "new0" and ids["shard"][8000] == "new-00002"
+    searcher = Searcher(tmp_path / "idx")
+    for row in (0, 7999, 8000, 11_999):
+        hit = searcher.search_vectors(corpus[row], k=1)[0][0]
+        expected = f"syn{row}" if row < 8000 else f"new{row - 8000}"
+        assert hit.key == expected and hit.score > 0.999
+    assert add_parts(str(tmp_path / "emb"), str(tmp_path / "idx"), progress=False)[1] == 0
+
+
+def test_add_warns_when_new_data_drifts_from_the_training_sample(tmp_path, corpus, caplog):
+    write_embeddings_dir(str(tmp_path / "emb"), corpus[:6000], shard_size=6000)
+    build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), IVF, progress=False)
+    other = clustered_vectors(3000, 64, clusters=5, spread=3.0, seed=99)
+    write_embeddings_dir(str(tmp_path / "emb"), other, shard_size=3000, first_shard=1, prefix="far")
+    with caplog.at_level(logging.WARNING):
+        manifest, _ = add_parts(str(tmp_path / "emb"), str(tmp_path / "idx"), progress=False)
+    assert manifest["adds"][0]["drift_ratio"] > 1.5
+    assert "drifted" in caplog.text
+
+
+def test_flat_index_is_exact(tmp_path, corpus):
+    write_embeddings_dir(str(tmp_path / "emb"), corpus[:3000], shard_size=1000)
+    manifest = build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), progress=False)
+    assert manifest["factory"] == "Flat" and manifest["recall_at_10"] == 1.0 and manifest["search_params"] == {}
+
+
+def test_any_factory_string_and_hnsw_tuning(tmp_path, corpus):
+    write_embeddings_dir(str(tmp_path / "emb"), corpus[:4000], shard_size=4000)
+    manifest = build_index(str(tmp_path / "emb"), str(tmp_path / "idx"),
+                           BuildOptions(index_key="HNSW16,Flat", eval_queries=200), progress=False)
+    assert manifest["factory"] == "HNSW16,Flat" and "efSearch" in manifest["search_params"]
+    assert manifest["recall_at_10"] >= 0.95
+    with pytest.raises(ConfigError, match="not a valid faiss.index_factory"):
+        build_index(str(tmp_path / "emb"), str(tmp_path / "idx2"), BuildOptions(index_key="IVFzz,Nope"))
+
+
+def test_existing_index_is_not_replaced_without_overwrite(tmp_path, corpus):
+    write_embeddings_dir(str(tmp_path / "emb"), corpus[:1000])
+    build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), progress=False)
+    with pytest.raises(ConfigError, match="--overwrite"):
+        build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), progress=False)
+    assert build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), overwrite=True, progress=False)["count"] == 1000
+
+
+def test_query_errors_are_clear(tmp_path, corpus, ivf_index):
+    with pytest.raises(ConfigError, match="no index at"):
+        Searcher(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="not an index directory"):
+        Searcher(tmp_path / "empty")
+    root, _ = ivf_index
+    with pytest.raises(ConfigError, match="built with synthetic, not xcit"):
+        Searcher(root / "idx", model="xcit_large_24_p8_224.fb_in1k")
+    with pytest.raises(ConfigError, match="dim 3"):
+        Searcher(root / "idx").search_vectors(np.ones((1, 3), np.float32))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_or_truncated_index_file_is_a_clear_error(tmp_path, corpus, damage):
+    write_embeddings_dir(str(tmp_path / "emb"), corpus[:2000])
+    build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), progress=False)
+    path = tmp_path / "idx" / "index.faiss"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\0garbage" * 100)
+    with pytest.raises(ConfigError, match="corrupt or truncated"):
+        Searcher(tmp_path / "idx")
