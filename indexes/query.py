@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from indexes.embeddings import EmbeddingsDir, normalize_rows
@@ -93,22 +94,31 @@ class Searcher:
                     self._sources.update(emb.shard_sources())
         return self._sources
 
-    def search_vectors(self, vectors: np.ndarray, k: int = 10) -> list[list[Hit]]:
+    def search(self, vectors: np.ndarray, k: int = 10) -> pa.Table:
+        """Batch API: one row per hit (query, rank, score, shard, key), built without Python loops."""
         vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
-        if vectors.shape[1] != self.index.d:
-            raise ConfigError(f"query vectors have dim {vectors.shape[1]}, the index has {self.index.d}")
+        if vectors.ndim != 2 or vectors.shape[1] != self.index.d:
+            raise ConfigError(f"query vectors have dim {vectors.shape[-1]}, the index has {self.index.d}")
         scores, rows = self.index.search(normalize_rows(vectors), k)
-        return [self._hits(s, r) for s, r in zip(scores, rows)]
-
-    def _hits(self, scores: np.ndarray, rows: np.ndarray) -> list[Hit]:
         valid = rows >= 0
-        rows, scores = rows[valid], scores[valid]
-        picked = self.ids.take(rows)
-        hits = [Hit(rank=i + 1, score=float(score), shard=shard, key=key)
-                for i, (score, shard, key) in enumerate(zip(scores, picked["shard"].to_pylist(),
-                                                             picked["key"].to_pylist()))]
-        self._add_metadata(hits)
-        return hits
+        ranks = np.cumsum(valid, axis=1)
+        picked = self.ids.take(rows[valid])
+        return pa.table({
+            "query": np.nonzero(valid)[0].astype(np.int32), "rank": ranks[valid].astype(np.int32),
+            "score": scores[valid], "shard": picked["shard"], "key": picked["key"],
+        })
+
+    def search_vectors(self, vectors: np.ndarray, k: int = 10, with_metadata: bool = True) -> list[list[Hit]]:
+        """Top-k Hits per query vector; with_metadata adds caption, url and path (one read per shard)."""
+        vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+        table = self.search(vectors, k).to_pydict()
+        results: list[list[Hit]] = [[] for _ in range(len(vectors))]
+        for q, rank, score, shard, key in zip(table["query"], table["rank"], table["score"], table["shard"],
+                                              table["key"]):
+            results[q].append(Hit(rank=rank, score=float(score), shard=shard, key=key))
+        if with_metadata:
+            self._add_metadata([hit for hits in results for hit in hits])
+        return results
 
     def _add_metadata(self, hits: list[Hit]) -> None:
         by_shard: dict[str, list[Hit]] = {}
