@@ -260,6 +260,7 @@ def add_parts(emb_dir: str, index_dir: str, target_recall: float | None = None,
     manifest["parts"] += [{"shard": p.shard, "rows": p.rows, "dir": emb.location} for p in new]
     manifest["count"] = int(index.ntotal)
     manifest[f"recall_at_{K}"] = round(recall, 4)
+    manifest["recall_queries"] = int(len(query_ids))
     manifest["search_params"] = {knob: value} if knob else {}
     manifest["recall_curve"] = curve
     manifest["adds"].append({"vectors": added, "parts": len(new), "drift_ratio": drift,

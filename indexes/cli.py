@@ -71,7 +71,7 @@ def _print_index(manifest: dict, out: str) -> None:
     params = ", ".join(f"{k}={v}" for k, v in manifest["search_params"].items()) or "exact"
     print(f"index {manifest['factory']} of {manifest['count']} vectors ({manifest['selection']}) -> {out}")
     print(f"recall@10 vs exact search: {manifest['recall_at_10']:.4f} on {manifest['recall_queries']} "
-          f"held-out queries with {params}; built in {manifest['timings']['total_s']:.1f} s")
+          f"held-out queries with {params}")
 
 
 def cmd_index(args: argparse.Namespace) -> int:
@@ -82,10 +82,15 @@ def cmd_index(args: argparse.Namespace) -> int:
     progress = False if args.no_progress else None
     if args.add:
         manifest, added = add_parts(args.add, args.out, target_recall=args.target_recall, progress=progress)
-        print(f"added {added} vectors to {args.out}")
+        if not added:
+            print(f"nothing to add: every complete part of {args.add} is already in {args.out}")
+            return 0
+        print(f"added {added} vectors from {manifest['adds'][-1]['parts']} new parts to {args.out} "
+              f"in {manifest['adds'][-1]['seconds']:.1f} s (drift ratio {manifest['adds'][-1]['drift_ratio']})")
     else:
         manifest = build_index(args.emb_dir, args.out, _build_options(args), overwrite=args.overwrite,
                                progress=progress)
+        print(f"built in {manifest['timings']['total_s']:.1f} s")
     _print_index(manifest, args.out)
     return 0
 
