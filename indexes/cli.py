@@ -1,4 +1,4 @@
-"""`imgindex`: the one command-line entry point (embed, index, build, search, demo).
+"""`imgindex`: the one command-line entry point (embed, index, build, search, dedup, demo).
 
 Errors in the job's inputs print one line, `imgindex: error: ...`, and exit with status 2
 before any work starts.
@@ -141,7 +141,7 @@ def _write_search_html(path: str, searcher, results: list[tuple[str, bytes | Non
     sections = []
     for label, data, hits in results:
         figs = [figure(thumbnail_uri(data), "query", [label], css="query")]
-        figs += [figure(thumbnail_uri(images.get((h.shard, h.key))), f"#{h.rank}  {h.score:.4f}",
+        figs += [figure(thumbnail_uri(images.get((h.shard, h.key))), f"#{h.rank}  {h.score:.5f}",
                         [h.key, h.shard, h.caption]) for h in hits]
         sections.append((f"query: {label}", figs))
     Path(path).write_text(page("imgindex search", sections, intro=f"index: {searcher.dir.path}"))
@@ -171,6 +171,43 @@ def cmd_search(args: argparse.Namespace) -> int:
         _write_search_html(args.html, searcher, results)
         if not args.json:
             print(f"wrote {args.html}")
+    return 0
+
+
+def cmd_dedup(args: argparse.Namespace) -> int:
+    from indexes.dedup import DedupOptions, find_duplicates, find_leaks
+    from indexes.embeddings import EmbeddingsDir
+    from indexes.query import Searcher
+    from indexes.review import write_dedup, write_leaks
+
+    options = DedupOptions(methods=tuple(m.strip() for m in args.method.split(",") if m.strip()),
+                           threshold=args.threshold, phash_distance=args.phash_distance, keep=args.keep,
+                           max_neighbors=args.max_neighbors)
+    options.check()
+    if not args.dry_run and not args.out:
+        raise ConfigError("--out DEDUP is needed to write the results (or --dry-run to only print them)")
+    progress = False if args.no_progress else None
+    searcher = Searcher(args.index)
+    if args.against:
+        result = find_leaks(args.index, args.against, options, progress=progress)
+        stats = result.stats
+        print(f"{stats['leaked']} of {stats['images']} images of {args.against} have a duplicate in the index "
+              f"({stats['pairs']} pairs; {stats['seconds']:.1f} s)")
+        if not args.dry_run:
+            written = write_leaks(result, searcher, EmbeddingsDir(args.against).shard_sources(), Path(args.out))
+            print("wrote " + ", ".join(str(p) for p in written))
+        return 0
+    result = find_duplicates(args.index, options, progress=progress)
+    stats = result.stats
+    found = ", ".join(f"{stats.get(f'{m}_pairs', 0)} {m}" for m in options.methods)
+    print(f"{stats['images']} images: {stats['pairs']} duplicate pairs ({found}), {stats['groups']} groups, "
+          f"{stats['removed']} images to remove; {stats['seconds']:.1f} s")
+    if args.dry_run:
+        print("dry run: nothing written")
+        return 0
+    written = write_dedup(result, searcher, Path(args.out))
+    print("wrote " + ", ".join(str(p) for p in written))
+    print(f"review the groups in {Path(args.out) / 'report.html'}; nothing was deleted or moved")
     return 0
 
 
@@ -223,6 +260,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"parts: {vectors / 'embeddings'}; failures: {vectors / 'failures'}; "
           f"manifest: {vectors / '_manifest.json'}")
 
+    import pyarrow.compute as pc
+
     from indexes.build import build_index
     from indexes.query import Searcher
     from pipeline.demo_corpus import photo_files
@@ -238,6 +277,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     html = out / "search.html"
     _write_search_html(str(html), searcher, [(str(query), query.read_bytes(), hits)])
     print(f"search page with thumbnails: {html}")
+
+    from indexes.dedup import DedupOptions, find_duplicates
+    from indexes.review import write_dedup
+
+    # Random weights make every embedding alike, so the demo dedups on the tiers that do not
+    # depend on the model unless real weights were given.
+    methods = ("exact", "phash", "embedding") if config.model.checkpoint else ("exact", "phash")
+    result = find_duplicates(index_dir, DedupOptions(methods=methods), progress=progress)
+    written = write_dedup(result, searcher, out / "dedup")
+    stats = result.stats
+    print(f"\ndedup ({', '.join(methods)}): {stats['pairs']} pairs, {stats['groups']} groups, "
+          f"{stats['removed']} images to remove")
+    for row in result.groups.filter(result.groups["keep"]).to_pylist():
+        members = result.groups.filter(pc.equal(result.groups["group_id"], row["group_id"]))["key"].to_pylist()
+        print(f"  keep {row['key']} ({row['reason']}); duplicates: {', '.join(k for k in members if k != row['key'])}")
+    print(f"dedup report: {written[-1]}")
     return 0
 
 
@@ -301,6 +356,30 @@ def build_parser() -> argparse.ArgumentParser:
         description="Which images look like this one? Prints a table per query, or JSON lines with --json.")
     add_search_arguments(search)
     search.set_defaults(func=cmd_search)
+
+    dedup = sub.add_parser(
+        "dedup", help="find exact and near duplicates, or test images leaking into a training index",
+        description="Find duplicates among the images of an index in three tiers (exact bytes, perceptual hash, "
+                    "embedding cosine), group them, pick one to keep per group, and write pairs.parquet, "
+                    "groups.parquet, keep.txt, remove.txt and report.html. Nothing is ever deleted or moved.")
+    dedup.add_argument("--index", required=True, metavar="IDX", help="index directory (imgindex index --out)")
+    dedup.add_argument("--out", metavar="DEDUP", help="where the results go")
+    dedup.add_argument("--threshold", type=float, default=0.95, help="cosine similarity for the embedding tier "
+                       "(default 0.95)")
+    dedup.add_argument("--method", default="exact,phash,embedding",
+                       help="comma list of tiers: exact, phash, embedding (default all three)")
+    dedup.add_argument("--phash-distance", type=int, default=4, metavar="BITS",
+                       help="Hamming distance of the phash tier (default 4 of 64 bits)")
+    dedup.add_argument("--keep", default="largest", choices=("largest", "first", "smallest-file"),
+                       help="which image of a group to keep: largest pixel count then smallest key (default), "
+                            "first in corpus order, or smallest file")
+    dedup.add_argument("--max-neighbors", type=int, default=100, metavar="K",
+                       help="embedding tier: nearest neighbours examined per image (default 100)")
+    dedup.add_argument("--against", metavar="EMB_DIR",
+                       help="leakage check: which images of EMB_DIR (e.g. a test set) have a duplicate in the index")
+    dedup.add_argument("--dry-run", action="store_true", help="print what was found, write nothing")
+    dedup.add_argument("--no-progress", action="store_true", help="no progress bar")
+    dedup.set_defaults(func=cmd_dedup)
 
     demo = sub.add_parser(
         "demo", help="build a small corpus of real photos and run the pipeline on it",

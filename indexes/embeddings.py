@@ -114,6 +114,18 @@ class EmbeddingsDir:
             table = pq.read_table(f, columns=["key", *columns], filters=[("key", "in", list(keys))])
         return {row["key"]: row for row in table.to_pylist()}
 
+    def read_columns(self, shard: str, columns: list[str]) -> pa.Table:
+        """Some columns of a shard's part; a column the part predates comes back as nulls."""
+        from pipeline.writer import part_schema
+
+        with self.fs.open(self.part(shard, 0).path, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            present = [c for c in columns if c in parquet.schema_arrow.names]
+            table = parquet.read(columns=present)
+        schema = part_schema(self.dim)
+        return pa.table({c: table[c] if c in present else pa.nulls(table.num_rows, schema.field(c).type)
+                         for c in columns})
+
     def vector_of(self, shard: str, key: str) -> np.ndarray:
         """The stored full-precision vector of one sample (normalized for cosine search)."""
         with self.fs.open(self.part(shard, 0).path, "rb") as f:

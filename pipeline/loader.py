@@ -18,7 +18,7 @@ from pipeline.config import DecodeConfig
 from pipeline.decode import SampleError, open_upright, phash, sha256, stack_nchw
 from pipeline.sources import Shard, read_shard
 
-ROW_FIELDS = ("key", "width", "height", "sha256", "phash", "caption", "json", "url")
+ROW_FIELDS = ("key", "width", "height", "bytes", "sha256", "phash", "caption", "json", "url")
 
 
 @dataclass
@@ -71,7 +71,7 @@ class ShardBatches(IterableDataset):
                     raise SampleError(*sample.error)
                 img = open_upright(sample.data, self.decode.max_pixels, self.decode.alpha_background)
                 pixels = self.preprocess(img)
-                values = (sample.key, img.width, img.height, sha256(sample.data), phash(img),
+                values = (sample.key, img.width, img.height, len(sample.data), sha256(sample.data), phash(img),
                           sample.caption, sample.json, sample.url)
             except SampleError as exc:
                 done.failures.append({"key": sample.key, "member": sample.member,

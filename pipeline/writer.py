@@ -37,7 +37,7 @@ def part_schema(dim: int) -> pa.Schema:
     return pa.schema([
         ("key", pa.string()), ("shard", pa.string()),
         ("embedding", pa.list_(pa.float32(), dim)),
-        ("width", pa.int32()), ("height", pa.int32()),
+        ("width", pa.int32()), ("height", pa.int32()), ("bytes", pa.int64()),
         ("sha256", pa.string()), ("phash", pa.int64()),
         ("caption", pa.string()), ("json", pa.string()), ("url", pa.string()),
     ])

@@ -1,0 +1,429 @@
+"""Duplicates across a corpus, in three tiers, and train/test leakage.
+
+- exact: the same encoded bytes (stored sha256);
+- phash: stored 64-bit perceptual hashes within a Hamming distance, found with a FAISS
+  multi-index-hashing binary index (sub-quadratic; exact for distance < number of tables);
+- embedding: the index's k nearest neighbours above a cosine threshold (a range search
+  bounded by `max_neighbors`), every candidate re-checked against the stored
+  full-precision vectors, so a compressed index never decides alone.
+
+Pairs become groups by connected components; a component whose members are not all
+close to its kept member is split around kept members (greedy, in keep order), so a chain
+A~B~C never joins A and C unless C is close to A's group's kept image. No step holds more
+than O(N) memory besides the index and a disk-backed copy of the vectors.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from tqdm import tqdm
+
+from indexes.embeddings import EmbeddingsDir, Part
+from indexes.factory import set_knob
+from indexes.query import Searcher
+from pipeline.config import ConfigError
+from pipeline.writer import identity
+
+log = logging.getLogger(__name__)
+
+METHODS = ("exact", "phash", "embedding")
+KEEP_POLICIES = ("largest", "first", "smallest-file")
+META_COLUMNS = ["shard", "key", "width", "height", "bytes", "sha256", "phash"]
+BATCH = 8192
+PAIR_SCHEMA = pa.schema([
+    ("a_shard", pa.string()), ("a_key", pa.string()), ("b_shard", pa.string()), ("b_key", pa.string()),
+    ("similarity", pa.float32()), ("kind", pa.string()), ("phash_distance", pa.int32()),
+])
+GROUP_SCHEMA = pa.schema([
+    ("shard", pa.string()), ("key", pa.string()), ("group_id", pa.int64()), ("keep", pa.bool_()),
+    ("reason", pa.string()), ("group_size", pa.int32()), ("min_similarity", pa.float32()),
+    ("similarity", pa.float32()),
+])
+
+
+@dataclass
+class DedupOptions:
+    methods: tuple[str, ...] = METHODS
+    threshold: float = 0.95  # cosine, embedding tier
+    phash_distance: int = 4  # Hamming distance, phash tier
+    keep: str = "largest"
+    max_neighbors: int = 100  # embedding tier: neighbours examined per image
+
+    def check(self) -> None:
+        unknown = set(self.methods) - set(METHODS)
+        if unknown or not self.methods:
+            raise ConfigError(f"--method takes a comma list of {', '.join(METHODS)}; got {','.join(self.methods)}")
+        if self.keep not in KEEP_POLICIES:
+            raise ConfigError(f"--keep must be one of {', '.join(KEEP_POLICIES)}, got {self.keep!r}")
+        if not 0 < self.threshold <= 1:
+            raise ConfigError(f"--threshold is a cosine similarity in (0, 1], got {self.threshold}")
+        if not 0 <= self.phash_distance <= 16:
+            raise ConfigError(f"--phash-distance must be 0 to 16 bits, got {self.phash_distance}")
+
+
+@dataclass
+class DedupResult:
+    pairs: pa.Table  # PAIR_SCHEMA
+    groups: pa.Table  # GROUP_SCHEMA, members of groups of two or more
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def removed(self) -> int:
+        return int(self.groups.num_rows - pc.sum(self.groups["keep"]).as_py()) if self.groups.num_rows else 0
+
+
+class Corpus:
+    """Rows of some parts in order: metadata columns and a disk-backed float32 copy of the
+    normalized vectors (np.memmap, so memory stays O(1) in the vectors)."""
+
+    def __init__(self, parts: list[tuple[EmbeddingsDir, Part]], dim: int, workdir: Path,
+                 progress: bool | None = None, name: str = "vectors"):
+        count = sum(part.rows for _, part in parts)
+        self.vectors = np.lib.format.open_memmap(workdir / f"{name}.npy", mode="w+", dtype=np.float32,
+                                                 shape=(count, dim))
+        tables, row = [], 0
+        bar = tqdm(total=count, unit="vec", desc=f"read {name}", disable=None if progress is None else not progress)
+        for emb, part in parts:
+            for _, _, vectors in emb.iter_batches([part]):
+                self.vectors[row:row + len(vectors)] = vectors
+                row += len(vectors)
+                bar.update(len(vectors))
+            tables.append(emb.read_columns(part.shard, META_COLUMNS))
+        bar.close()
+        if row != count:
+            raise ConfigError(f"the parts hold {row} rows, not the {count} recorded: rebuild the index")
+        self.meta = pa.concat_tables(tables) if tables else None
+        self.phash, self.phash_valid = hashes(self.meta["phash"])
+        self.sha = self.meta["sha256"].combine_chunks()
+
+    @classmethod
+    def of_index(cls, searcher: Searcher, workdir: Path, progress: bool | None = None) -> "Corpus":
+        """The index's rows in index order, checked row by row against ids.parquet."""
+        parts = []
+        for part in searcher.manifest["parts"]:
+            emb = searcher.embeddings_for(part["shard"])
+            if emb is None:
+                raise ConfigError(f"the embeddings of shard {part['shard']} are gone: dedup reads the stored vectors")
+            parts.append((emb, emb.part(part["shard"], part["rows"])))
+        corpus = cls(parts, searcher.manifest["dim"], workdir, progress)
+        ids = searcher.ids
+        if not (corpus.meta["key"].equals(ids["key"]) and corpus.meta["shard"].equals(ids["shard"])):
+            raise ConfigError("the embeddings changed since the index was built (rows do not line up with "
+                              "ids.parquet): rebuild the index")
+        return corpus
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    def cosine(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        out = np.empty(len(a), np.float32)
+        for start in range(0, len(a), BATCH):
+            sl = slice(start, start + BATCH)
+            out[sl] = np.einsum("ij,ij->i", self.vectors[a[sl]], self.vectors[b[sl]])
+        return out
+
+
+def _unique_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    keep = lo != hi
+    both = np.unique(np.stack([lo[keep], hi[keep]], axis=1), axis=0) if keep.any() else np.zeros((0, 2), np.int64)
+    return both[:, 0].astype(np.int64), both[:, 1].astype(np.int64)
+
+
+def exact_pairs(sha: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows with the same sha256, as pairs (first row of the hash, each other row)."""
+    sha = sha.combine_chunks() if isinstance(sha, pa.ChunkedArray) else sha
+    codes = pc.dictionary_encode(sha).indices.fill_null(-1).to_numpy(zero_copy_only=False)
+    valid = codes >= 0
+    rows = np.nonzero(valid)[0]
+    order = rows[np.argsort(codes[rows], kind="stable")]
+    sorted_codes = codes[order]
+    starts = np.r_[True, sorted_codes[1:] != sorted_codes[:-1]]
+    first = order[np.maximum.accumulate(np.where(starts, np.arange(len(order)), 0))]
+    dup = ~starts
+    return _unique_pairs(first[dup], order[dup])
+
+
+def hashes(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """An int64 column with nulls -> (int64 values, validity); never through float64."""
+    valid = np.asarray(pc.is_valid(column).combine_chunks().to_numpy(zero_copy_only=False), dtype=bool)
+    values = pc.fill_null(column, 0).combine_chunks().to_numpy(zero_copy_only=False).astype(np.int64)
+    return values, valid
+
+
+def _binary_codes(values: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(values.astype(np.int64)).view(np.uint8).reshape(-1, 8)
+
+
+def phash_pairs(db: tuple[np.ndarray, np.ndarray], distance: int,
+                queries: tuple[np.ndarray, np.ndarray] | None = None,
+                progress: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs within `distance` bits: (query row, database row); (values, valid) inputs.
+
+    Multi-index hashing with distance+1 tables is exact: two hashes within `distance` bits
+    agree on at least one of the distance+1 disjoint substrings. Null hashes never match.
+    """
+    queries = queries or db
+    db_rows, q_rows = np.nonzero(db[1])[0], np.nonzero(queries[1])[0]
+    if not len(db_rows) or not len(q_rows):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    tables = min(distance + 1, 8)
+    index = faiss.IndexBinaryMultiHash(64, tables, 64 // tables)
+    if distance + 1 > tables:
+        index.nflip = distance + 1 - tables  # probe neighbouring buckets too: exact again
+    index.add(_binary_codes(db[0][db_rows]))
+    found_q, found_db = [], []
+    codes = _binary_codes(queries[0][q_rows])
+    for start in tqdm(range(0, len(codes), BATCH), desc="phash", unit="batch",
+                      disable=None if progress is None else not progress):
+        lims, _, ids = index.range_search(codes[start:start + BATCH], distance + 1)
+        counts = np.diff(lims).astype(np.int64)
+        found_q.append(q_rows[start + np.repeat(np.arange(len(counts)), counts)])
+        found_db.append(db_rows[ids])
+    return np.concatenate(found_q), np.concatenate(found_db)
+
+
+def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    x = np.bitwise_xor(a.astype(np.int64), b.astype(np.int64)).view(np.uint64)
+    return np.unpackbits(x.view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1).astype(np.int32)
+
+
+def embedding_candidates(index: faiss.Index, queries: np.ndarray, threshold: float, k: int,
+                         progress: bool | None = None, desc: str = "neighbours"):
+    """(query row, index row, capped queries): neighbours at cosine >= threshold among the k nearest."""
+    found_q, found_db, capped = [], [], 0
+    k = min(k, index.ntotal)
+    for start in tqdm(range(0, len(queries), BATCH), desc=desc, unit="batch",
+                      disable=None if progress is None else not progress):
+        block = np.ascontiguousarray(queries[start:start + BATCH])
+        scores, rows = index.search(block, k)
+        hit = (scores >= threshold) & (rows >= 0)
+        capped += int(hit[:, -1].sum())
+        q, j = np.nonzero(hit)
+        found_q.append(start + q)
+        found_db.append(rows[q, j])
+    return np.concatenate(found_q).astype(np.int64), np.concatenate(found_db).astype(np.int64), capped
+
+
+def _components(a: np.ndarray, b: np.ndarray, count: int) -> np.ndarray:
+    """Connected-component label (smallest row id) of every row; label propagation, O(pairs) memory."""
+    label = np.arange(count, dtype=np.int64)
+    while True:
+        lo = np.minimum(label[a], label[b])
+        before = label.copy()
+        np.minimum.at(label, a, lo)
+        np.minimum.at(label, b, lo)
+        label = label[label]
+        if np.array_equal(label, before):
+            return label
+
+
+def _strictest(a: np.ndarray, b: np.ndarray, kinds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One row per (a, b): the strictest tier that found it (exact < phash < embedding)."""
+    order = np.lexsort((kinds, b, a))
+    a, b, kinds = a[order], b[order], kinds[order]
+    first = np.r_[True, (a[1:] != a[:-1]) | (b[1:] != b[:-1])]
+    return a[first], b[first], kinds[first]
+
+
+def _keep_order(corpus: Corpus, rows: np.ndarray, policy: str) -> np.ndarray:
+    keys = corpus.meta["key"].take(rows).to_pylist()
+    shards = corpus.meta["shard"].take(rows).to_pylist()
+    if policy == "largest":
+        width = pc.fill_null(corpus.meta["width"].take(rows), 0).to_numpy().astype(np.int64)
+        height = pc.fill_null(corpus.meta["height"].take(rows), 0).to_numpy().astype(np.int64)
+        order = sorted(range(len(rows)), key=lambda i: (-width[i] * height[i], keys[i], shards[i]))
+    elif policy == "smallest-file":
+        size = corpus.meta["bytes"].take(rows).to_pylist()
+        order = sorted(range(len(rows)), key=lambda i: (size[i] if size[i] is not None else 2**62, keys[i]))
+    else:
+        order = list(range(len(rows)))  # rows are in corpus (index) order already
+    return rows[np.asarray(order)]
+
+
+def _reason(corpus: Corpus, row: int, policy: str) -> str:
+    if policy == "largest":
+        w, h = corpus.meta["width"][row].as_py(), corpus.meta["height"][row].as_py()
+        return f"largest: {w}x{h} pixels, then smallest key"
+    if policy == "smallest-file":
+        return f"smallest file: {corpus.meta['bytes'][row].as_py()} bytes"
+    return "first in corpus order"
+
+
+def group_duplicates(corpus: Corpus, a: np.ndarray, b: np.ndarray, options: DedupOptions) -> pa.Table:
+    """Components of the pair graph, split so every member is close to its group's kept member."""
+    if not len(a):
+        return GROUP_SCHEMA.empty_table()
+    label = _components(a, b, len(corpus))
+    members = np.nonzero(np.bincount(label, minlength=len(corpus))[label] > 1)[0]
+    order = members[np.argsort(label[members], kind="stable")]
+    bounds = np.nonzero(np.r_[True, label[order][1:] != label[order][:-1], True])[0]
+    rows, centres, group_ids, sizes, min_sims, sims = [], [], [], [], [], []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        pending = _keep_order(corpus, order[lo:hi], options.keep)
+        while len(pending) > 1:
+            centre = pending[0]
+            close = _close_to(corpus, centre, pending, options)
+            group, pending = pending[close], pending[~close]
+            if len(group) < 2:
+                continue
+            block = corpus.vectors[group]
+            similarity = block @ corpus.vectors[centre]
+            rows.append(group)
+            centres.append(np.full(len(group), centre))
+            group_ids.append(np.full(len(group), len(sizes)))
+            sims.append(similarity)
+            sizes.append(len(group))
+            min_sims.append(float((block @ block.T).min()) if len(group) <= 2048 else float(similarity.min()))
+    if not rows:
+        return GROUP_SCHEMA.empty_table()
+    rows, centres, group_ids = np.concatenate(rows), np.concatenate(centres), np.concatenate(group_ids)
+    keep = rows == centres
+    reasons = np.array([f"duplicate of {k}" for k in corpus.meta["key"].take(centres).to_pylist()], dtype=object)
+    reasons[keep] = [_reason(corpus, row, options.keep) for row in rows[keep]]
+    return pa.table({
+        "shard": corpus.meta["shard"].take(rows), "key": corpus.meta["key"].take(rows),
+        "group_id": group_ids, "keep": keep, "reason": reasons.tolist(),
+        "group_size": np.asarray(sizes, np.int32)[group_ids],
+        "min_similarity": np.asarray(min_sims, np.float32)[group_ids],
+        "similarity": np.concatenate(sims).astype(np.float32),
+    }, schema=GROUP_SCHEMA)
+
+
+def _close_to(corpus: Corpus, centre: int, rows: np.ndarray, options: DedupOptions) -> np.ndarray:
+    """Which rows are duplicates of `centre` by any enabled tier (the centre itself included)."""
+    close = rows == centre
+    if "exact" in options.methods and corpus.sha[int(centre)].is_valid:
+        close |= np.asarray(pc.equal(corpus.sha.take(rows), corpus.sha[int(centre)]).to_numpy(zero_copy_only=False),
+                            dtype=bool)
+    if "phash" in options.methods and corpus.phash_valid[centre]:
+        near = hamming(corpus.phash[rows], np.full(len(rows), corpus.phash[centre])) <= options.phash_distance
+        close |= near & corpus.phash_valid[rows]
+    if "embedding" in options.methods:
+        close |= (corpus.vectors[rows] @ corpus.vectors[centre]) >= options.threshold
+    return close
+
+
+def _pairs_table(corpus: Corpus, a: np.ndarray, b: np.ndarray, kinds: np.ndarray, sims: np.ndarray,
+                 other: Corpus | None = None) -> pa.Table:
+    """Rows a of `corpus` against rows b of `other` (default: the same corpus)."""
+    other = other or corpus
+    both = corpus.phash_valid[a] & other.phash_valid[b]
+    distance = hamming(corpus.phash[a], other.phash[b])
+    return pa.table({
+        "a_shard": corpus.meta["shard"].take(a), "a_key": corpus.meta["key"].take(a),
+        "b_shard": other.meta["shard"].take(b), "b_key": other.meta["key"].take(b),
+        "similarity": sims.astype(np.float32), "kind": np.asarray(METHODS)[kinds],
+        "phash_distance": pa.array(distance, pa.int32(), mask=~both),
+    }, schema=PAIR_SCHEMA)
+
+
+def find_duplicates(index_dir: str | Path, options: DedupOptions | None = None, progress: bool | None = None,
+                    workdir: str | None = None) -> DedupResult:
+    """Duplicates among the images of an index: pairs (every tier that is on) and kept/removed groups."""
+    options = options or DedupOptions()
+    options.check()
+    started = time.time()
+    searcher = Searcher(index_dir)
+    set_knob(searcher.index, searcher.knob, _search_setting(searcher))
+    stats: dict = {"images": int(searcher.manifest["count"]), "methods": list(options.methods),
+                   "threshold": options.threshold, "phash_distance": options.phash_distance, "keep": options.keep}
+    with tempfile.TemporaryDirectory(dir=workdir, prefix="imgindex-dedup-") as tmp:
+        corpus = Corpus.of_index(searcher, Path(tmp), progress)
+        found_a, found_b, found_kind = [], [], []
+
+        def found(a: np.ndarray, b: np.ndarray, kind: str) -> None:
+            a, b = _unique_pairs(a, b)
+            found_a.append(a)
+            found_b.append(b)
+            found_kind.append(np.full(len(a), METHODS.index(kind)))
+            stats[f"{kind}_pairs"] = int(len(a))
+
+        if "exact" in options.methods:
+            found(*exact_pairs(corpus.sha), "exact")
+        if "phash" in options.methods:
+            found(*phash_pairs((corpus.phash, corpus.phash_valid), options.phash_distance, progress=progress),
+                  "phash")
+        if "embedding" in options.methods:
+            q, d, capped = embedding_candidates(searcher.index, corpus.vectors, options.threshold,
+                                                options.max_neighbors + 1, progress)
+            a, b = _unique_pairs(q, d)
+            confirmed = corpus.cosine(a, b) >= options.threshold
+            stats.update(embedding_candidates=int(len(a)), embedding_rejected_by_recheck=int((~confirmed).sum()),
+                         images_with_capped_neighbours=capped)
+            if capped:
+                log.warning("%d images have %d or more neighbours above the threshold: only the nearest %d were "
+                            "examined (--max-neighbors)", capped, options.max_neighbors, options.max_neighbors)
+            found(a[confirmed], b[confirmed], "embedding")
+        a, b, kinds = _strictest(np.concatenate(found_a), np.concatenate(found_b), np.concatenate(found_kind))
+        pairs = _pairs_table(corpus, a, b, kinds, corpus.cosine(a, b))
+        groups = group_duplicates(corpus, a, b, options)
+    stats.update(pairs=pairs.num_rows, groups=len(set(groups["group_id"].to_pylist())),
+                 in_groups=groups.num_rows, seconds=round(time.time() - started, 2))
+    result = DedupResult(pairs, groups, stats)
+    stats["removed"] = result.removed
+    return result
+
+
+def _search_setting(searcher: Searcher) -> int | None:
+    """Dedup searches with the tuned setting; recall at high similarity is higher still."""
+    return searcher.manifest.get("search_params", {}).get(searcher.knob) if searcher.knob else None
+
+
+def find_leaks(index_dir: str | Path, against: str, options: DedupOptions | None = None,
+               progress: bool | None = None, workdir: str | None = None) -> DedupResult:
+    """Which images of the embeddings directory `against` (e.g. a test set) have a duplicate in
+    the index (e.g. the training set). Pairs are (a = against image, b = indexed image)."""
+    options = options or DedupOptions()
+    options.check()
+    started = time.time()
+    searcher = Searcher(index_dir)
+    test = EmbeddingsDir(against)
+    if identity(test.manifest) != identity(searcher.manifest["embeddings"]):
+        raise ConfigError(f"{against} was embedded with another model or preprocessing than the index: "
+                          "embed it with the same config")
+    test_parts = test.parts()
+    if not test_parts:
+        raise ConfigError(f"{against} has no complete parts: run `imgindex embed` first")
+    with tempfile.TemporaryDirectory(dir=workdir, prefix="imgindex-leaks-") as tmp:
+        train = Corpus.of_index(searcher, Path(tmp), progress)
+        queries = Corpus([(test, p) for p in test_parts], test.dim, Path(tmp), progress, name="against")
+        found_a, found_b, found_kind = [], [], []
+        if "exact" in options.methods:
+            match = pc.index_in(queries.sha, value_set=train.sha).fill_null(-1).to_numpy(zero_copy_only=False)
+            rows = np.nonzero(match >= 0)[0]
+            found_a.append(rows)
+            found_b.append(match[rows].astype(np.int64))
+            found_kind.append(np.zeros(len(rows), np.int64))
+        if "phash" in options.methods:
+            q, d = phash_pairs((train.phash, train.phash_valid), options.phash_distance,
+                               queries=(queries.phash, queries.phash_valid), progress=progress)
+            found_a.append(q)
+            found_b.append(d)
+            found_kind.append(np.ones(len(q), np.int64))
+        if "embedding" in options.methods:
+            set_knob(searcher.index, searcher.knob, _search_setting(searcher))
+            q, d, _ = embedding_candidates(searcher.index, queries.vectors, options.threshold,
+                                           options.max_neighbors, progress, desc="against")
+            sims = np.einsum("ij,ij->i", queries.vectors[q], train.vectors[d]) if len(q) else np.zeros(0)
+            keep = sims >= options.threshold
+            found_a.append(q[keep])
+            found_b.append(d[keep])
+            found_kind.append(np.full(int(keep.sum()), 2))
+        a, b, kinds = _strictest(np.concatenate(found_a), np.concatenate(found_b), np.concatenate(found_kind))
+        sims = (np.einsum("ij,ij->i", queries.vectors[a], train.vectors[b]) if len(a) else np.zeros(0))
+        pairs = _pairs_table(queries, a, b, kinds, sims, other=train)
+        leaked = len(np.unique(a))
+        total = len(queries.vectors)
+    stats = {"against": against, "images": total, "leaked": int(leaked), "pairs": pairs.num_rows,
+             "methods": list(options.methods), "threshold": options.threshold,
+             "phash_distance": options.phash_distance, "seconds": round(time.time() - started, 2)}
+    return DedupResult(pairs, GROUP_SCHEMA.empty_table(), stats)
