@@ -184,6 +184,8 @@ def cmd_dedup(args: argparse.Namespace) -> int:
                            threshold=args.threshold, phash_distance=args.phash_distance, keep=args.keep,
                            max_neighbors=args.max_neighbors)
     options.check()
+    if args.calibrate:
+        return _calibrate(args)
     if not args.dry_run and not args.out:
         raise ConfigError("--out DEDUP is needed to write the results (or --dry-run to only print them)")
     progress = False if args.no_progress else None
@@ -208,6 +210,18 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     written = write_dedup(result, searcher, Path(args.out))
     print("wrote " + ", ".join(str(p) for p in written))
     print(f"review the groups in {Path(args.out) / 'report.html'}; nothing was deleted or moved")
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from indexes.calibrate import calibrate, format_table
+
+    result = calibrate(args.index, sample=args.sample)
+    print(format_table(result))
+    if args.out and not args.dry_run:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "calibration.json").write_text(json.dumps(result, indent=2))
+        print(f"wrote {Path(args.out) / 'calibration.json'}")
     return 0
 
 
@@ -377,6 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="embedding tier: nearest neighbours examined per image (default 100)")
     dedup.add_argument("--against", metavar="EMB_DIR",
                        help="leakage check: which images of EMB_DIR (e.g. a test set) have a duplicate in the index")
+    dedup.add_argument("--calibrate", action="store_true",
+                       help="measure recall and precision per threshold by planting transformed copies "
+                            "(resize, crop, JPEG, flip) of a sample of the corpus; finds no duplicates")
+    dedup.add_argument("--sample", type=int, default=100, metavar="N", help="images sampled by --calibrate")
     dedup.add_argument("--dry-run", action="store_true", help="print what was found, write nothing")
     dedup.add_argument("--no-progress", action="store_true", help="no progress bar")
     dedup.set_defaults(func=cmd_dedup)

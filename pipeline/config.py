@@ -40,6 +40,7 @@ class RuntimeConfig:
 class DecodeConfig:
     max_pixels: int = 89_478_485
     alpha_background: tuple[int, int, int] = (255, 255, 255)
+    draft: bool = False  # decode JPEGs at reduced size (faster; not the model card's exact pixels)
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.config import ConfigError, EmbedConfig
-from pipeline.decode import DECODE_MODE, build_preprocess, describe_preprocess
+from pipeline.decode import DECODE_MODE, build_preprocess, describe_preprocess, draft_side
 from pipeline.loader import ROW_FIELDS, Batch, ShardBatches, ShardDone, make_loader
 from pipeline.model import Backbone, load_backbone
 from pipeline.sources import Shard, plan_shards
@@ -74,7 +74,7 @@ def build_manifest(config: EmbedConfig, backbone: Backbone) -> dict:
         "normalized": backbone.normalize,
         "precision": backbone.precision,
         "decode": {"mode": DECODE_MODE, "max_pixels": config.decode.max_pixels,
-                   "alpha_background": list(config.decode.alpha_background)},
+                   "alpha_background": list(config.decode.alpha_background), "draft": config.decode.draft},
         "device": str(backbone.device),
         "config": config.to_dict(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
@@ -137,7 +137,8 @@ def run_embed(sources: list[str], out: str, config: EmbedConfig, overwrite: bool
 
 def _embed_shards(todo: list[Shard], store: EmbeddingStore, config: EmbedConfig, backbone: Backbone,
                   summary: Summary, progress: bool | None) -> None:
-    dataset = ShardBatches(todo, build_preprocess(backbone.data_config), config.decode, config.runtime.batch_size)
+    dataset = ShardBatches(todo, build_preprocess(backbone.data_config), config.decode, config.runtime.batch_size,
+                           draft_side(config.decode, backbone.data_config))
     loader = make_loader(dataset, config.runtime.workers, pin_memory=backbone.device.type == "cuda")
     sources = {s.name: s for s in todo}
     buffers: dict[str, _ShardBuffer] = {}

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import ConfigError, EmbedConfig, load_config
-from pipeline.decode import SampleError, build_preprocess, open_upright, stack_nchw
+from pipeline.decode import SampleError, build_preprocess, draft_side, open_upright, stack_nchw
 from pipeline.model import load_backbone
 
 
@@ -55,7 +55,8 @@ class ImageEmbedder:
     def _pixels(self, path: str | Path) -> np.ndarray:
         try:
             data = Path(path).read_bytes()
-            img = open_upright(data, self.decode.max_pixels, tuple(self.decode.alpha_background))
+            img = open_upright(data, self.decode.max_pixels, tuple(self.decode.alpha_background),
+                               draft_side(self.decode, self.backbone.data_config)).image
         except OSError as exc:
             raise ConfigError(f"cannot read query image {path}: {exc.strerror or exc}") from None
         except SampleError as exc:

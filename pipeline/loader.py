@@ -43,11 +43,13 @@ class ShardDone:
 class ShardBatches(IterableDataset):
     """Worker k of n takes shards k, k+n, ...; yields Batch messages then one ShardDone per shard."""
 
-    def __init__(self, shards: list[Shard], preprocess: Callable, decode: DecodeConfig, batch_size: int):
+    def __init__(self, shards: list[Shard], preprocess: Callable, decode: DecodeConfig, batch_size: int,
+                 draft_side: int | None = None):
         self.shards = shards
         self.preprocess = preprocess
         self.decode = decode
         self.batch_size = batch_size
+        self.draft_side = draft_side
 
     def __iter__(self) -> Iterator[Batch | ShardDone]:
         info = get_worker_info()
@@ -69,9 +71,10 @@ class ShardBatches(IterableDataset):
             try:
                 if sample.error:
                     raise SampleError(*sample.error)
-                img = open_upright(sample.data, self.decode.max_pixels, self.decode.alpha_background)
+                img, width, height = open_upright(sample.data, self.decode.max_pixels, self.decode.alpha_background,
+                                                  self.draft_side)
                 pixels = self.preprocess(img)
-                values = (sample.key, img.width, img.height, len(sample.data), sha256(sample.data), phash(img),
+                values = (sample.key, width, height, len(sample.data), sha256(sample.data), phash(img),
                           sample.caption, sample.json, sample.url)
             except SampleError as exc:
                 done.failures.append({"key": sample.key, "member": sample.member,

@@ -58,9 +58,9 @@ def test_exif_rotated_jpeg_is_stored_upright(tmp_path, bad_shard, config_for):
 def test_odd_modes_become_8_bit_rgb_not_failures(photos):
     samples = bad_and_odd_samples(photos["astronaut"])
     for key in ("cmyk", "gray16", "palette", "rgba"):
-        img = open_upright(samples[key][1], max_pixels=10**8)
+        img = open_upright(samples[key][1], max_pixels=10**8).image
         assert img.mode == "RGB" and img.size == (96, 64), key
-    gray = np.asarray(open_upright(samples["gray16"][1], 10**8))
+    gray = np.asarray(open_upright(samples["gray16"][1], 10**8).image)
     reference = np.asarray(photos["astronaut"].resize((96, 64)).convert("L"))
     assert np.abs(gray[..., 0].astype(int) - reference).max() <= 1  # scaled, not clipped to white
 
@@ -69,8 +69,8 @@ def test_alpha_is_composited_onto_the_background():
     rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
     buf = io.BytesIO()
     rgba.save(buf, "PNG")
-    assert np.asarray(open_upright(buf.getvalue(), 10**6)).min() == 255
-    assert np.asarray(open_upright(buf.getvalue(), 10**6, background=(0, 0, 0))).max() == 0
+    assert np.asarray(open_upright(buf.getvalue(), 10**6).image).min() == 255
+    assert np.asarray(open_upright(buf.getvalue(), 10**6, background=(0, 0, 0)).image).max() == 0
 
 
 def test_huge_image_is_rejected_from_its_header():
@@ -103,3 +103,26 @@ def test_phash_equals_imagehash_on_real_photos():
         img = Image.open(path).convert("RGB")
         ours = phash(img) & (2**64 - 1)
         assert f"{ours:016x}" == str(imagehash.phash(img)), path.name
+
+
+def test_reduced_size_jpeg_decoding_is_opt_in_close_and_keeps_the_original_size(tmp_path, photos, config_for):
+    from pipeline.decode import build_preprocess
+    from pipeline.demo_corpus import jpeg_bytes
+    from pipeline.model import load_backbone
+
+    big = jpeg_bytes(photos["astronaut"].resize((2048, 1536)), quality=92)
+    exact = open_upright(big, 10**8)
+    fast = open_upright(big, 10**8, draft_side=224)
+    assert (exact.width, exact.height) == (fast.width, fast.height) == (2048, 1536)
+    assert exact.image.size == (2048, 1536) and fast.image.size == (512, 384)
+    preprocess = build_preprocess(load_backbone(config_for()).data_config)
+    a, b = preprocess(exact.image).astype(int), preprocess(fast.image).astype(int)
+    assert 0 < np.abs(a - b).mean() < 3  # not the exact pixels, but close
+
+    write_tar(tmp_path / "big-00000.tar", [("big.jpg", big)])
+    run_embed([str(tmp_path / "big-00000.tar")], str(tmp_path / "fast"), config_for(**{"decode.draft": True}),
+              progress=False)
+    manifest = json.loads((tmp_path / "fast" / "_manifest.json").read_text())
+    assert manifest["decode"]["draft"] is True
+    row = pq.read_table(tmp_path / "fast" / "embeddings").to_pylist()[0]
+    assert (row["width"], row["height"]) == (2048, 1536)

@@ -242,3 +242,18 @@ def test_dedup_cli_errors_are_one_line(planted_index, tmp_path):
         result = run_cli("dedup", "--index", root / "idx", *args)
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert result.returncode == 2 and len(lines) == 1 and word in lines[0], result.stderr
+
+
+def test_calibration_plants_copies_and_measures_each_tier(photo_index):
+    from indexes.calibrate import THRESHOLDS, TRANSFORMS, calibrate, format_table
+
+    root, _ = photo_index
+    result = calibrate(str(root / "idx"), sample=8)
+    assert result["images"] == 8 and result["copies"] == 8 * len(TRANSFORMS)
+    assert [e["threshold"] for e in result["embedding"]] == list(THRESHOLDS)
+    recalls = [e["recall"] for e in result["embedding"]]
+    assert recalls == sorted(recalls, reverse=True)  # a higher threshold never finds more copies
+    at4 = next(e for e in result["phash"] if e["distance"] == 4)
+    # phash survives re-encoding and resizing, not mirroring (weights play no part here)
+    assert at4["recall_jpeg_q50"] == 1.0 and at4["recall_resize_half"] >= 0.75 and at4["recall_flip"] <= 0.25
+    assert "phash tier" in format_table(result)

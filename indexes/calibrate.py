@@ -1,0 +1,134 @@
+"""Calibrate dedup thresholds on the user's own corpus by planting known copies.
+
+A seeded sample of indexed images is read back from its sources; each gets transformed
+copies (half size, 80% centre crop, JPEG quality 50, horizontal flip) that are embedded
+with the model the index records. For each embedding threshold: recall = copies whose
+cosine to their original reaches it; false matches = other indexed images that reach it
+among each copy's 10 nearest neighbours; precision = recall hits / (hits + false matches).
+False matches can be true duplicates the corpus already holds, so precision is a lower
+bound. The phash tier gets the same treatment with Hamming distances.
+"""
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from indexes.gallery import fetch_images
+from indexes.query import Searcher
+from pipeline.config import ConfigError
+
+THRESHOLDS = (0.80, 0.85, 0.90, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99)
+DISTANCES = (0, 2, 4, 6, 8, 10, 12)
+
+
+def _jpeg(img: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _crop(img: Image.Image) -> Image.Image:
+    w, h = img.size
+    return img.crop((w // 10, h // 10, w - w // 10, h - h // 10))
+
+
+TRANSFORMS: dict[str, Callable[[Image.Image], bytes]] = {
+    "resize_half": lambda img: _jpeg(img.resize((max(1, img.width // 2), max(1, img.height // 2)))),
+    "crop_80": lambda img: _jpeg(_crop(img)),
+    "jpeg_q50": lambda img: _jpeg(img, quality=50),
+    "flip": lambda img: _jpeg(ImageOps.mirror(img)),
+}
+
+
+def calibrate(index_dir: str, sample: int = 100, seed: int = 0, device: str | None = None,
+              checkpoint: str | None = None) -> dict:
+    """Recall and precision per threshold (embedding) and per distance (phash), by transform."""
+    import tempfile
+    from pathlib import Path
+
+    from pipeline.decode import SampleError, open_upright, phash
+    from pipeline.embedder import ImageEmbedder
+
+    searcher = Searcher(index_dir)
+    rows = np.sort(np.random.default_rng(seed).choice(searcher.index.ntotal,
+                                                      min(sample, searcher.index.ntotal), replace=False))
+    chosen = searcher.ids.take(rows).to_pylist()
+    images = fetch_images(searcher.sources(), [(r["shard"], r["key"]) for r in chosen])
+    embedder = ImageEmbedder(searcher.manifest["embeddings"], device=device, checkpoint=checkpoint)
+    originals, copies = [], []  # (row, stored phash) and (original index, transform, bytes)
+    for row, ident in zip(rows, chosen):
+        data = images.get((ident["shard"], ident["key"]))
+        if data is None:
+            continue
+        try:
+            img = open_upright(data, embedder.decode.max_pixels).image
+        except SampleError:
+            continue
+        originals.append((int(row), phash(img)))
+        copies += [(len(originals) - 1, name, make(img)) for name, make in TRANSFORMS.items()]
+    if not copies:
+        raise ConfigError("no sampled image could be read back from its source: calibration needs the "
+                          "original images where the embeddings recorded them")
+    with tempfile.TemporaryDirectory(prefix="imgindex-calibrate-") as tmp:
+        paths = []
+        for i, (_, name, data) in enumerate(copies):
+            path = Path(tmp) / f"{i}-{name}.jpg"
+            path.write_bytes(data)
+            paths.append(path)
+        vectors = embedder.embed_files(paths)
+    origin_rows = np.asarray([originals[o][0] for o, _, _ in copies])
+    scores, found = searcher.index.search(vectors, 10)
+    stored = np.stack([_stored_vector(searcher, int(r)) for r in origin_rows])
+    to_original = np.einsum("ij,ij->i", vectors, stored)
+    names = np.asarray([name for _, name, _ in copies])
+    distances = np.asarray([bin((phash(open_upright(data, embedder.decode.max_pixels).image) ^ originals[o][1])
+                                & (2**64 - 1)).count("1") for o, _, data in copies])
+
+    embedding = []
+    for t in THRESHOLDS:
+        hits = to_original >= t
+        false = int(((scores >= t) & (found != origin_rows[:, None]) & (found >= 0)).sum())
+        entry = {"threshold": t, "recall": round(float(hits.mean()), 4),
+                 "precision": round(float(hits.sum() / max(1, hits.sum() + false)), 4), "false_matches": false}
+        entry.update({f"recall_{n}": round(float(hits[names == n].mean()), 4) for n in TRANSFORMS})
+        embedding.append(entry)
+    phash_rows = []
+    for d in DISTANCES:
+        hits = distances <= d
+        entry = {"distance": d, "recall": round(float(hits.mean()), 4)}
+        entry.update({f"recall_{n}": round(float(hits[names == n].mean()), 4) for n in TRANSFORMS})
+        phash_rows.append(entry)
+    good = [e for e in embedding if e["precision"] >= 0.99]
+    return {"images": len(originals), "copies": len(copies), "transforms": list(TRANSFORMS),
+            "embedding": embedding, "phash": phash_rows,
+            "suggested_threshold": good[0]["threshold"] if good else None,
+            "model": searcher.manifest["embeddings"]["model"]["name"],
+            "weights": searcher.manifest["embeddings"]["weights"].get("source")}
+
+
+def _stored_vector(searcher: Searcher, row: int) -> np.ndarray:
+    ident = searcher.ids.slice(row, 1).to_pylist()[0]
+    return searcher.embeddings_for(ident["shard"]).vector_of(ident["shard"], ident["key"])
+
+
+def format_table(result: dict) -> str:
+    names = result["transforms"]
+    lines = [f"calibrated on {result['copies']} planted copies of {result['images']} images "
+             f"({result['model']}, weights: {result['weights']})", "",
+             "embedding tier:  threshold  recall  precision  false  " + "  ".join(names)]
+    for e in result["embedding"]:
+        lines.append(f"{'':17}{e['threshold']:9.2f}  {e['recall']:6.3f}  {e['precision']:9.3f}  "
+                     f"{e['false_matches']:5d}  " + "  ".join(f"{e[f'recall_{n}']:{len(n)}.3f}" for n in names))
+    lines += ["", "phash tier:      distance   recall  " + "  ".join(names)]
+    for e in result["phash"]:
+        lines.append(f"{'':17}{e['distance']:8d}  {e['recall']:7.3f}  "
+                     + "  ".join(f"{e[f'recall_{n}']:{len(n)}.3f}" for n in names))
+    suggestion = result["suggested_threshold"]
+    lines += ["", f"suggested --threshold: {suggestion} (lowest with precision >= 0.99)" if suggestion else
+              "no threshold reached precision 0.99 on this sample"]
+    if result["weights"] == "random":
+        lines.append("WARNING: the index was made with random weights: the embedding figures mean nothing")
+    return "\n".join(lines)
