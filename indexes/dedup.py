@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from indexes.embeddings import EmbeddingsDir, Part
-from indexes.factory import set_knob
+from indexes.factory import knob_values, set_knob
 from indexes.query import Searcher
 from pipeline.config import ConfigError
 from pipeline.writer import identity
@@ -100,7 +100,7 @@ class Corpus:
         bar.close()
         if row != count:
             raise ConfigError(f"the parts hold {row} rows, not the {count} recorded: rebuild the index")
-        self.meta = pa.concat_tables(tables) if tables else None
+        self.meta = pa.concat_tables(tables)
         self.phash, self.phash_valid = hashes(self.meta["phash"])
         self.sha = self.meta["sha256"].combine_chunks()
 
@@ -333,7 +333,6 @@ def find_duplicates(index_dir: str | Path, options: DedupOptions | None = None, 
     options.check()
     started = time.time()
     searcher = Searcher(index_dir)
-    set_knob(searcher.index, searcher.knob, _search_setting(searcher))
     stats: dict = {"images": int(searcher.manifest["count"]), "methods": list(options.methods),
                    "threshold": options.threshold, "phash_distance": options.phash_distance, "keep": options.keep}
     with tempfile.TemporaryDirectory(dir=workdir, prefix="imgindex-dedup-") as tmp:
@@ -353,6 +352,7 @@ def find_duplicates(index_dir: str | Path, options: DedupOptions | None = None, 
             found(*phash_pairs((corpus.phash, corpus.phash_valid), options.phash_distance, progress=progress),
                   "phash")
         if "embedding" in options.methods:
+            stats["search"] = tune_for_threshold(searcher, corpus, options.threshold, options.max_neighbors + 1)
             q, d, capped = embedding_candidates(searcher.index, corpus.vectors, options.threshold,
                                                 options.max_neighbors + 1, progress)
             a, b = _unique_pairs(q, d)
@@ -373,9 +373,37 @@ def find_duplicates(index_dir: str | Path, options: DedupOptions | None = None, 
     return result
 
 
-def _search_setting(searcher: Searcher) -> int | None:
-    """Dedup searches with the tuned setting; recall at high similarity is higher still."""
-    return searcher.manifest.get("search_params", {}).get(searcher.knob) if searcher.knob else None
+def tune_for_threshold(searcher: Searcher, corpus: Corpus, threshold: float, k: int, sample: int = 1000,
+                       target: float = 0.99, seed: int = 0) -> dict:
+    """The smallest nprobe/efSearch that finds near copies at exactly `threshold`.
+
+    Near duplicates sit much closer than ordinary neighbours, so the setting tuned for
+    recall@10 is needlessly slow here. Each sampled vector v gets a planted copy
+    t*v + sqrt(1-t^2)*u (u a random unit vector orthogonal to v: cosine exactly t, the
+    hardest copy the threshold admits); the setting is the smallest whose search finds the
+    original for `target` of the copies.
+    """
+    knob = searcher.knob
+    if knob is None:
+        return {"knob": None, "value": None, "planted_recall": 1.0}
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(len(corpus), min(sample, len(corpus)), replace=False))
+    originals = np.asarray(corpus.vectors[rows])
+    noise = rng.standard_normal(originals.shape).astype(np.float32)
+    noise -= np.einsum("ij,ij->i", noise, originals)[:, None] * originals
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    copies = threshold * originals + np.sqrt(1 - threshold**2) * noise
+    best = (None, -1.0)
+    for value in knob_values(searcher.index, knob):
+        set_knob(searcher.index, knob, value)
+        _, found = searcher.index.search(np.ascontiguousarray(copies, dtype=np.float32), k)
+        recall = float(np.mean([row in hits for row, hits in zip(rows, found)]))
+        if recall > best[1]:
+            best = (value, recall)
+        if recall >= target:
+            break
+    set_knob(searcher.index, knob, best[0])
+    return {"knob": knob, "value": best[0], "planted_recall": round(best[1], 4)}
 
 
 def find_leaks(index_dir: str | Path, against: str, options: DedupOptions | None = None,
@@ -409,8 +437,9 @@ def find_leaks(index_dir: str | Path, against: str, options: DedupOptions | None
             found_a.append(q)
             found_b.append(d)
             found_kind.append(np.ones(len(q), np.int64))
+        search = None
         if "embedding" in options.methods:
-            set_knob(searcher.index, searcher.knob, _search_setting(searcher))
+            search = tune_for_threshold(searcher, train, options.threshold, options.max_neighbors)
             q, d, _ = embedding_candidates(searcher.index, queries.vectors, options.threshold,
                                            options.max_neighbors, progress, desc="against")
             sims = np.einsum("ij,ij->i", queries.vectors[q], train.vectors[d]) if len(q) else np.zeros(0)
@@ -423,7 +452,7 @@ def find_leaks(index_dir: str | Path, against: str, options: DedupOptions | None
         pairs = _pairs_table(queries, a, b, kinds, sims, other=train)
         leaked = len(np.unique(a))
         total = len(queries.vectors)
-    stats = {"against": against, "images": total, "leaked": int(leaked), "pairs": pairs.num_rows,
+    stats = {"against": against, "images": total, "search": search, "leaked": int(leaked), "pairs": pairs.num_rows,
              "methods": list(options.methods), "threshold": options.threshold,
              "phash_distance": options.phash_distance, "seconds": round(time.time() - started, 2)}
     return DedupResult(pairs, GROUP_SCHEMA.empty_table(), stats)

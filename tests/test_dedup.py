@@ -87,6 +87,8 @@ def test_planted_groups_equal_brute_force_with_an_ivf_index(planted_index):
     kinds = set(result.pairs["kind"].to_pylist())
     assert kinds == {"embedding"} and min(result.pairs["similarity"].to_pylist()) >= 0.95
     assert result.stats["removed"] == sum(len(g) - 1 for g in truth)
+    search = result.stats["search"]
+    assert search["knob"] == "nprobe" and search["planted_recall"] >= 0.99
 
 
 def test_chains_are_split_around_the_kept_member(tmp_path):

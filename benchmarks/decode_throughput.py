@@ -1,0 +1,111 @@
+"""Decode + preprocess throughput per core: the project's per-sample work vs a bare PIL + timm loop.
+
+    python benchmarks/decode_throughput.py [--count 200] [--results results.jsonl]
+
+For ImageNet-size (500x375) and large (2048x1536) JPEGs made from real photos, one process:
+- bare: Image.open -> convert RGB -> timm eval transform (to a normalized float tensor);
+- ours: what a decode worker does per sample: header checks, EXIF upright, sha256, phash,
+  timm resize/crop to uint8 (normalization runs later, on the model's device);
+- ours with reduced-size JPEG decoding (decode.draft: true).
+Prints images/s and the ratios, the mean absolute pixel difference of the fast path, and the
+embedding cosine between fast and exact (random-init XCiT-Nano, or --checkpoint).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.decode import build_preprocess, open_upright, phash, sha256, stack_nchw  # noqa: E402
+from pipeline.demo_corpus import jpeg_bytes, photo_files  # noqa: E402
+from pipeline.model import load_backbone  # noqa: E402
+
+SIZES = {"imagenet_500x375": (500, 375), "large_2048x1536": (2048, 1536)}
+
+
+def corpus(size: tuple[int, int], count: int) -> list[bytes]:
+    photos = [Image.open(p).convert("RGB") for p in photo_files()]
+    return [jpeg_bytes(photos[i % len(photos)].resize(size, Image.Resampling.BICUBIC), quality=90)
+            for i in range(count)]
+
+
+def rate(fn, items) -> float:
+    fn(items[0])  # warm up
+    start = time.perf_counter()
+    for item in items:
+        fn(item)
+    return len(items) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--count", type=int, default=200, help="images per size")
+    parser.add_argument("--model", default="xcit_nano_12_p16_224.fb_in1k")
+    parser.add_argument("--checkpoint", help="real weights for the cosine figure (default: random init)")
+    parser.add_argument("--results", help="append a JSON line of the figures to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    config = load_config("cpu", {"model.name": args.model, "model.checkpoint": args.checkpoint,
+                                 "model.pretrained": False})
+    backbone = load_backbone(config)
+    data_config = backbone.data_config
+    full = timm.data.create_transform(**data_config, is_training=False)
+    preprocess = build_preprocess(data_config)
+    side = int(max(data_config["input_size"][1:]) / data_config.get("crop_pct", 1.0))
+
+    def bare(data: bytes):
+        import io
+        return full(Image.open(io.BytesIO(data)).convert("RGB"))
+
+    def ours(data: bytes, draft: int | None = None):
+        img = open_upright(data, config.decode.max_pixels, draft_side=draft).image
+        sha256(data)
+        phash(img)
+        return preprocess(img)
+
+    figures = {"benchmark": "decode_throughput", "model": args.model, "count": args.count,
+               "machine": f"{platform.machine()}, 1 thread per process", "pillow": Image.__version__}
+    for name, size in SIZES.items():
+        items = corpus(size, args.count)
+        bare_rate = rate(bare, items)
+        ours_rate = rate(ours, items)
+        fast_rate = rate(lambda d: ours(d, side), items)
+        exact_px = np.stack([ours(d) for d in items[:32]])
+        fast_px = np.stack([ours(d, side) for d in items[:32]])
+        exact_vec = backbone.embed(stack_nchw(list(exact_px)))
+        fast_vec = backbone.embed(stack_nchw(list(fast_px)))
+        cosine = float(np.einsum("ij,ij->i", exact_vec, fast_vec).min())
+        figures[name] = {
+            "bare_images_per_s": round(bare_rate, 1), "ours_images_per_s": round(ours_rate, 1),
+            "ours_draft_images_per_s": round(fast_rate, 1), "ours_vs_bare": round(ours_rate / bare_rate, 3),
+            "draft_vs_bare": round(fast_rate / bare_rate, 3),
+            "draft_mean_abs_pixel_diff": round(float(np.abs(exact_px.astype(int) - fast_px.astype(int)).mean()), 3),
+            "draft_min_cosine": round(cosine, 6),
+        }
+        f = figures[name]
+        print(f"{name}: bare {f['bare_images_per_s']}/s, ours {f['ours_images_per_s']}/s "
+              f"(ours/bare = {f['ours_vs_bare']}), ours+draft {f['ours_draft_images_per_s']}/s "
+              f"(draft/bare = {f['draft_vs_bare']}); draft pixel diff {f['draft_mean_abs_pixel_diff']}, "
+              f"min cosine fast vs exact {f['draft_min_cosine']}")
+    if not args.checkpoint:
+        print("note: random-init weights; the cosine figure is only indicative (pass --checkpoint)")
+    print(json.dumps(figures))
+    if args.results:
+        with open(args.results, "a") as fh:
+            fh.write(json.dumps(figures) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""End-to-end embedding throughput vs the model's own forward and vs the model-card loop, one run.
+
+    python benchmarks/embed_throughput.py [--model xcit_nano_12_p16_224.fb_in1k] [--count 256]
+                                          [--size imagenet|large] [--memory] [--results results.jsonl]
+
+Writes a tar corpus of real-photo JPEGs (500x375 "imagenet" or 2048x1536 "large"), then measures
+at the same batch size, threads and precision:
+- forward: the model alone on random tensors already in memory (the ceiling);
+- e2e: `run_embed` on the tars (decode workers, device normalization, Parquet writer);
+- model card loop: PIL open + timm transform + forward, one batch at a time, in one process.
+Prints `e2e/forward = R` and `speedup_vs_model_card_loop = S`. With --memory, also runs
+`imgindex embed` on the corpus and on a 10x corpus in fresh processes and prints both peak RSS.
+Weights are random-init (speed does not depend on them).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.demo_corpus import jpeg_bytes, photo_files, write_tar  # noqa: E402
+from pipeline.embed import run_embed  # noqa: E402
+from pipeline.model import _DTYPES, load_backbone  # noqa: E402
+
+SIZES = {"imagenet": (500, 375), "large": (2048, 1536)}
+PEAK_RSS = """
+import resource, subprocess, sys
+subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL)
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
+def write_corpus(folder: Path, size: tuple[int, int], count: int, per_shard: int = 64) -> tuple[list[str], list[bytes]]:
+    photos = [Image.open(p).convert("RGB").resize(size, Image.Resampling.BICUBIC) for p in photo_files()]
+    images = [jpeg_bytes(photos[i % len(photos)], quality=90) for i in range(len(photos))]
+    folder.mkdir(parents=True, exist_ok=True)
+    tars, data = [], []
+    for shard, start in enumerate(range(0, count, per_shard)):
+        members = [(f"{i:07d}.jpg", images[i % len(images)]) for i in range(start, min(count, start + per_shard))]
+        data += [m[1] for m in members]
+        tars.append(str(write_tar(folder / f"{shard:05d}.tar", members)))
+    return tars, data
+
+
+def autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=_DTYPES[precision])
+
+
+def forward_rate(backbone, batch: int, batches: int) -> float:
+    x = torch.randn(batch, *backbone.data_config["input_size"], device=backbone.device)
+    with torch.inference_mode(), autocast(backbone.precision, backbone.device):
+        backbone.model(x)
+        sync(backbone.device)
+        start = time.perf_counter()
+        for _ in range(batches):
+            backbone.model(x)
+        sync(backbone.device)
+    return batch * batches / (time.perf_counter() - start)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def model_card_rate(backbone, data: list[bytes], batch: int) -> float:
+    transform = timm.data.create_transform(**backbone.data_config, is_training=False)
+    start = time.perf_counter()
+    with torch.inference_mode(), autocast(backbone.precision, backbone.device):
+        for i in range(0, len(data), batch):
+            x = torch.stack([transform(Image.open(io.BytesIO(d)).convert("RGB")) for d in data[i:i + batch]])
+            backbone.model(x.to(backbone.device)).float().cpu()
+    return len(data) / (time.perf_counter() - start)
+
+
+def peak_rss_mb(tars: list[str], out: Path, args) -> float:
+    random = out.parent / "random.yaml"
+    random.write_text("model: {pretrained: false}\n")
+    cmd = [sys.executable, "-m", "indexes.cli", "embed", *tars, "--out", str(out), "--config", str(random),
+           "--model", args.model, "--batch-size", str(args.batch_size), "--workers", str(args.workers),
+           "--device", args.device, "--no-progress", "--overwrite"]
+    result = subprocess.run([sys.executable, "-c", PEAK_RSS, *cmd], capture_output=True, text=True, cwd=ROOT, check=True)
+    return int(result.stdout.split()[-1]) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="xcit_nano_12_p16_224.fb_in1k")
+    parser.add_argument("--count", type=int, default=256)
+    parser.add_argument("--size", choices=SIZES, default="imagenet")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--draft", action="store_true", help="reduced-size JPEG decoding (decode.draft)")
+    parser.add_argument("--memory", action="store_true", help="also peak RSS at 1x and 10x the corpus")
+    parser.add_argument("--results", help="append a JSON line of the figures to this file")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="imgindex-embed-bench-"))
+    tars, data = write_corpus(work / "corpus", SIZES[args.size], args.count)
+    config = load_config("cpu", {"model.name": args.model, "model.pretrained": False,
+                                 "runtime.batch_size": args.batch_size, "runtime.workers": args.workers,
+                                 "runtime.device": args.device, "runtime.precision": args.precision,
+                                 "decode.draft": args.draft})
+    backbone = load_backbone(config)
+    threads = torch.get_num_threads()
+    forward = forward_rate(backbone, args.batch_size, max(2, args.count // args.batch_size))
+    summary = run_embed(tars, str(work / "out"), config, progress=False)
+    e2e = summary.images / summary.seconds
+    card = model_card_rate(backbone, data[: max(args.batch_size * 2, min(len(data), 128))], args.batch_size)
+    figures = {
+        "benchmark": "embed_throughput", "model": args.model, "size": args.size, "count": args.count,
+        "batch_size": args.batch_size, "workers": args.workers, "device": str(backbone.device),
+        "precision": backbone.precision, "draft": args.draft, "torch_threads": threads,
+        "forward_images_per_s": round(forward, 1), "e2e_images_per_s": round(e2e, 1),
+        "model_card_images_per_s": round(card, 1), "e2e_over_forward": round(e2e / forward, 3),
+        "speedup_vs_model_card_loop": round(e2e / card, 3),
+        "machine": platform.machine() + (f", {torch.cuda.get_device_name()}" if backbone.device.type == "cuda"
+                                          else f", {threads} threads"),
+    }
+    if args.memory:
+        ten, _ = write_corpus(work / "corpus10", SIZES[args.size], args.count * 10)
+        figures["peak_rss_mb_1x"] = round(peak_rss_mb(tars, work / "m1", args), 1)
+        figures["peak_rss_mb_10x"] = round(peak_rss_mb(ten, work / "m10", args), 1)
+    print(json.dumps(figures, indent=1))
+    print(f"e2e/forward = {figures['e2e_over_forward']}")
+    print(f"speedup_vs_model_card_loop = {figures['speedup_vs_model_card_loop']}")
+    if args.memory:
+        print(f"peak RSS: {figures['peak_rss_mb_1x']} MB at {args.count} images, "
+              f"{figures['peak_rss_mb_10x']} MB at {args.count * 10}")
+    if args.results:
+        with open(args.results, "a") as fh:
+            fh.write(json.dumps(figures) + "\n")
+
+
+if __name__ == "__main__":
+    main()
