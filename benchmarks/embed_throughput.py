@@ -10,7 +10,8 @@ at the same batch size, threads and precision:
 - model card loop: PIL open + timm transform + forward, one batch at a time, in one process.
 Prints `e2e/forward = R` and `speedup_vs_model_card_loop = S`. With --memory, also runs
 `imgindex embed` on the corpus and on a 10x corpus in fresh processes and prints both peak RSS.
-Weights are random-init (speed does not depend on them).
+Each measurement is repeated (--repeat, interleaved) and the best kept. Weights are random-init
+(speed does not depend on them).
 """
 from __future__ import annotations
 
@@ -110,6 +111,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="auto")
+    parser.add_argument("--repeat", type=int, default=3, help="interleaved runs; the best of each is kept")
     parser.add_argument("--draft", action="store_true", help="reduced-size JPEG decoding (decode.draft)")
     parser.add_argument("--memory", action="store_true", help="also peak RSS at 1x and 10x the corpus")
     parser.add_argument("--results", help="append a JSON line of the figures to this file")
@@ -123,14 +125,17 @@ def main() -> None:
                                  "decode.draft": args.draft})
     backbone = load_backbone(config)
     threads = torch.get_num_threads()
-    forward = forward_rate(backbone, args.batch_size, max(2, args.count // args.batch_size))
-    summary = run_embed(tars, str(work / "out"), config, progress=False)
-    e2e = summary.images / summary.seconds
-    card = model_card_rate(backbone, data[: max(args.batch_size * 2, min(len(data), 128))], args.batch_size)
+    forward = e2e = card = 0.0
+    for attempt in range(args.repeat):  # interleaved, best of each: the machine is shared and noisy
+        forward = max(forward, forward_rate(backbone, args.batch_size, max(2, args.count // args.batch_size)))
+        summary = run_embed(tars, str(work / f"out{attempt}"), config, progress=False)
+        e2e = max(e2e, summary.images / summary.seconds)
+        card = max(card, model_card_rate(backbone, data[: max(args.batch_size * 2, min(len(data), 128))],
+                                         args.batch_size))
     figures = {
         "benchmark": "embed_throughput", "model": args.model, "size": args.size, "count": args.count,
         "batch_size": args.batch_size, "workers": args.workers, "device": str(backbone.device),
-        "precision": backbone.precision, "draft": args.draft, "torch_threads": threads,
+        "precision": backbone.precision, "draft": args.draft, "torch_threads": threads, "repeat": args.repeat,
         "forward_images_per_s": round(forward, 1), "e2e_images_per_s": round(e2e, 1),
         "model_card_images_per_s": round(card, 1), "e2e_over_forward": round(e2e / forward, 3),
         "speedup_vs_model_card_loop": round(e2e / card, 3),

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from pipeline.config import ConfigError
 from pipeline.writer import EMBEDDINGS, MANIFEST, STATS
 
-READ_BATCH = 65_536
+READ_BATCH = 16_384  # rows per Parquet batch: ~50 MB of 768-dim float32, bounded memory
 
 
 @dataclass(frozen=True)
