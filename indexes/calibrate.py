@@ -6,7 +6,8 @@ with the model the index records. For each embedding threshold: recall = copies 
 cosine to their original reaches it; false matches = other indexed images that reach it
 among each copy's 10 nearest neighbours; precision = recall hits / (hits + false matches).
 False matches can be true duplicates the corpus already holds, so precision is a lower
-bound. The phash tier gets the same treatment with Hamming distances.
+bound. The phash tier gets the same treatment with Hamming distances (false matches: every
+other indexed image within the distance).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageOps
 
+from indexes.dedup import hamming, hashes, phash_pairs
 from indexes.gallery import fetch_images
 from indexes.query import Searcher
 from pipeline.config import ConfigError
@@ -95,10 +97,18 @@ def calibrate(index_dir: str, sample: int = 100, seed: int = 0, device: str | No
                  "precision": round(float(hits.sum() / max(1, hits.sum() + false)), 4), "false_matches": false}
         entry.update({f"recall_{n}": round(float(hits[names == n].mean()), 4) for n in TRANSFORMS})
         embedding.append(entry)
+    copy_hashes = np.asarray([phash(open_upright(data, embedder.decode.max_pixels).image) for _, _, data in copies],
+                             dtype=np.int64)
+    corpus = _corpus_hashes(searcher)
+    q, row = phash_pairs(corpus, max(DISTANCES), queries=(copy_hashes, np.ones(len(copies), bool)))
+    other = row != origin_rows[q]
+    other_distance = hamming(copy_hashes[q[other]], corpus[0][row[other]])
     phash_rows = []
     for d in DISTANCES:
         hits = distances <= d
-        entry = {"distance": d, "recall": round(float(hits.mean()), 4)}
+        false = int((other_distance <= d).sum())
+        entry = {"distance": d, "recall": round(float(hits.mean()), 4),
+                 "precision": round(float(hits.sum() / max(1, hits.sum() + false)), 4), "false_matches": false}
         entry.update({f"recall_{n}": round(float(hits[names == n].mean()), 4) for n in TRANSFORMS})
         phash_rows.append(entry)
     good = [e for e in embedding if e["precision"] >= 0.99]
@@ -107,6 +117,15 @@ def calibrate(index_dir: str, sample: int = 100, seed: int = 0, device: str | No
             "suggested_threshold": good[0]["threshold"] if good else None,
             "model": searcher.manifest["embeddings"]["model"]["name"],
             "weights": searcher.manifest["embeddings"]["weights"].get("source")}
+
+
+def _corpus_hashes(searcher: Searcher) -> tuple[np.ndarray, np.ndarray]:
+    """Every indexed image's stored phash, in index order: (values, valid)."""
+    import pyarrow as pa
+
+    columns = [searcher.embeddings_for(p["shard"]).read_columns(p["shard"], ["phash"])["phash"]
+               for p in searcher.manifest["parts"]]
+    return hashes(pa.chunked_array([c for col in columns for c in col.chunks], type=pa.int64()))
 
 
 def _stored_vector(searcher: Searcher, row: int) -> np.ndarray:
@@ -122,9 +141,9 @@ def format_table(result: dict) -> str:
     for e in result["embedding"]:
         lines.append(f"{'':17}{e['threshold']:9.2f}  {e['recall']:6.3f}  {e['precision']:9.3f}  "
                      f"{e['false_matches']:5d}  " + "  ".join(f"{e[f'recall_{n}']:{len(n)}.3f}" for n in names))
-    lines += ["", "phash tier:      distance   recall  " + "  ".join(names)]
+    lines += ["", "phash tier:      distance   recall  precision  false  " + "  ".join(names)]
     for e in result["phash"]:
-        lines.append(f"{'':17}{e['distance']:8d}  {e['recall']:7.3f}  "
+        lines.append(f"{'':17}{e['distance']:8d}  {e['recall']:7.3f}  {e['precision']:9.3f}  {e['false_matches']:5d}  "
                      + "  ".join(f"{e[f'recall_{n}']:{len(n)}.3f}" for n in names))
     suggestion = result["suggested_threshold"]
     lines += ["", f"suggested --threshold: {suggestion} (lowest with precision >= 0.99)" if suggestion else

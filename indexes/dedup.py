@@ -81,25 +81,27 @@ class DedupResult:
 
 
 class Corpus:
-    """Rows of some parts in order: metadata columns and a disk-backed float32 copy of the
-    normalized vectors (np.memmap, so memory stays O(1) in the vectors)."""
+    """Rows of some parts in order: metadata columns and a float32 file of the normalized
+    vectors. Blocks are read from the file (`blocks()`), single rows through a read-only
+    memory map (`vectors[rows]`), so the process holds O(block) of the vectors, not O(N)."""
 
     def __init__(self, parts: list[tuple[EmbeddingsDir, Part]], dim: int, workdir: Path,
                  progress: bool | None = None, name: str = "vectors"):
         count = sum(part.rows for _, part in parts)
-        self.vectors = np.lib.format.open_memmap(workdir / f"{name}.npy", mode="w+", dtype=np.float32,
-                                                 shape=(count, dim))
+        self.path, self.dim = workdir / f"{name}.f32", dim
         tables, row = [], 0
         bar = tqdm(total=count, unit="vec", desc=f"read {name}", disable=None if progress is None else not progress)
-        for emb, part in parts:
-            for _, _, vectors in emb.iter_batches([part]):
-                self.vectors[row:row + len(vectors)] = vectors
-                row += len(vectors)
-                bar.update(len(vectors))
-            tables.append(emb.read_columns(part.shard, META_COLUMNS))
+        with open(self.path, "wb") as out:
+            for emb, part in parts:
+                for _, _, vectors in emb.iter_batches([part]):
+                    out.write(np.ascontiguousarray(vectors, dtype=np.float32).tobytes())
+                    row += len(vectors)
+                    bar.update(len(vectors))
+                tables.append(emb.read_columns(part.shard, META_COLUMNS))
         bar.close()
         if row != count:
             raise ConfigError(f"the parts hold {row} rows, not the {count} recorded: rebuild the index")
+        self.vectors = np.memmap(self.path, dtype=np.float32, mode="r", shape=(count, dim))
         self.meta = pa.concat_tables(tables)
         self.phash, self.phash_valid = hashes(self.meta["phash"])
         self.sha = self.meta["sha256"].combine_chunks()
@@ -122,6 +124,12 @@ class Corpus:
 
     def __len__(self) -> int:
         return len(self.vectors)
+
+    def blocks(self, rows: int = BATCH):
+        """The vectors in order, `rows` at a time, read (not mapped) from the file."""
+        with open(self.path, "rb") as f:
+            while block := f.read(rows * self.dim * 4):
+                yield np.frombuffer(block, dtype=np.float32).reshape(-1, self.dim)
 
     def cosine(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         out = np.empty(len(a), np.float32)
@@ -196,20 +204,21 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.unpackbits(x.view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1).astype(np.int32)
 
 
-def embedding_candidates(index: faiss.Index, queries: np.ndarray, threshold: float, k: int,
+def embedding_candidates(index: faiss.Index, queries: Corpus, threshold: float, k: int,
                          progress: bool | None = None, desc: str = "neighbours"):
     """(query row, index row, capped queries): neighbours at cosine >= threshold among the k nearest."""
-    found_q, found_db, capped = [], [], 0
+    found_q, found_db, capped, start = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], 0, 0
     k = min(k, index.ntotal)
-    for start in tqdm(range(0, len(queries), BATCH), desc=desc, unit="batch",
-                      disable=None if progress is None else not progress):
-        block = np.ascontiguousarray(queries[start:start + BATCH])
-        scores, rows = index.search(block, k)
-        hit = (scores >= threshold) & (rows >= 0)
-        capped += int(hit[:, -1].sum())
-        q, j = np.nonzero(hit)
-        found_q.append(start + q)
-        found_db.append(rows[q, j])
+    with tqdm(total=len(queries), desc=desc, unit="vec", disable=None if progress is None else not progress) as bar:
+        for block in queries.blocks():
+            scores, rows = index.search(block, k)
+            hit = (scores >= threshold) & (rows >= 0)
+            capped += int(hit[:, -1].sum())
+            q, j = np.nonzero(hit)
+            found_q.append(start + q)
+            found_db.append(rows[q, j])
+            start += len(block)
+            bar.update(len(block))
     return np.concatenate(found_q).astype(np.int64), np.concatenate(found_db).astype(np.int64), capped
 
 
@@ -353,7 +362,7 @@ def find_duplicates(index_dir: str | Path, options: DedupOptions | None = None, 
                   "phash")
         if "embedding" in options.methods:
             stats["search"] = tune_for_threshold(searcher, corpus, options.threshold, options.max_neighbors + 1)
-            q, d, capped = embedding_candidates(searcher.index, corpus.vectors, options.threshold,
+            q, d, capped = embedding_candidates(searcher.index, corpus, options.threshold,
                                                 options.max_neighbors + 1, progress)
             a, b = _unique_pairs(q, d)
             confirmed = corpus.cosine(a, b) >= options.threshold
@@ -440,7 +449,7 @@ def find_leaks(index_dir: str | Path, against: str, options: DedupOptions | None
         search = None
         if "embedding" in options.methods:
             search = tune_for_threshold(searcher, train, options.threshold, options.max_neighbors)
-            q, d, _ = embedding_candidates(searcher.index, queries.vectors, options.threshold,
+            q, d, _ = embedding_candidates(searcher.index, queries, options.threshold,
                                            options.max_neighbors, progress, desc="against")
             sims = np.einsum("ij,ij->i", queries.vectors[q], train.vectors[d]) if len(q) else np.zeros(0)
             keep = sims >= options.threshold

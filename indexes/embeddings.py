@@ -15,7 +15,6 @@ import pyarrow.parquet as pq
 from pipeline.config import ConfigError
 from pipeline.writer import EMBEDDINGS, MANIFEST, STATS
 
-READ_BATCH = 16_384  # rows per Parquet batch: ~50 MB of 768-dim float32, bounded memory
 
 
 @dataclass(frozen=True)
@@ -71,15 +70,20 @@ class EmbeddingsDir:
         return Part(shard=shard, path=path, rows=rows)
 
     def iter_batches(self, parts: list[Part], normalize: bool = True) -> Iterator[tuple[Part, pa.Table, np.ndarray]]:
-        """(part, shard+key table, float32 vectors) in batches of at most READ_BATCH rows."""
+        """(part, shard+key table, float32 vectors), one Parquet row group at a time.
+
+        Row groups are read one by one, single-threaded, without pre-buffering: the least
+        memory pyarrow needs (parts are written in ~32 MB row groups).
+        """
         for part in parts:
             with self.fs.open(part.path, "rb") as f:
-                reader = pq.ParquetFile(f)
-                for batch in reader.iter_batches(batch_size=READ_BATCH, columns=["shard", "key", "embedding"]):
-                    vectors = _vectors(batch.column("embedding"), self.dim)
+                reader = pq.ParquetFile(f, pre_buffer=False)
+                for group in range(reader.num_row_groups):
+                    table = reader.read_row_group(group, columns=["shard", "key", "embedding"], use_threads=False)
+                    vectors = _vectors(table.column("embedding"), self.dim)
                     if normalize and not self.normalized:
                         vectors = normalize_rows(vectors)
-                    yield part, pa.Table.from_batches([batch]).select(["shard", "key"]), vectors
+                    yield part, table.select(["shard", "key"]), vectors
 
     def sample(self, parts: list[Part], count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """`count` rows drawn uniformly without replacement: (global row ids, vectors)."""

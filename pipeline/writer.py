@@ -137,9 +137,9 @@ class EmbeddingStore:
         return stats
 
     @staticmethod
-    def _parquet_bytes(table: pa.Table) -> bytes:
+    def _parquet_bytes(table: pa.Table, row_group_rows: int | None = None) -> bytes:
         sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd")
+        pq.write_table(table, sink, compression="zstd", row_group_size=row_group_rows)
         return sink.getvalue().to_pybytes()
 
     def write_shard(self, shard: str, rows: dict[str, list], embeddings: np.ndarray,
@@ -156,7 +156,8 @@ class EmbeddingStore:
             columns["shard"] = [shard] * len(embeddings)
             columns["embedding"] = pa.FixedSizeListArray.from_arrays(flat, dim)
             table = pa.Table.from_pydict(columns, schema=part_schema(dim))
-            self._put(self.part_path(shard), self._parquet_bytes(table))
+            # ~32 MB row groups: readers stream a part without holding it whole
+            self._put(self.part_path(shard), self._parquet_bytes(table, max(1024, 2**25 // (4 * dim))))
         if failures:
             table = pa.Table.from_pylist([{**f, "shard": shard} for f in failures], schema=FAILURE_SCHEMA)
             self._put(self.failures_path(shard), self._parquet_bytes(table))
