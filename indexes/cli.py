@@ -52,11 +52,33 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from pipeline.embed import run_embed
 
     config = _config_from(args)
+    if args.procs < 1:
+        raise ConfigError(f"--procs must be at least 1, got {args.procs}")
+    if args.procs > 1:
+        from pipeline.processes import run_processes
+
+        if args.slice:
+            raise ConfigError("--procs and --slice do not mix: --procs runs the slices itself")
+        argv = [a for a in (args.argv or []) if a != "--overwrite"]
+        return 1 if run_processes(_without_procs(argv), args.sources, args.out, config, args.procs,
+                                  args.overwrite) else 0
     _warn_if_cpu_by_default(config)
     summary = run_embed(args.sources, args.out, config, overwrite=args.overwrite, slice_=args.slice,
                         progress=False if args.no_progress else None)
     print(summary.line())
     return 0
+
+
+def _without_procs(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--procs":
+            skip = True
+        elif not arg.startswith("--procs="):
+            out.append(arg)
+    return out
 
 
 def _build_options(args: argparse.Namespace):
@@ -335,7 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--out", required=True, metavar="DIR", help="embeddings directory (local path or URL)")
     embed.add_argument("--overwrite", action="store_true",
                        help="delete existing parts in DIR and start again (needed to change model or preprocessing)")
-    embed.add_argument("--slice", metavar="I/N", help="take only shards I, I+N, ... (SLURM arrays, one process per GPU)")
+    embed.add_argument("--slice", metavar="I/N", help="take only shards I, I+N, ... (SLURM arrays, clusters)")
+    embed.add_argument("--procs", type=int, default=1, metavar="N",
+                       help="run N processes over disjoint shards on this machine: one per GPU "
+                            "(process k sees GPU k), or splitting the CPU cores")
     embed.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_model_flags(embed)
     embed.set_defaults(func=cmd_embed)
@@ -416,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(parser: argparse.ArgumentParser, argv: list[str] | None, func) -> int:
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="imgindex: %(levelname)s: %(message)s")
     try:

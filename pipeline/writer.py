@@ -104,9 +104,8 @@ class EmbeddingStore:
         """Start or resume a job: refuse to mix vectors from a different model or preprocessing."""
         existing = self.read_manifest()
         if existing is not None and overwrite:
-            for sub in (EMBEDDINGS, FAILURES, STATS):
-                if self.fs.exists(self.path(sub)):
-                    self.fs.rm(self.path(sub), recursive=True)
+            self.clear()
+            existing = None
         elif existing is not None and identity(existing) != identity(manifest):
             old, new = identity(existing), identity(manifest)
             changed = ", ".join(k for k in IDENTITY_FIELDS if old.get(k) != new.get(k))
@@ -118,8 +117,16 @@ class EmbeddingStore:
             raise ConfigError(f"{self.url} holds parts but no {MANIFEST}: use a new --out, or --overwrite")
         for sub in (EMBEDDINGS, FAILURES, STATS):
             self.fs.makedirs(self.path(sub), exist_ok=True)
-        if existing is None or overwrite:
+        if existing is None:
             self._put(self.path(MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode())
+
+    def clear(self) -> None:
+        """Delete every part, failure, stats marker and the manifest (for --overwrite)."""
+        for sub in (EMBEDDINGS, FAILURES, STATS):
+            if self.fs.exists(self.path(sub)):
+                self.fs.rm(self.path(sub), recursive=True)
+        if self.fs.exists(self.path(MANIFEST)):
+            self.fs.rm_file(self.path(MANIFEST))
 
     def _has_parts(self) -> bool:
         return bool(self.fs.exists(self.path(EMBEDDINGS)) and self.fs.glob(self.path(EMBEDDINGS, "*.parquet")))

@@ -125,3 +125,23 @@ def test_stale_temporary_files_are_invisible_and_replaced(tmp_path, photo_tars, 
     run_embed(tars, str(out), config_for(), progress=False)
     assert not stale.exists()
     assert [p.name for p in (out / "embeddings").iterdir()] == ["part-shard-00000.parquet"]
+
+
+def test_procs_share_the_shards_between_processes(tmp_path, photo_tars, checkpoint):
+    tars = photo_tars(count=4, per_shard=2)
+    out = tmp_path / "out"
+    result = subprocess.run(embed_cmd(tars, out, checkpoint, "--procs", "2"), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "[0/2] embedded 4 images" in result.stdout and "[1/2] embedded 4 images" in result.stdout
+    assert "2 processes: 4 of 4 shards done" in result.stdout
+    table = pq.read_table(out / "embeddings").to_pydict()
+    assert len(table["key"]) == len(set(zip(table["shard"], table["key"]))) == 8
+
+    again = subprocess.run(embed_cmd(tars, out, checkpoint, "--procs", "2", "--overwrite"),
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and pq.read_table(out / "embeddings").num_rows == 8, again.stderr
+
+    for extra, message in ((["--procs", "2", "--slice", "0/2"], "do not mix"), (["--procs", "9"], "more than the 4")):
+        bad = subprocess.run(embed_cmd(tars, out, checkpoint, *extra), capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 2 and message in bad.stderr

@@ -1,0 +1,69 @@
+"""Run the embedding job as N processes on one machine, each over a disjoint slice of the
+shards (`--slice k/N`): one process per GPU, with no cluster scheduler.
+
+Process k sees only GPU k (CUDA_VISIBLE_DEVICES), so each runs the ordinary single-device
+job; on a CPU-only machine the cores are split between the processes instead.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+from pipeline.config import ConfigError, EmbedConfig
+from pipeline.sources import plan_shards
+from pipeline.writer import EmbeddingStore
+
+
+def _child_env(rank: int, count: int, config: EmbedConfig) -> dict[str, str]:
+    env = dict(os.environ)
+    wants_gpu = config.runtime.device.startswith("cuda") or (
+        config.runtime.device == "auto" and torch.cuda.is_available())
+    if wants_gpu:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+        if count > len(gpus):
+            raise ConfigError(f"--procs {count} asks for more processes than the {len(gpus)} visible GPUs")
+        env["CUDA_VISIBLE_DEVICES"] = gpus[rank]
+    else:
+        threads = max(1, (os.cpu_count() or 1) // count)
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def run_processes(argv: list[str], sources: list[str], out: str, config: EmbedConfig, count: int,
+                  overwrite: bool) -> int:
+    """Check the inputs once, clear OUT once if asked, then run `count` slices and wait for all.
+
+    `argv` is the embed command line without --procs/--overwrite; each child gets --slice k/N.
+    Returns the number of processes that failed.
+    """
+    shards = plan_shards(sources, config.source)
+    if count > len(shards):
+        raise ConfigError(f"--procs {count} is more than the {len(shards)} shards to share out")
+    store = EmbeddingStore(out)
+    store.check_writable()
+    if overwrite:
+        store.clear()
+    started = time.time()
+    children = []
+    for rank in range(count):
+        cmd = [sys.executable, "-m", "indexes.cli", *argv, "--slice", f"{rank}/{count}", "--no-progress"]
+        children.append(subprocess.Popen(cmd, env=_child_env(rank, count, config), stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True))
+    failed = 0
+    for rank, child in enumerate(children):
+        stdout, stderr = child.communicate()
+        for line in (stdout + stderr).splitlines():
+            print(f"[{rank}/{count}] {line}", file=sys.stdout if child.returncode == 0 else sys.stderr)
+        failed += child.returncode != 0
+    stats = store.read_stats()
+    rows = sum(s["rows"] for s in stats)
+    bad = sum(s["failures"] for s in stats)
+    seconds = time.time() - started
+    print(f"{count} processes: {len(stats)} of {len(shards)} shards done in {out}, {rows} images "
+          f"({bad} failed), {seconds:.1f} s" + (f"; {failed} processes FAILED" if failed else ""))
+    return failed
