@@ -102,7 +102,7 @@ class Corpus:
         if row != count:
             raise ConfigError(f"the parts hold {row} rows, not the {count} recorded: rebuild the index")
         self.vectors = np.memmap(self.path, dtype=np.float32, mode="r", shape=(count, dim))
-        self.meta = pa.concat_tables(tables)
+        self.meta = pa.concat_tables(tables).combine_chunks()  # one chunk: fast take and scalar access
         self.phash, self.phash_valid = hashes(self.meta["phash"])
         self.sha = self.meta["sha256"].combine_chunks()
 
