@@ -213,7 +213,7 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     progress = False if args.no_progress else None
     searcher = Searcher(args.index)
     if args.against:
-        result = find_leaks(args.index, args.against, options, progress=progress)
+        result = find_leaks(searcher, args.against, options, progress=progress)
         stats = result.stats
         print(f"{stats['leaked']} of {stats['images']} images of {args.against} have a duplicate in the index "
               f"({stats['pairs']} pairs; {stats['seconds']:.1f} s)")
@@ -221,7 +221,7 @@ def cmd_dedup(args: argparse.Namespace) -> int:
             written = write_leaks(result, searcher, EmbeddingsDir(args.against).shard_sources(), Path(args.out))
             print("wrote " + ", ".join(str(p) for p in written))
         return 0
-    result = find_duplicates(args.index, options, progress=progress)
+    result = find_duplicates(searcher, options, progress=progress)
     stats = result.stats
     found = ", ".join(f"{stats.get(f'{m}_pairs', 0)} {m}" for m in options.methods)
     print(f"{stats['images']} images: {stats['pairs']} duplicate pairs ({found}), {stats['groups']} groups, "
@@ -320,7 +320,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # Random weights make every embedding alike, so the demo dedups on the tiers that do not
     # depend on the model unless real weights were given.
     methods = ("exact", "phash", "embedding") if config.model.checkpoint else ("exact", "phash")
-    result = find_duplicates(index_dir, DedupOptions(methods=methods), progress=progress)
+    result = find_duplicates(searcher, DedupOptions(methods=methods), progress=progress)
     written = write_dedup(result, searcher, out / "dedup")
     stats = result.stats
     print(f"\ndedup ({', '.join(methods)}): {stats['pairs']} pairs, {stats['groups']} groups, "

@@ -335,13 +335,18 @@ def _pairs_table(corpus: Corpus, a: np.ndarray, b: np.ndarray, kinds: np.ndarray
     }, schema=PAIR_SCHEMA)
 
 
-def find_duplicates(index_dir: str | Path, options: DedupOptions | None = None, progress: bool | None = None,
+def _searcher(index: str | Path | Searcher) -> Searcher:
+    return index if isinstance(index, Searcher) else Searcher(index)
+
+
+def find_duplicates(index: str | Path | Searcher, options: DedupOptions | None = None, progress: bool | None = None,
                     workdir: str | None = None) -> DedupResult:
-    """Duplicates among the images of an index: pairs (every tier that is on) and kept/removed groups."""
+    """Duplicates among the images of an index (a directory or a loaded Searcher): pairs (every
+    tier that is on) and kept/removed groups."""
     options = options or DedupOptions()
     options.check()
     started = time.time()
-    searcher = Searcher(index_dir)
+    searcher = _searcher(index)
     stats: dict = {"images": int(searcher.manifest["count"]), "methods": list(options.methods),
                    "threshold": options.threshold, "phash_distance": options.phash_distance, "keep": options.keep}
     with tempfile.TemporaryDirectory(dir=workdir, prefix="imgindex-dedup-") as tmp:
@@ -415,14 +420,14 @@ def tune_for_threshold(searcher: Searcher, corpus: Corpus, threshold: float, k: 
     return {"knob": knob, "value": best[0], "planted_recall": round(best[1], 4)}
 
 
-def find_leaks(index_dir: str | Path, against: str, options: DedupOptions | None = None,
+def find_leaks(index: str | Path | Searcher, against: str, options: DedupOptions | None = None,
                progress: bool | None = None, workdir: str | None = None) -> DedupResult:
     """Which images of the embeddings directory `against` (e.g. a test set) have a duplicate in
     the index (e.g. the training set). Pairs are (a = against image, b = indexed image)."""
     options = options or DedupOptions()
     options.check()
     started = time.time()
-    searcher = Searcher(index_dir)
+    searcher = _searcher(index)
     test = EmbeddingsDir(against)
     if identity(test.manifest) != identity(searcher.manifest["embeddings"]):
         raise ConfigError(f"{against} was embedded with another model or preprocessing than the index: "
