@@ -6,8 +6,10 @@ the failures and the sample count. The accounting rows + failures = samples hold
 """
 from __future__ import annotations
 
+import queue
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -98,9 +100,32 @@ class ShardBatches(IterableDataset):
         yield done
 
 
-def make_loader(dataset: ShardBatches, workers: int, pin_memory: bool) -> DataLoader:
+def make_loader(dataset: ShardBatches, workers: int, pin_memory: bool) -> Iterable[Batch | ShardDone]:
+    """Worker processes, or with workers=0 one decode thread in this process that runs ahead
+    of the forward (PIL releases the GIL while it decodes and resizes)."""
     workers = min(workers, len(dataset.shards))
-    return DataLoader(
+    loader = DataLoader(
         dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
         prefetch_factor=4 if workers else None, persistent_workers=False,
     )
+    return loader if workers else _in_thread(loader, depth=2)
+
+
+def _in_thread(iterable: Iterable, depth: int) -> Iterator:
+    """Iterate `iterable` in a background thread, `depth` items ahead; its errors re-raise here."""
+    items: queue.Queue = queue.Queue(depth)
+    done = object()
+
+    def run() -> None:
+        try:
+            for item in iterable:
+                items.put(item)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            items.put(exc)
+        items.put(done)
+
+    threading.Thread(target=run, name="decode", daemon=True).start()
+    while (item := items.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
