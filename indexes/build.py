@@ -12,7 +12,6 @@ import platform
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 
 import faiss
 import numpy as np
@@ -21,7 +20,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from indexes.embeddings import EmbeddingsDir, Part
-from indexes.factory import FLAT_THRESHOLD, choose_index_key, parse_memory, search_knob, set_knob
+from indexes.factory import FLAT_THRESHOLD, choose_index_key, parse_memory, search_knob
 from indexes.index_dir import FORMAT, IDS, IDS_SCHEMA, IndexDir
 from indexes.recall import exact_neighbors, tune
 from pipeline.config import ConfigError

@@ -5,7 +5,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from embedding_reader import EmbeddingReader
 
-from pipeline.demo_corpus import jpeg_bytes, write_tar
+from pipeline.demo_corpus import write_tar
 from pipeline.embed import run_embed
 
 

@@ -1,6 +1,5 @@
 """`imgindex build` and `python search.py` on real photos, through the command lines users run."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
