@@ -30,6 +30,7 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.decode import build_preprocess, open_upright, phash, sha256, stack_nchw  # noqa: E402
 from pipeline.demo_corpus import jpeg_bytes, photo_files  # noqa: E402
 from pipeline.model import load_backbone  # noqa: E402
+from results import append_result  # noqa: E402
 
 SIZES = {"imagenet_500x375": (500, 375), "large_2048x1536": (2048, 1536)}
 
@@ -102,9 +103,7 @@ def main() -> None:
     if not args.checkpoint:
         print("note: random-init weights; the cosine figure is only indicative (pass --checkpoint)")
     print(json.dumps(figures))
-    if args.results:
-        with open(args.results, "a") as fh:
-            fh.write(json.dumps(figures) + "\n")
+    append_result(args.results, figures)
 
 
 if __name__ == "__main__":

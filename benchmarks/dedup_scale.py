@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from indexes.embeddings import normalize_rows  # noqa: E402
 from indexes.synthetic import clustered_vectors, write_embeddings_dir  # noqa: E402
+from results import append_result  # noqa: E402
 
 RUN_DEDUP = """
 import json, sys, time
@@ -109,9 +110,7 @@ def main() -> None:
         figures["pair_recall_vs_exact"] = round(len(found & exact) / max(1, len(exact)), 4)
         figures["pair_precision_vs_exact"] = round(len(found & exact) / max(1, len(found)), 4)
     print(json.dumps(figures, indent=1))
-    if args.results:
-        with open(args.results, "a") as fh:
-            fh.write(json.dumps(figures) + "\n")
+    append_result(args.results, figures)
 
 
 if __name__ == "__main__":

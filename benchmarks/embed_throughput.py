@@ -37,6 +37,7 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.demo_corpus import jpeg_bytes, photo_files, write_tar  # noqa: E402
 from pipeline.embed import run_embed  # noqa: E402
 from pipeline.model import _DTYPES, load_backbone  # noqa: E402
+from results import append_result  # noqa: E402
 
 SIZES = {"imagenet": (500, 375), "large": (2048, 1536)}
 PEAK_RSS = """
@@ -151,9 +152,7 @@ def main() -> None:
     if args.memory:
         print(f"peak RSS: {figures['peak_rss_mb_1x']} MB at {args.count} images, "
               f"{figures['peak_rss_mb_10x']} MB at {args.count * 10}")
-    if args.results:
-        with open(args.results, "a") as fh:
-            fh.write(json.dumps(figures) + "\n")
+    append_result(args.results, figures)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from indexes.build import BuildOptions, build_index  # noqa: E402
 from indexes.factory import set_knob  # noqa: E402
 from indexes.query import Searcher  # noqa: E402
 from indexes.synthetic import clustered_vectors, write_embeddings_dir  # noqa: E402
+from results import append_result  # noqa: E402
 
 LOAD_SNIPPET = """
 import sys, time, numpy as np
@@ -140,9 +141,7 @@ def main() -> None:
     print(f"qps_ratio = {figures['qps_ratio']}  (both in RAM; memory-mapped: {round(mmap_qps)} queries/s)")
     print(f"recall@10 = {figures['recall_at_10_manifest']} (manifest), {recall:.4f} (recomputed, perturbed queries)")
     print(f"load + first query = {load_query_s:.3f} s after imports ({import_s:.2f} s)")
-    if args.results:
-        with open(args.results, "a") as f:
-            f.write(json.dumps(figures) + "\n")
+    append_result(args.results, figures)
 
 
 if __name__ == "__main__":
