@@ -31,7 +31,7 @@ class ModelConfig:
 class RuntimeConfig:
     device: str = "auto"
     precision: str = "auto"
-    batch_size: int = 64
+    batch_size: int | str = "auto"  # or a number; auto: the largest that fits in GPU memory (64 on CPU)
     workers: int = 4
     compile: bool = False
 
@@ -115,8 +115,9 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
 
 
 def validate(config: EmbedConfig) -> None:
-    if config.runtime.batch_size < 1:
-        raise ConfigError(f"batch size must be at least 1, got {config.runtime.batch_size}")
+    size = config.runtime.batch_size
+    if size != "auto" and (not isinstance(size, int) or size < 1):
+        raise ConfigError(f"batch size must be a whole number of at least 1, or auto; got {size!r}")
     if config.runtime.workers < 0:
         raise ConfigError(f"workers must be 0 or more, got {config.runtime.workers}")
     if config.runtime.precision not in PRECISIONS:

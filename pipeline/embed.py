@@ -21,7 +21,7 @@ from tqdm import tqdm
 from pipeline.config import ConfigError, EmbedConfig
 from pipeline.decode import DECODE_MODE, build_preprocess, describe_preprocess, draft_side
 from pipeline.loader import ROW_FIELDS, Batch, ShardBatches, ShardDone, make_loader
-from pipeline.model import Backbone, load_backbone
+from pipeline.model import Backbone, auto_batch_size, load_backbone
 from pipeline.sources import Shard, plan_shards
 from pipeline.writer import EmbeddingStore
 
@@ -123,6 +123,9 @@ def run_embed(sources: list[str], out: str, config: EmbedConfig, overwrite: bool
     store = EmbeddingStore(out)
     store.check_writable()
     backbone = load_backbone(config)
+    if config.runtime.batch_size == "auto":
+        config.runtime.batch_size = auto_batch_size(backbone)
+        log.info("batch size %d (auto)", config.runtime.batch_size)
     store.prepare(build_manifest(config, backbone), overwrite=overwrite)
 
     done = store.done_shards()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +59,36 @@ class Backbone:
         if self.normalize:
             feats = F.normalize(feats, dim=-1)
         return feats.cpu().numpy()
+
+
+def largest_fitting(fits: Callable[[int], bool], start: int = 8, limit: int = 2048,
+                    headroom: float = 0.8) -> int:
+    """Double a batch size from `start` while `fits(size)` holds; keep `headroom` of the largest
+    that fitted, rounded down to a multiple of 8, as a margin for activations and fragmentation."""
+    best, size = 0, start
+    while size <= limit and fits(size):
+        best, size = size, size * 2
+    if not best:
+        raise ConfigError(f"not even a batch of {start} fits in GPU memory: pass a smaller --batch-size")
+    return max(8, int(best * headroom) // 8 * 8) if best >= 16 else best
+
+
+def auto_batch_size(backbone: "Backbone") -> int:
+    """On CUDA, the largest batch whose forward fits in memory (probed); on CPU, 64."""
+    if backbone.device.type != "cuda":
+        return 64
+    height, width = backbone.data_config["input_size"][1:]
+
+    def fits(size: int) -> bool:
+        try:
+            backbone.embed(torch.zeros((size, 3, height, width), dtype=torch.uint8))
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            torch.cuda.empty_cache()
+
+    return largest_fitting(fits)
 
 
 def resolve_device(name: str) -> torch.device:

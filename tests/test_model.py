@@ -59,3 +59,28 @@ def test_cuda_path_pins_and_matches_cpu(photos, config_for):
     batch = Batch("s", uint8_batch(photos, cpu), {}).pin_memory()
     assert batch.images.is_pinned()
     np.testing.assert_allclose(gpu.embed(batch.images), cpu.embed(batch.images), atol=1e-4)
+
+
+def test_auto_batch_size_keeps_headroom_below_the_largest_that_fits():
+    from pipeline.config import ConfigError
+    from pipeline.model import largest_fitting
+
+    assert largest_fitting(lambda size: size <= 700) == 408  # 512 fitted, 1024 did not: 80% of 512
+    assert largest_fitting(lambda size: size <= 8) == 8
+    assert largest_fitting(lambda size: True, limit=256) == 200
+    with pytest.raises(ConfigError, match="smaller --batch-size"):
+        largest_fitting(lambda size: False)
+
+
+def test_auto_batch_size_is_resolved_and_recorded(tmp_path, photo_tars, config_for):
+    import json
+
+    from pipeline.embed import run_embed
+
+    run_embed([str(t) for t in photo_tars(count=1, per_shard=2)], str(tmp_path / "out"),
+              config_for(**{"runtime.batch_size": "auto"}), progress=False)
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    size = manifest["config"]["runtime"]["batch_size"]
+    assert isinstance(size, int) and size >= 8
+    if not torch.cuda.is_available():
+        assert size == 64
