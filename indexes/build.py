@@ -24,7 +24,7 @@ from indexes.factory import FLAT_THRESHOLD, choose_index_key, parse_memory, sear
 from indexes.index_dir import FORMAT, IDS, IDS_SCHEMA, IndexDir
 from indexes.recall import exact_neighbors, tune
 from pipeline.config import ConfigError
-from pipeline.writer import identity
+from pipeline.writer import identity_changes
 
 log = logging.getLogger(__name__)
 
@@ -209,9 +209,10 @@ def add_parts(emb_dir: str, index_dir: str, target_recall: float | None = None,
     manifest = target.read_manifest()
     index = target.load_index(manifest, mmap=False)
     emb = EmbeddingsDir(emb_dir)
-    if identity(emb.manifest) != identity(manifest["embeddings"]):
-        raise ConfigError(f"{emb_dir} was embedded with another model or preprocessing than the index at "
-                          f"{index_dir}: embed with the same config, or build a new index")
+    changed = identity_changes(emb.manifest, manifest["embeddings"])
+    if changed:
+        raise ConfigError(f"{emb_dir} was embedded differently from the index at {index_dir} (changed: "
+                          f"{', '.join(changed)}): embed with the same config, or build a new index")
     known = {p["shard"]: p for p in manifest["parts"]}
     changed = [p.shard for p in emb.parts() if p.shard in known and p.rows != known[p.shard]["rows"]]
     if changed:

@@ -30,7 +30,7 @@ from indexes.embeddings import EmbeddingsDir, Part
 from indexes.factory import knob_values, set_knob
 from indexes.query import Searcher
 from pipeline.config import ConfigError
-from pipeline.writer import identity
+from pipeline.writer import identity_changes
 
 log = logging.getLogger(__name__)
 
@@ -429,8 +429,9 @@ def find_leaks(index: str | Path | Searcher, against: str, options: DedupOptions
     started = time.time()
     searcher = _searcher(index)
     test = EmbeddingsDir(against)
-    if identity(test.manifest) != identity(searcher.manifest["embeddings"]):
-        raise ConfigError(f"{against} was embedded with another model or preprocessing than the index: "
+    changed = identity_changes(test.manifest, searcher.manifest["embeddings"])
+    if changed:
+        raise ConfigError(f"{against} was embedded differently from the index (changed: {', '.join(changed)}): "
                           "embed it with the same config")
     test_parts = test.parts()
     if not test_parts:

@@ -104,8 +104,11 @@ def _chunks(kind: str, name: str, root: str, files: list[str], keys: list[str], 
 
 
 def _folder_shards(fs: fsspec.AbstractFileSystem, root: str, config: SourceConfig) -> list[Shard]:
-    paths = sorted(p for p in fs.find(root) if _is_image_name(p))
+    found = fs.find(root)
+    paths = sorted(p for p in found if _is_image_name(p))
     if not paths:
+        if any(p.lower().endswith(TAR_SUFFIXES) for p in found):
+            raise ConfigError(f"folder {root!r} holds tar shards, not images: pass them, e.g. '{root}/*.tar'")
         raise ConfigError(
             f"image folder {root!r} holds no images (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
         )

@@ -50,6 +50,12 @@ def identity(manifest: dict) -> dict:
     return ident
 
 
+def identity_changes(old: dict, new: dict) -> list[str]:
+    """The identity fields in which two manifests differ (empty: same vectors)."""
+    a, b = identity(old), identity(new)
+    return [name for name in IDENTITY_FIELDS if a.get(name) != b.get(name)]
+
+
 class EmbeddingStore:
     """Reads and writes one embeddings directory (a local path or an fsspec URL)."""
 
@@ -106,9 +112,8 @@ class EmbeddingStore:
         if existing is not None and overwrite:
             self.clear()
             existing = None
-        elif existing is not None and identity(existing) != identity(manifest):
-            old, new = identity(existing), identity(manifest)
-            changed = ", ".join(k for k in IDENTITY_FIELDS if old.get(k) != new.get(k))
+        elif existing is not None and identity_changes(existing, manifest):
+            changed = ", ".join(identity_changes(existing, manifest))
             raise ConfigError(
                 f"{self.url} holds embeddings made differently (changed: {changed}); "
                 "use a new --out, or --overwrite to delete them and start again"

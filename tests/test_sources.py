@@ -122,6 +122,8 @@ def test_samples_group_members_by_key_like_webdataset(tmp_path, photos):
     (lambda p: str(p / "nope.tar"), "does not exist"),
     (lambda p: str(p / "*.tar"), "matches no files"),
     (lambda p: (p / "empty").mkdir() or str(p / "empty"), "holds no images"),
+    (lambda p: (p / "shards").mkdir() or (p / "shards" / "a.tar").write_bytes(b"x") and str(p / "shards"),
+     "holds tar shards, not images"),
     (lambda p: (p / "notes.csv").write_text("x") and str(p / "notes.csv"), "is not a tar shard"),
     (lambda p: (p / "empty.txt").write_text("\n") and str(p / "empty.txt"), "lists no images"),
 ])
