@@ -102,6 +102,7 @@ def main() -> None:
         "peak_rss_mb": round(run["peak_rss_mb"]), "vectors_mb": round(vectors_mb),
         "peak_rss_over_vectors": round(run["peak_rss_mb"] / vectors_mb, 2),
         "rejected_by_recheck": run["stats"].get("embedding_rejected_by_recheck"),
+        "search": run["stats"].get("search"),
         "machine": platform.machine(),
     }
     if args.check_exact:

@@ -64,6 +64,14 @@ def cmd_embed(args: argparse.Namespace) -> int:
     config = _config_from(args)
     if args.procs < 1:
         raise ConfigError(f"--procs must be at least 1, got {args.procs}")
+    if args.ray is not None:
+        from pipeline.ray_executor import run_ray
+
+        if args.ray < 1:
+            raise ConfigError(f"--ray must be at least 1, got {args.ray}")
+        if args.procs > 1 or args.slice:
+            raise ConfigError("--ray runs the slices itself: it does not mix with --procs or --slice")
+        return 1 if run_ray(args.sources, args.out, config, args.ray, args.overwrite) else 0
     if args.procs > 1:
         from pipeline.processes import run_processes
 
@@ -371,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--procs", type=int, default=1, metavar="N",
                        help="run N processes over disjoint shards on this machine: one per GPU "
                             "(process k sees GPU k), or splitting the CPU cores")
+    embed.add_argument("--ray", type=int, metavar="N",
+                       help="run N Ray tasks over disjoint shards on the Ray cluster at RAY_ADDRESS (else a "
+                            "local Ray), one GPU each on CUDA; DIR must be reachable from every node")
     embed.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_model_flags(embed)
     embed.set_defaults(func=cmd_embed)

@@ -3,9 +3,9 @@
 - exact: the same encoded bytes (stored sha256);
 - phash: stored 64-bit perceptual hashes within a Hamming distance, found with a FAISS
   multi-index-hashing binary index (sub-quadratic; exact for distance < number of tables);
-- embedding: the index's k nearest neighbours above a cosine threshold (a range search
-  bounded by `max_neighbors`), every candidate re-checked against the stored
-  full-precision vectors, so a compressed index never decides alone.
+- embedding: the index's neighbours above a cosine threshold (a range search bounded by
+  `max_neighbors`; on an IVF index a list-by-list join, indexes.ivf_join), every candidate
+  re-checked against the stored full-precision vectors, so a compressed index never decides alone.
 
 Pairs become groups by connected components; a component whose members are not all
 close to its kept member is split around kept members (greedy, in keep order), so a chain
@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from indexes.embeddings import EmbeddingsDir, Part
 from indexes.factory import knob_values, set_knob
+from indexes.ivf_join import list_numbers, range_join, smallest_nprobe
 from indexes.query import Searcher
 from pipeline.config import ConfigError
 from pipeline.writer import identity_changes
@@ -101,6 +102,7 @@ class Corpus:
         bar.close()
         if row != count:
             raise ConfigError(f"the parts hold {row} rows, not the {count} recorded: rebuild the index")
+        pa.default_memory_pool().release_unused()  # Parquet decoding leaves freed pages in the allocator
         self.vectors = np.memmap(self.path, dtype=np.float32, mode="r", shape=(count, dim))
         self.meta = pa.concat_tables(tables).combine_chunks()  # one chunk: fast take and scalar access
         self.phash, self.phash_valid = hashes(self.meta["phash"])
@@ -204,11 +206,22 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.unpackbits(x.view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1).astype(np.int32)
 
 
-def embedding_candidates(index: faiss.Index, queries: Corpus, threshold: float, k: int,
-                         progress: bool | None = None, desc: str = "neighbours"):
-    """(query row, index row, capped queries): neighbours at cosine >= threshold among the k nearest."""
+def embedding_candidates(index: faiss.Index, queries: Corpus, db: Corpus, threshold: float, max_neighbors: int,
+                         self_join: bool, progress: bool | None = None, desc: str = "neighbours"):
+    """(query row, index row, capped queries): each query's index neighbours at cosine >= threshold,
+    at most `max_neighbors` of them (not counting itself in a self-join).
+
+    A plain IVF index is joined list by list on the stored vectors (indexes.ivf_join: the same
+    candidates as a search at its nprobe, at the speed of matrix products); other index types
+    are searched query by query.
+    """
+    ivf = faiss.downcast_index(index)
+    if isinstance(ivf, faiss.IndexIVF):
+        q, d, _, capped = range_join(ivf, queries, db.vectors, ivf.nprobe, threshold, max_neighbors, self_join,
+                                     progress, desc)
+        return q, d, capped
     found_q, found_db, capped, start = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], 0, 0
-    k = min(k, index.ntotal)
+    k = min(max_neighbors + int(self_join), index.ntotal)
     with tqdm(total=len(queries), desc=desc, unit="vec", disable=None if progress is None else not progress) as bar:
         for block in queries.blocks():
             scores, rows = index.search(block, k)
@@ -367,8 +380,8 @@ def find_duplicates(index: str | Path | Searcher, options: DedupOptions | None =
                   "phash")
         if "embedding" in options.methods:
             stats["search"] = tune_for_threshold(searcher, corpus, options.threshold, options.max_neighbors + 1)
-            q, d, capped = embedding_candidates(searcher.index, corpus, options.threshold,
-                                                options.max_neighbors + 1, progress)
+            q, d, capped = embedding_candidates(searcher.index, corpus, corpus, options.threshold,
+                                                options.max_neighbors, True, progress)
             a, b = _unique_pairs(q, d)
             confirmed = corpus.cosine(a, b) >= options.threshold
             stats.update(embedding_candidates=int(len(a)), embedding_rejected_by_recheck=int((~confirmed).sum()),
@@ -394,8 +407,10 @@ def tune_for_threshold(searcher: Searcher, corpus: Corpus, threshold: float, k: 
     Near duplicates sit much closer than ordinary neighbours, so the setting tuned for
     recall@10 is needlessly slow here. Each sampled vector v gets a planted copy
     t*v + sqrt(1-t^2)*u (u a random unit vector orthogonal to v: cosine exactly t, the
-    hardest copy the threshold admits); the setting is the smallest whose search finds the
-    original for `target` of the copies.
+    hardest copy the threshold admits); the setting is the smallest for which `target` of the
+    copies find their original: on a plain IVF index, the copy probes the original's list (what
+    the list-by-list join needs; the index's codes are never read), otherwise a search for `k`
+    neighbours returns it.
     """
     knob = searcher.knob
     if knob is None:
@@ -406,11 +421,16 @@ def tune_for_threshold(searcher: Searcher, corpus: Corpus, threshold: float, k: 
     noise = rng.standard_normal(originals.shape).astype(np.float32)
     noise -= np.einsum("ij,ij->i", noise, originals)[:, None] * originals
     noise /= np.linalg.norm(noise, axis=1, keepdims=True)
-    copies = threshold * originals + np.sqrt(1 - threshold**2) * noise
+    copies = np.ascontiguousarray(threshold * originals + np.sqrt(1 - threshold**2) * noise, dtype=np.float32)
+    ivf = faiss.downcast_index(searcher.index)
+    if isinstance(ivf, faiss.IndexIVF):
+        value, recall = smallest_nprobe(ivf, copies, list_numbers(ivf)[rows], knob_values(ivf, knob), target)
+        set_knob(searcher.index, knob, value)
+        return {"knob": knob, "value": value, "planted_recall": round(recall, 4)}
     best = (None, -1.0)
     for value in knob_values(searcher.index, knob):
         set_knob(searcher.index, knob, value)
-        _, found = searcher.index.search(np.ascontiguousarray(copies, dtype=np.float32), k)
+        _, found = searcher.index.search(copies, k)
         recall = float(np.mean([row in hits for row, hits in zip(rows, found)]))
         if recall > best[1]:
             best = (value, recall)
@@ -455,8 +475,8 @@ def find_leaks(index: str | Path | Searcher, against: str, options: DedupOptions
         search = None
         if "embedding" in options.methods:
             search = tune_for_threshold(searcher, train, options.threshold, options.max_neighbors)
-            q, d, _ = embedding_candidates(searcher.index, queries, options.threshold,
-                                           options.max_neighbors, progress, desc="against")
+            q, d, _ = embedding_candidates(searcher.index, queries, train, options.threshold,
+                                           options.max_neighbors, False, progress, desc="against")
             sims = np.einsum("ij,ij->i", queries.vectors[q], train.vectors[d]) if len(q) else np.zeros(0)
             keep = sims >= options.threshold
             found_a.append(q[keep])

@@ -7,6 +7,7 @@ from both the exact and the index answer, so it is measured as a held-out vector
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import faiss
 import numpy as np
@@ -15,28 +16,44 @@ from faiss.contrib.exhaustive_search import knn_ground_truth
 from indexes.factory import knob_values, set_knob
 
 
-def exact_neighbors(queries: np.ndarray, blocks: Iterable[np.ndarray], k: int) -> np.ndarray:
-    """Row ids of the exact top-k by inner product, over all blocks in order (global ids)."""
-    _, ids = knn_ground_truth(queries, iter(blocks), k, metric_type=faiss.METRIC_INNER_PRODUCT)
-    return ids
+TIE = 1e-5  # a neighbour this close to the k-th exact similarity is as correct as the k-th
+TIE_SLACK = 10  # extra exact neighbours fetched to see such ties
+
+
+class Exact(NamedTuple):
+    scores: np.ndarray  # queries x (k + TIE_SLACK), descending
+    ids: np.ndarray
+
+
+def exact_neighbors(queries: np.ndarray, blocks: Iterable[np.ndarray], k: int) -> Exact:
+    """The exact top-k by inner product (plus TIE_SLACK more), over all blocks in order (global ids)."""
+    scores, ids = knn_ground_truth(queries, iter(blocks), k + TIE_SLACK, metric_type=faiss.METRIC_INNER_PRODUCT)
+    return Exact(scores, ids)
 
 
 def drop_self(ids: np.ndarray, query_ids: np.ndarray, k: int) -> list[np.ndarray]:
     return [row[(row != qid) & (row >= 0)][:k] for row, qid in zip(ids, query_ids)]
 
 
-def recall_at_k(found: np.ndarray, exact: np.ndarray, query_ids: np.ndarray, k: int = 10) -> float:
-    """Mean fraction of each query's exact top-k (self excluded) that the index also returns."""
+def recall_at_k(found: np.ndarray, exact: Exact, query_ids: np.ndarray, k: int = 10) -> float:
+    """Mean fraction of each query's exact top-k (self excluded) that the index also returns.
+
+    A returned neighbour whose exact similarity ties the k-th's (within TIE) counts as correct:
+    which of several equally close vectors come back is float rounding, not a recall loss.
+    """
     hits = 0
     total = 0
-    for got, truth in zip(drop_self(found, query_ids, k), drop_self(exact, query_ids, k)):
-        hits += len(np.intersect1d(got, truth))
-        total += len(truth)
+    for got, ids, scores, qid in zip(drop_self(found, query_ids, k), exact.ids, exact.scores, query_ids):
+        mine = (ids != qid) & (ids >= 0)
+        ids, scores = ids[mine], scores[mine]
+        truth = ids[: k] if len(ids) <= k else ids[scores >= scores[k - 1] - TIE]
+        hits += min(len(np.intersect1d(got, truth)), k)
+        total += min(len(ids), k)
     return hits / total if total else 1.0
 
 
 def tune(index: faiss.Index, knob: str | None, queries: np.ndarray, query_ids: np.ndarray,
-         exact: np.ndarray, target: float, k: int = 10) -> tuple[int | None, float, list[dict]]:
+         exact: Exact, target: float, k: int = 10) -> tuple[int | None, float, list[dict]]:
     """Smallest knob value whose recall@k reaches `target` (else the best one tried).
 
     Returns (value, recall, curve of {knob: value, recall} tried).

@@ -39,6 +39,7 @@ class Summary:
     images: int = 0
     failed: int = 0
     seconds: float = 0.0
+    model_seconds: float = 0.0  # of `seconds`, spent in the model's forward (and the copies around it)
     random_weights: bool = False
     failures_by_error: dict[str, int] = field(default_factory=dict)
 
@@ -49,6 +50,8 @@ class Summary:
     def line(self) -> str:
         text = (f"embedded {self.images} images ({self.failed} failed) from {self.shards_done} shards "
                 f"in {self.seconds:.1f} s, {self.images_per_s:.1f} images/s")
+        if self.seconds > 0:
+            text += f", model busy {self.model_seconds / self.seconds:.0%} of the time"
         if self.shards_skipped:
             text += f"; {self.shards_skipped} shards already done"
         if self.failures_by_error:
@@ -140,21 +143,28 @@ def run_embed(sources: list[str], out: str, config: EmbedConfig, overwrite: bool
 
 def _embed_shards(todo: list[Shard], store: EmbeddingStore, config: EmbedConfig, backbone: Backbone,
                   summary: Summary, progress: bool | None) -> None:
+    in_process = config.runtime.workers == 0
     dataset = ShardBatches(todo, build_preprocess(backbone.data_config), config.decode, config.runtime.batch_size,
-                           draft_side(config.decode, backbone.data_config))
-    loader = make_loader(dataset, config.runtime.workers, pin_memory=backbone.device.type == "cuda")
+                           draft_side(config.decode, backbone.data_config),
+                           decode_threads=torch.get_num_threads() if in_process else 1)
+    loader = make_loader(dataset, config.runtime.workers, pin_memory=backbone.device.type == "cuda",
+                         run_ahead=backbone.device.type != "cpu")
     sources = {s.name: s for s in todo}
     buffers: dict[str, _ShardBuffer] = {}
     pending: list[Future] = []
-    start = time.time()
+    start = time.perf_counter()
     bar = tqdm(total=len(todo), unit="shard", desc="embed", disable=None if progress is None else not progress)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-writer") as writer:
         for message in loader:
             buffer = buffers.setdefault(message.shard, _ShardBuffer())
             if isinstance(message, Batch):
+                began = time.perf_counter()
                 buffer.add(message, backbone.embed(message.images))
+                summary.model_seconds += time.perf_counter() - began
                 summary.images += len(message.images)
-                bar.set_postfix(images_per_s=f"{summary.images / (time.time() - start):.1f}", refresh=False)
+                elapsed = time.perf_counter() - start
+                bar.set_postfix(images_per_s=f"{summary.images / elapsed:.1f}",
+                                model_busy=f"{summary.model_seconds / elapsed:.0%}", refresh=False)
                 continue
             assert isinstance(message, ShardDone)
             buffers.pop(message.shard)
@@ -171,7 +181,7 @@ def _embed_shards(todo: list[Shard], store: EmbeddingStore, config: EmbedConfig,
         for future in pending:
             future.result()
     bar.close()
-    summary.seconds = time.time() - start
+    summary.seconds = time.perf_counter() - start
 
 
 def _reap(pending: list[Future]) -> list[Future]:

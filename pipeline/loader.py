@@ -10,6 +10,8 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,7 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import DecodeConfig
 from pipeline.decode import SampleError, open_upright, phash, sha256, stack_nchw
-from pipeline.sources import Shard, read_shard
+from pipeline.sources import Sample, Shard, read_shard
 
 ROW_FIELDS = ("key", "width", "height", "bytes", "sha256", "phash", "caption", "json", "url")
 
@@ -43,72 +45,86 @@ class ShardDone:
 
 
 class ShardBatches(IterableDataset):
-    """Worker k of n takes shards k, k+n, ...; yields Batch messages then one ShardDone per shard."""
+    """Worker k of n takes shards k, k+n, ...; yields Batch messages then one ShardDone per shard.
+
+    Samples are read in order and decoded `decode_threads` at a time (PIL and numpy release
+    the GIL), so one in-process loader can use every core between two forwards.
+    """
 
     def __init__(self, shards: list[Shard], preprocess: Callable, decode: DecodeConfig, batch_size: int,
-                 draft_side: int | None = None):
+                 draft_side: int | None = None, decode_threads: int = 1):
         self.shards = shards
         self.preprocess = preprocess
         self.decode = decode
         self.batch_size = batch_size
         self.draft_side = draft_side
+        self.decode_threads = decode_threads
 
     def __iter__(self) -> Iterator[Batch | ShardDone]:
         info = get_worker_info()
         mine = self.shards if info is None else self.shards[info.id::info.num_workers]
-        for shard in mine:
-            yield from self.shard_messages(shard)
+        with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode") as pool:
+            for shard in mine:
+                yield from self.shard_messages(shard, pool.map if self.decode_threads > 1 else map)
 
-    def _batch(self, shard: Shard, images: list[np.ndarray], rows: dict[str, list]) -> Batch:
-        return Batch(shard=shard.name, images=stack_nchw(images), rows=rows)
+    def decode_sample(self, sample: Sample) -> tuple[np.ndarray, tuple, float] | tuple[dict, float]:
+        """One sample -> (pixels, row values, seconds), or (failure row, seconds)."""
+        start = time.perf_counter()
+        try:
+            if sample.error:
+                raise SampleError(*sample.error)
+            img, width, height = open_upright(sample.data, self.decode.max_pixels, self.decode.alpha_background,
+                                              self.draft_side)
+            pixels = self.preprocess(img)
+            values = (sample.key, width, height, len(sample.data), sha256(sample.data), phash(img),
+                      sample.caption, sample.json, sample.url)
+            return pixels, values, time.perf_counter() - start
+        except SampleError as exc:
+            failure = {"key": sample.key, "member": sample.member, "error": exc.kind, "message": str(exc)}
+        except Exception as exc:  # an unforeseen decoder error is this sample's, not the job's
+            failure = {"key": sample.key, "member": sample.member,
+                       "error": "decode_error", "message": f"{type(exc).__name__}: {exc}"}
+        return failure, time.perf_counter() - start
 
-    def shard_messages(self, shard: Shard) -> Iterator[Batch | ShardDone]:
+    def shard_messages(self, shard: Shard, map_=map) -> Iterator[Batch | ShardDone]:
+        """Full batches in sample order (the last may be short), then the ShardDone."""
         done = ShardDone(shard=shard.name, samples=0)
         images: list[np.ndarray] = []
         rows: dict[str, list] = {name: [] for name in ROW_FIELDS}
-        busy = 0.0
-        for sample in read_shard(shard):
-            start = time.perf_counter()
-            done.samples += 1
-            try:
-                if sample.error:
-                    raise SampleError(*sample.error)
-                img, width, height = open_upright(sample.data, self.decode.max_pixels, self.decode.alpha_background,
-                                                  self.draft_side)
-                pixels = self.preprocess(img)
-                values = (sample.key, width, height, len(sample.data), sha256(sample.data), phash(img),
-                          sample.caption, sample.json, sample.url)
-            except SampleError as exc:
-                done.failures.append({"key": sample.key, "member": sample.member,
-                                      "error": exc.kind, "message": str(exc)})
-                continue
-            except Exception as exc:  # an unforeseen decoder error is this sample's, not the job's
-                done.failures.append({"key": sample.key, "member": sample.member,
-                                      "error": "decode_error", "message": f"{type(exc).__name__}: {exc}"})
-                continue
-            finally:
-                busy += time.perf_counter() - start
-            images.append(pixels)
-            for name, value in zip(ROW_FIELDS, values):
-                rows[name].append(value)
+        samples = read_shard(shard)
+        # Executor.map submits each sample as soon as it is read, so reading overlaps decoding.
+        while results := list(map_(self.decode_sample, islice(samples, self.batch_size - len(images)))):
+            done.samples += len(results)
+            for result in results:
+                done.decode_seconds += result[-1]
+                if len(result) == 2:
+                    done.failures.append(result[0])
+                    continue
+                images.append(result[0])
+                for name, value in zip(ROW_FIELDS, result[1]):
+                    rows[name].append(value)
             if len(images) == self.batch_size:
-                yield self._batch(shard, images, rows)
+                yield Batch(shard=shard.name, images=stack_nchw(images), rows=rows)
                 images, rows = [], {name: [] for name in ROW_FIELDS}
         if images:
-            yield self._batch(shard, images, rows)
-        done.decode_seconds = busy
+            yield Batch(shard=shard.name, images=stack_nchw(images), rows=rows)
         yield done
 
 
-def make_loader(dataset: ShardBatches, workers: int, pin_memory: bool) -> Iterable[Batch | ShardDone]:
-    """Worker processes, or with workers=0 one decode thread in this process that runs ahead
-    of the forward (PIL releases the GIL while it decodes and resizes)."""
+def make_loader(dataset: ShardBatches, workers: int, pin_memory: bool, run_ahead: bool) -> Iterable[Batch | ShardDone]:
+    """Decode worker processes, or with workers=0 this process's decode threads.
+
+    In-process on a CPU device (`run_ahead` false) the decode threads take turns with the
+    forward: decoding while the model's threads compute would oversubscribe the cores, and a
+    preempted OpenMP thread stalls the whole forward. With an accelerator the host is free
+    during the forward, so a thread runs ahead and decodes the next batches meanwhile.
+    """
     workers = min(workers, len(dataset.shards))
     loader = DataLoader(
         dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
         prefetch_factor=4 if workers else None, persistent_workers=False,
     )
-    return loader if workers else _in_thread(loader, depth=2)
+    return _in_thread(loader, depth=2) if run_ahead and not workers else loader
 
 
 def _in_thread(iterable: Iterable, depth: int) -> Iterator:

@@ -18,11 +18,13 @@ from pipeline.sources import plan_shards
 from pipeline.writer import EmbeddingStore
 
 
+def wants_gpu(config: EmbedConfig) -> bool:
+    return config.runtime.device.startswith("cuda") or (config.runtime.device == "auto" and torch.cuda.is_available())
+
+
 def _child_env(rank: int, count: int, config: EmbedConfig) -> dict[str, str]:
     env = dict(os.environ)
-    wants_gpu = config.runtime.device.startswith("cuda") or (
-        config.runtime.device == "auto" and torch.cuda.is_available())
-    if wants_gpu:
+    if wants_gpu(config):
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
         if count > len(gpus):
@@ -34,6 +36,28 @@ def _child_env(rank: int, count: int, config: EmbedConfig) -> dict[str, str]:
     return env
 
 
+def prepare_slices(sources: list[str], out: str, config: EmbedConfig, count: int, overwrite: bool,
+                   flag: str) -> tuple[list, EmbeddingStore]:
+    """Before any slice starts: plan the shards and check OUT once, and clear it once if asked."""
+    shards = plan_shards(sources, config.source)
+    if count > len(shards):
+        raise ConfigError(f"{flag} {count} is more than the {len(shards)} shards to share out")
+    store = EmbeddingStore(out)
+    store.check_writable()
+    if overwrite:
+        store.clear()
+    return shards, store
+
+
+def report(store: EmbeddingStore, shards: list, count: int, what: str, seconds: float, failed: int) -> None:
+    """One line over all slices, from the stats markers they wrote."""
+    stats = store.read_stats()
+    rows = sum(s["rows"] for s in stats)
+    bad = sum(s["failures"] for s in stats)
+    print(f"{count} {what}: {len(stats)} of {len(shards)} shards done in {store.url}, {rows} images "
+          f"({bad} failed), {seconds:.1f} s" + (f"; {failed} {what} FAILED (rerun to finish)" if failed else ""))
+
+
 def run_processes(argv: list[str], sources: list[str], out: str, config: EmbedConfig, count: int,
                   overwrite: bool) -> int:
     """Check the inputs once, clear OUT once if asked, then run `count` slices and wait for all.
@@ -41,13 +65,7 @@ def run_processes(argv: list[str], sources: list[str], out: str, config: EmbedCo
     `argv` is the embed command line without --procs/--overwrite; each child gets --slice k/N.
     Returns the number of processes that failed.
     """
-    shards = plan_shards(sources, config.source)
-    if count > len(shards):
-        raise ConfigError(f"--procs {count} is more than the {len(shards)} shards to share out")
-    store = EmbeddingStore(out)
-    store.check_writable()
-    if overwrite:
-        store.clear()
+    shards, store = prepare_slices(sources, out, config, count, overwrite, "--procs")
     started = time.time()
     children = []
     for rank in range(count):
@@ -60,10 +78,5 @@ def run_processes(argv: list[str], sources: list[str], out: str, config: EmbedCo
         for line in (stdout + stderr).splitlines():
             print(f"[{rank}/{count}] {line}", file=sys.stdout if child.returncode == 0 else sys.stderr)
         failed += child.returncode != 0
-    stats = store.read_stats()
-    rows = sum(s["rows"] for s in stats)
-    bad = sum(s["failures"] for s in stats)
-    seconds = time.time() - started
-    print(f"{count} processes: {len(stats)} of {len(shards)} shards done in {out}, {rows} images "
-          f"({bad} failed), {seconds:.1f} s" + (f"; {failed} processes FAILED" if failed else ""))
+    report(store, shards, count, "processes", time.time() - started, failed)
     return failed

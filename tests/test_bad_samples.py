@@ -126,3 +126,28 @@ def test_reduced_size_jpeg_decoding_is_opt_in_close_and_keeps_the_original_size(
     assert manifest["decode"]["draft"] is True
     row = pq.read_table(tmp_path / "fast" / "embeddings").to_pylist()[0]
     assert (row["width"], row["height"]) == (2048, 1536)
+
+
+def test_decode_threads_give_the_same_full_batches_in_sample_order(bad_shard, config_for):
+    import timm
+
+    from pipeline.decode import build_preprocess
+    from pipeline.loader import Batch, ShardBatches, ShardDone
+    from pipeline.sources import plan_shards
+
+    tar, samples = bad_shard
+    config = config_for()
+    data_config = timm.data.resolve_data_config({}, model=timm.create_model("xcit_nano_12_p16_224", num_classes=0))
+    runs = []
+    for threads in (1, 3):
+        dataset = ShardBatches(plan_shards([str(tar)], config.source), build_preprocess(data_config), config.decode,
+                               batch_size=4, decode_threads=threads)
+        runs.append(list(dataset))
+    (one, *_), (three, *_) = [[m for m in run if isinstance(m, ShardDone)] for run in runs]
+    assert one.failures == three.failures and one.samples == three.samples == len(samples) + 1
+    batches = [[m for m in run if isinstance(m, Batch)] for run in runs]
+    assert [b.rows for b in batches[0]] == [b.rows for b in batches[1]]
+    assert all(a.images.equal(b.images) for a, b in zip(*batches))
+    sizes = [len(b.images) for b in batches[1]]
+    assert sizes[:-1] == [4] * (len(sizes) - 1) and sum(sizes) == one.samples - len(one.failures)
+    assert isinstance(runs[1][-1], ShardDone)

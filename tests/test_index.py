@@ -150,3 +150,22 @@ def test_corrupt_or_truncated_index_file_is_a_clear_error(tmp_path, corpus, dama
     path.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\0garbage" * 100)
     with pytest.raises(ConfigError, match="corrupt or truncated"):
         Searcher(tmp_path / "idx")
+
+
+def test_recall_counts_tied_neighbours_as_correct_and_wrong_ones_as_misses():
+    from indexes.recall import drop_self, exact_neighbors, recall_at_k
+
+    def at(cosine, axis):  # a unit vector at this cosine to e0
+        v = np.zeros(8, np.float32)
+        v[0], v[axis] = cosine, np.sqrt(1 - cosine**2)
+        return v
+
+    far = [at(0.1, a) for a in range(4, 8)]
+    vectors = np.stack([at(1.0, 1), at(0.9, 1), at(0.8, 2), at(0.7, 3), at(0.7, 3), *far])  # rows 3 and 4 tie
+    exact = exact_neighbors(vectors[:1], [vectors], 4)
+    query = np.array([0])
+    truth = set(drop_self(exact.ids, query, 3)[0].tolist())
+    assert {1, 2} < truth and len(truth & {3, 4}) == 1  # the tie sits at the 3rd place
+    for third in (3, 4):
+        assert recall_at_k(np.array([[0, 1, 2, third]]), exact, query, k=3) == 1.0
+    assert recall_at_k(np.array([[0, 1, 2, 5]]), exact, query, k=3) == pytest.approx(2 / 3)

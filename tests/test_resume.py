@@ -1,5 +1,6 @@
 """A killed job resumes where it stopped; nothing is duplicated or half-written."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -144,3 +145,25 @@ def test_procs_share_the_shards_between_processes(tmp_path, photo_tars, checkpoi
     for extra, message in ((["--procs", "2", "--slice", "0/2"], "do not mix"), (["--procs", "9"], "more than the 4")):
         bad = subprocess.run(embed_cmd(tars, out, checkpoint, *extra), capture_output=True, text=True, timeout=300)
         assert bad.returncode == 2 and message in bad.stderr
+
+
+def test_ray_tasks_share_the_shards_and_give_the_single_process_vectors(tmp_path, photo_tars, checkpoint):
+    pytest.importorskip("ray")
+    tars = photo_tars(count=4, per_shard=2)
+    single = tmp_path / "single"
+    assert subprocess.run(embed_cmd(tars, single, checkpoint), capture_output=True, timeout=300).returncode == 0
+    out = tmp_path / "out"
+    result = subprocess.run(embed_cmd(tars, out, checkpoint, "--ray", "2"), capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "RAY_ADDRESS": "local"})
+    assert result.returncode == 0, result.stderr
+    assert "[0/2] embedded 4 images" in result.stdout and "[1/2] embedded 4 images" in result.stdout
+    assert "2 Ray tasks: 4 of 4 shards done" in result.stdout
+    ours = pq.read_table(out / "embeddings").sort_by([("shard", "ascending"), ("key", "ascending")])
+    theirs = pq.read_table(single / "embeddings").sort_by([("shard", "ascending"), ("key", "ascending")])
+    assert ours.column("key").equals(theirs.column("key"))
+    np.testing.assert_allclose(np.stack(ours["embedding"].to_numpy(zero_copy_only=False)),
+                               np.stack(theirs["embedding"].to_numpy(zero_copy_only=False)), atol=1e-6)
+
+    bad = subprocess.run(embed_cmd(tars, out, checkpoint, "--ray", "2", "--procs", "2"), capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and "does not mix" in bad.stderr
