@@ -23,9 +23,14 @@ COMPACT_AT = 8_000_000  # pairs held before the per-query cap is applied
 def coarse_probes(ivf: faiss.IndexIVF, blocks, nprobe: int) -> np.ndarray:
     """The `nprobe` lists each query probes, as a search would choose them (N x nprobe int32)."""
     quantizer = faiss.downcast_index(ivf.quantizer)
-    if isinstance(quantizer, faiss.IndexHNSW):
-        quantizer.hnsw.efSearch = max(quantizer.hnsw.efSearch, nprobe)
-    return np.concatenate([quantizer.search(block, nprobe)[1].astype(np.int32) for block in blocks])
+    if not isinstance(quantizer, faiss.IndexHNSW):
+        return np.concatenate([quantizer.search(block, nprobe)[1].astype(np.int32) for block in blocks])
+    ef = quantizer.hnsw.efSearch  # an HNSW quantizer must look at least nprobe candidates wide
+    quantizer.hnsw.efSearch = max(ef, nprobe)
+    try:
+        return np.concatenate([quantizer.search(block, nprobe)[1].astype(np.int32) for block in blocks])
+    finally:
+        quantizer.hnsw.efSearch = ef
 
 
 def list_ids(ivf: faiss.IndexIVF, number: int) -> np.ndarray:
@@ -50,10 +55,11 @@ def smallest_nprobe(ivf: faiss.IndexIVF, queries: np.ndarray, lists: np.ndarray,
                     target: float) -> tuple[int, float]:
     """The smallest of `values` for which `target` of the queries probe their own list in `lists`
     (the list of the vector each should find), and the fraction that do."""
-    probes = coarse_probes(ivf, [np.ascontiguousarray(queries, dtype=np.float32)], max(values))
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
     recall = 0.0
     for value in values:
-        recall = float(np.mean((probes[:, :value] == lists[:, None]).any(axis=1)))
+        probes = coarse_probes(ivf, [queries], value)
+        recall = float(np.mean((probes == lists[:, None]).any(axis=1)))
         if recall >= target:
             break
     return value, recall

@@ -94,3 +94,15 @@ def test_each_query_keeps_its_most_similar_neighbours_and_the_capped_are_counted
     for row in crowded[:10]:
         kept = np.sort(s[q == row])[::-1]
         np.testing.assert_allclose(kept, np.sort(truth[row])[::-1][:5], atol=1e-5)
+
+
+def test_an_hnsw_quantizer_is_searched_wide_enough_and_left_as_it_was():
+    vectors = planted()
+    index = faiss.index_factory(vectors.shape[1], "IVF32_HNSW8,Flat", faiss.METRIC_INNER_PRODUCT)
+    index.train(vectors)
+    index.add(vectors)
+    hnsw = faiss.downcast_index(index.quantizer).hnsw
+    before = hnsw.efSearch
+    q, d, _, _ = range_join(index, Rows(vectors), vectors, index.nlist, 0.97, 1000, self_join=True)
+    assert set(zip(q.tolist(), d.tolist())) == brute_force(vectors, vectors, 0.97, self_join=True)
+    assert hnsw.efSearch == before
