@@ -14,7 +14,9 @@ On a CPU device the decode shares the cores with the forward, so e2e/forward can
 `ceiling = forward core-ms / (forward core-ms + decode core-ms)` per image; the decode cost is
 measured here too (the loader alone, one thread) and the ceiling printed beside R. With --memory, also runs
 `imgindex embed` on the corpus and on a 10x corpus in fresh processes and prints both peak RSS.
-Each measurement is repeated (--repeat, interleaved) and the best kept. Weights are random-init
+Each measurement is repeated (--repeat, interleaved); the rates are medians and each ratio is the
+median of the ratios within one attempt (measured back to back, so a slow spell of the shared
+machine cancels out instead of pairing one run's luck with another's). Weights are random-init
 (speed does not depend on them).
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ import contextlib
 import io
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -126,7 +129,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="decode processes (0: threads in-process)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="auto")
-    parser.add_argument("--repeat", type=int, default=3, help="interleaved runs; the best of each is kept")
+    parser.add_argument("--repeat", type=int, default=5, help="interleaved runs; medians are reported")
     parser.add_argument("--draft", action="store_true", help="reduced-size JPEG decoding (decode.draft)")
     parser.add_argument("--memory", action="store_true", help="also peak RSS at 1x and 10x the corpus")
     parser.add_argument("--results", help="append a JSON line of the figures to this file")
@@ -140,21 +143,24 @@ def main() -> None:
                                  "decode.draft": args.draft})
     backbone = load_backbone(config)
     threads = torch.get_num_threads()
-    forward = e2e = card = 0.0
+    forwards, e2es, cards = [], [], []
     decode_ms = decode_ms_per_image(tars[: max(1, len(tars) // 4)], backbone, config)
-    for attempt in range(args.repeat):  # interleaved, best of each: the machine is shared and noisy
-        forward = max(forward, forward_rate(backbone, args.batch_size, max(2, args.count // args.batch_size)))
+    for attempt in range(args.repeat):  # interleaved and paired: the machine is shared and drifts
+        forwards.append(forward_rate(backbone, args.batch_size, max(2, args.count // args.batch_size)))
         summary = run_embed(tars, str(work / f"out{attempt}"), config, progress=False)
-        e2e = max(e2e, summary.images / summary.seconds)
-        card = max(card, model_card_rate(backbone, data[: max(args.batch_size * 2, min(len(data), 128))],
-                                         args.batch_size))
+        e2es.append(summary.images / summary.seconds)
+        cards.append(model_card_rate(backbone, data[: max(args.batch_size * 2, min(len(data), 128))],
+                                     args.batch_size))
+    forward, e2e, card = (statistics.median(rates) for rates in (forwards, e2es, cards))
+    over_forward = statistics.median(e / f for e, f in zip(e2es, forwards))
+    over_card = statistics.median(e / c for e, c in zip(e2es, cards))
     figures = {
         "benchmark": "embed_throughput", "model": args.model, "size": args.size, "count": args.count,
         "batch_size": args.batch_size, "workers": args.workers, "device": str(backbone.device),
         "precision": backbone.precision, "draft": args.draft, "torch_threads": threads, "repeat": args.repeat,
         "forward_images_per_s": float(f"{forward:.3g}"), "e2e_images_per_s": float(f"{e2e:.3g}"),
-        "model_card_images_per_s": float(f"{card:.3g}"), "e2e_over_forward": round(e2e / forward, 3),
-        "speedup_vs_model_card_loop": round(e2e / card, 3), "decode_core_ms_per_image": round(decode_ms, 2),
+        "model_card_images_per_s": float(f"{card:.3g}"), "e2e_over_forward": round(over_forward, 3),
+        "speedup_vs_model_card_loop": round(over_card, 3), "decode_core_ms_per_image": round(decode_ms, 2),
         "machine": platform.machine() + (f", {torch.cuda.get_device_name()}" if backbone.device.type == "cuda"
                                           else f", {threads} threads"),
     }

@@ -126,7 +126,8 @@ def sha256(data: bytes) -> str:
 
 
 def build_preprocess(data_config: dict) -> Callable[[Image.Image], np.ndarray]:
-    """timm's eval transform up to (not including) ToTensor+Normalize, returning uint8 HWC.
+    """timm's eval transform up to (not including) ToTensor+Normalize, returning uint8 CHW
+    (transposed here, in the decode threads, rather than batch-wide on the model's thread).
 
     The float conversion and normalization run on the model's device (pipeline.model), with
     the same operations as timm's ToTensor and Normalize, so results match the model card's.
@@ -138,8 +139,8 @@ def build_preprocess(data_config: dict) -> Callable[[Image.Image], np.ndarray]:
     pil_steps = T.Compose(steps[:-2])
 
     def preprocess(img: Image.Image) -> np.ndarray:
-        out = pil_steps(img)
-        return np.asarray(out, dtype=np.uint8)
+        out = np.asarray(pil_steps(img), dtype=np.uint8)
+        return np.ascontiguousarray(out.transpose(2, 0, 1))
 
     return preprocess
 
@@ -153,8 +154,8 @@ def draft_side(decode: DecodeConfig, data_config: dict) -> int | None:
 
 
 def stack_nchw(pixels: list[np.ndarray]) -> torch.Tensor:
-    """uint8 HWC images of one size -> one contiguous uint8 NCHW batch."""
-    return torch.from_numpy(np.ascontiguousarray(np.stack(pixels).transpose(0, 3, 1, 2)))
+    """uint8 CHW images of one size -> one contiguous uint8 NCHW batch."""
+    return torch.from_numpy(np.stack(pixels))
 
 
 def describe_preprocess(data_config: dict) -> list[str]:

@@ -51,8 +51,7 @@ class Backbone:
 
         The steps mirror timm's ToTensor (float, /255) and Normalize (sub mean, div std).
         """
-        x = images.to(self.device, non_blocking=True).to(torch.float32).div(255)
-        x = x.sub_(self.mean).div_(self.std)
+        x = images.to(self.device, non_blocking=True).to(torch.float32).div_(255).sub_(self.mean).div_(self.std)
         with self._autocast():
             feats = self.model(x)
         feats = feats.float()
