@@ -5,8 +5,8 @@ query: at a million queries that is terabytes of memory traffic for a few thousa
 products each. Here the queries are bucketed by the lists they probe (the same coarse
 quantizer and `nprobe` as a search), and each list is compared with all of its queries in
 one matrix product on the stored full-precision vectors. A pair is a candidate exactly when
-a search with the same `nprobe` would have examined it; in a self-join it is found from
-either side, so recall is at least a search's. Only the list ids are read from the index
+a search with the same `nprobe` would have examined it (from either side, in a self-join),
+so recall equals a search's, at the speed of matrix products. Only the list ids are read from the index
 (its codes are never touched), and memory is O(N * nprobe) ints plus the pairs found.
 """
 from __future__ import annotations
