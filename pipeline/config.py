@@ -32,7 +32,7 @@ class RuntimeConfig:
     device: str = "auto"
     precision: str = "auto"
     batch_size: int | str = "auto"  # or a number; auto: the largest that fits in GPU memory (64 on CPU)
-    workers: int = 4
+    workers: int | str = "auto"  # or a number; auto: one decode process per core (max 16), 0 on a CPU device
     compile: bool = False
 
 
@@ -118,8 +118,9 @@ def validate(config: EmbedConfig) -> None:
     size = config.runtime.batch_size
     if size != "auto" and (not isinstance(size, int) or size < 1):
         raise ConfigError(f"batch size must be a whole number of at least 1, or auto; got {size!r}")
-    if config.runtime.workers < 0:
-        raise ConfigError(f"workers must be 0 or more, got {config.runtime.workers}")
+    workers = config.runtime.workers
+    if workers != "auto" and (not isinstance(workers, int) or workers < 0):
+        raise ConfigError(f"workers must be a whole number of 0 or more, or auto; got {workers!r}")
     if config.runtime.precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {config.runtime.precision!r}")
     if config.source.folder_shard_size < 1:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from pipeline.config import ConfigError, EmbedConfig
 from pipeline.decode import DECODE_MODE, build_preprocess, describe_preprocess, draft_side
-from pipeline.loader import ROW_FIELDS, Batch, ShardBatches, ShardDone, make_loader
+from pipeline.loader import ROW_FIELDS, Batch, ShardBatches, ShardDone, auto_workers, available_cores, make_loader
 from pipeline.model import Backbone, auto_batch_size, load_backbone
 from pipeline.sources import Shard, plan_shards
 from pipeline.writer import EmbeddingStore
@@ -129,6 +129,9 @@ def run_embed(sources: list[str], out: str, config: EmbedConfig, overwrite: bool
     if config.runtime.batch_size == "auto":
         config.runtime.batch_size = auto_batch_size(backbone)
         log.info("batch size %d (auto)", config.runtime.batch_size)
+    if config.runtime.workers == "auto":
+        config.runtime.workers = auto_workers(backbone.device.type, available_cores())
+        log.info("%d decode worker processes (auto)", config.runtime.workers)
     store.prepare(build_manifest(config, backbone), overwrite=overwrite)
 
     done = store.done_shards()

@@ -2,10 +2,12 @@
 shards (`--slice k/N`): one process per GPU, with no cluster scheduler.
 
 Process k sees only GPU k (CUDA_VISIBLE_DEVICES), so each runs the ordinary single-device
-job; on a CPU-only machine the cores are split between the processes instead.
+job, and runs on its own share of the cores (its affinity), which its decode workers inherit
+and `workers: auto` counts; on a CPU-only machine the share also sets its thread count.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import time
 import torch
 
 from pipeline.config import ConfigError, EmbedConfig
+from pipeline.loader import available_cores, own_cores
 from pipeline.sources import plan_shards
 from pipeline.writer import EmbeddingStore
 
@@ -22,7 +25,15 @@ def wants_gpu(config: EmbedConfig) -> bool:
     return config.runtime.device.startswith("cuda") or (config.runtime.device == "auto" and torch.cuda.is_available())
 
 
-def _child_env(rank: int, count: int, config: EmbedConfig) -> dict[str, str]:
+def core_shares(cores: list[int], count: int) -> list[list[int]]:
+    """`cores` cut into `count` disjoint runs of near-equal length, one per process; empty
+    when there are fewer cores than processes (then the processes share them all)."""
+    if len(cores) < count:
+        return [[] for _ in range(count)]
+    return [cores[k * len(cores) // count:(k + 1) * len(cores) // count] for k in range(count)]
+
+
+def _child_env(rank: int, count: int, config: EmbedConfig, share: list[int]) -> dict[str, str]:
     env = dict(os.environ)
     if wants_gpu(config):
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -31,7 +42,7 @@ def _child_env(rank: int, count: int, config: EmbedConfig) -> dict[str, str]:
             raise ConfigError(f"--procs {count} asks for more processes than the {len(gpus)} visible GPUs")
         env["CUDA_VISIBLE_DEVICES"] = gpus[rank]
     else:
-        threads = max(1, (os.cpu_count() or 1) // count)
+        threads = len(share) or max(1, available_cores() // count)
         env["OMP_NUM_THREADS"] = str(threads)
     return env
 
@@ -68,10 +79,15 @@ def run_processes(argv: list[str], sources: list[str], out: str, config: EmbedCo
     shards, store = prepare_slices(sources, out, config, count, overwrite, "--procs")
     started = time.time()
     children = []
-    for rank in range(count):
+    shares = core_shares(own_cores(), count)
+    for rank, share in enumerate(shares):
         cmd = [sys.executable, "-m", "indexes.cli", *argv, "--slice", f"{rank}/{count}", "--no-progress"]
-        children.append(subprocess.Popen(cmd, env=_child_env(rank, count, config), stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE, text=True))
+        child = subprocess.Popen(cmd, env=_child_env(rank, count, config, share), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        if share:  # set at once, before the new interpreter starts any thread or worker
+            with contextlib.suppress(ProcessLookupError):  # it already exited: its error is reported below
+                os.sched_setaffinity(child.pid, share)
+        children.append(child)
     failed = 0
     for rank, child in enumerate(children):
         stdout, stderr = child.communicate()

@@ -27,6 +27,8 @@ def test_flags_override_the_file(tmp_path):
     ("runtime: {batchsize: 3}", "unknown config key runtime.'batchsize'"),
     ("model: 3", "must be a mapping"),
     ("runtime: {precision: fp64}", "precision must be one of"),
+    ("runtime: {workers: -1}", "workers must be a whole number of 0 or more, or auto"),
+    ("runtime: {workers: many}", "workers must be a whole number of 0 or more, or auto"),
     ("[unclosed", "not valid YAML"),
 ])
 def test_bad_config_files_are_clear_errors(tmp_path, text, message):

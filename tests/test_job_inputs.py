@@ -86,6 +86,11 @@ def test_missing_checkpoint_file(tmp_path, one_tar):
 def test_bad_flag_values(tmp_path, one_tar, checkpoint):
     assert_one_line_error(run_cli("embed", one_tar, "--out", tmp_path / "o", "--config", "test",
                                   "--batch-size", "0"), "batch size")
+    assert_one_line_error(run_cli("embed", one_tar, "--out", tmp_path / "o", "--config", "test",
+                                  "--workers", "-2"), "workers must be")
+    unparsable = run_cli("embed", one_tar, "--out", tmp_path / "o", "--config", "test", "--workers", "all")
+    assert unparsable.returncode == 2  # argparse's usage, then its one error line
+    assert unparsable.stderr.splitlines()[-1].endswith("argument --workers: expected a whole number or auto, got 'all'")
     assert_one_line_error(run_cli("embed", one_tar, "--out", tmp_path / "o", "--config", "nope"), "config")
     assert_one_line_error(run_cli("embed", one_tar, "--out", tmp_path / "o", "--config", "test",
                                   "--checkpoint", checkpoint, "--slice", "3/2"), "slice")

@@ -72,15 +72,33 @@ def test_auto_batch_size_keeps_headroom_below_the_largest_that_fits():
         largest_fitting(lambda size: False)
 
 
-def test_auto_batch_size_is_resolved_and_recorded(tmp_path, photo_tars, config_for):
+def test_auto_batch_size_and_workers_are_resolved_and_recorded(tmp_path, photo_tars, config_for):
     import json
 
     from pipeline.embed import run_embed
 
     run_embed([str(t) for t in photo_tars(count=1, per_shard=2)], str(tmp_path / "out"),
-              config_for(**{"runtime.batch_size": "auto"}), progress=False)
-    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
-    size = manifest["config"]["runtime"]["batch_size"]
+              config_for(**{"runtime.batch_size": "auto", "runtime.workers": "auto"}), progress=False)
+    runtime = json.loads((tmp_path / "out" / "_manifest.json").read_text())["config"]["runtime"]
+    size = runtime["batch_size"]
     assert isinstance(size, int) and size >= 8
-    if not torch.cuda.is_available():
-        assert size == 64
+    assert runtime["device"] == "cpu" and size == 64
+    assert runtime["workers"] == 0  # on a CPU the decode threads take turns with the forward
+
+
+def test_auto_workers_use_the_cores_of_this_process_and_leave_one_for_it():
+    from pipeline.loader import MAX_AUTO_WORKERS, auto_workers
+
+    assert auto_workers("cpu", 64) == 0
+    assert auto_workers("cuda", 16) == 15
+    assert auto_workers("cuda", 2) == 1 and auto_workers("cuda", 1) == 1
+    assert auto_workers("cuda", 224) == MAX_AUTO_WORKERS
+
+
+def test_procs_get_disjoint_shares_of_the_cores():
+    from pipeline.processes import core_shares
+
+    shares = core_shares(list(range(16)), 3)
+    assert [len(s) for s in shares] == [5, 5, 6]
+    assert sorted(c for s in shares for c in s) == list(range(16))
+    assert core_shares([0, 1], 4) == [[], [], [], []]  # fewer cores than processes: no pinning
