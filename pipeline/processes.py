@@ -50,6 +50,9 @@ def _child_env(rank: int, count: int, config: EmbedConfig, share: list[int]) -> 
 def prepare_slices(sources: list[str], out: str, config: EmbedConfig, count: int, overwrite: bool,
                    flag: str) -> tuple[list, EmbeddingStore]:
     """Before any slice starts: plan the shards and check OUT once, and clear it once if asked."""
+    if config.runtime.device.startswith("cuda:"):
+        raise ConfigError(f"{flag} gives each process its own GPU, so --device {config.runtime.device} cannot hold "
+                          "in all of them: use --device cuda (or auto), and CUDA_VISIBLE_DEVICES to choose the GPUs")
     shards = plan_shards(sources, config.source)
     if count > len(shards):
         raise ConfigError(f"{flag} {count} is more than the {len(shards)} shards to share out")

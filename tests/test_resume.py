@@ -142,7 +142,8 @@ def test_procs_share_the_shards_between_processes(tmp_path, photo_tars, checkpoi
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and pq.read_table(out / "embeddings").num_rows == 8, again.stderr
 
-    for extra, message in ((["--procs", "2", "--slice", "0/2"], "do not mix"), (["--procs", "9"], "more than the 4")):
+    for extra, message in ((["--procs", "2", "--slice", "0/2"], "do not mix"), (["--procs", "9"], "more than the 4"),
+                           (["--procs", "2", "--device", "cuda:1"], "use --device cuda")):
         bad = subprocess.run(embed_cmd(tars, out, checkpoint, *extra), capture_output=True, text=True, timeout=300)
         assert bad.returncode == 2 and message in bad.stderr
 
