@@ -149,7 +149,7 @@ def main() -> None:
         forwards.append(forward_rate(backbone, args.batch_size, max(2, args.count // args.batch_size)))
         summary = run_embed(tars, str(work / f"out{attempt}"), config, progress=False)
         e2es.append(summary.images / summary.seconds)
-        cards.append(model_card_rate(backbone, data[: max(args.batch_size * 2, min(len(data), 128))],
+        cards.append(model_card_rate(backbone, data[: max(args.batch_size * 2, min(len(data), 512))],
                                      args.batch_size))
     forward, e2e, card = (statistics.median(rates) for rates in (forwards, e2es, cards))
     over_forward = statistics.median(e / f for e, f in zip(e2es, forwards))
