@@ -31,7 +31,7 @@ class ModelConfig:
 class RuntimeConfig:
     device: str = "auto"
     precision: str = "auto"
-    batch_size: int | str = "auto"  # or a number; auto: the largest that fits in GPU memory (32 on CPU)
+    batch_size: int | str = "auto"  # or a number; auto: the largest that fits in GPU memory (16 on CPU)
     workers: int | str = "auto"  # or a number; auto: one decode process per core (max 16), 0 on a CPU device
     compile: bool = False
 
