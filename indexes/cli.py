@@ -23,7 +23,7 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", metavar="NAME", help="timm model name (default xcit_large_24_p8_224.fb_in1k)")
     group.add_argument("--checkpoint", metavar="FILE", help="local weights (safetensors or .pth) instead of the hub")
     group.add_argument("--batch-size", type=_number_or_auto, metavar="N",
-                       help="images per forward pass, or auto: the largest that fits in GPU memory")
+                       help="images per forward pass, or auto: the largest that fits in GPU memory (16 on a CPU)")
     group.add_argument("--device", metavar="DEV", help="auto (default), cpu, cuda or cuda:N")
     group.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
                        help="auto = bf16 autocast on CUDA, fp32 on CPU")
@@ -380,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--slice", metavar="I/N", help="take only shards I, I+N, ... (SLURM arrays, clusters)")
     embed.add_argument("--procs", type=int, default=1, metavar="N",
                        help="run N processes over disjoint shards on this machine: one per GPU "
-                            "(process k sees GPU k), or splitting the CPU cores")
+                            "(process k sees GPU k), each pinned to its own share of the CPU cores")
     embed.add_argument("--ray", type=int, metavar="N",
                        help="run N Ray tasks over disjoint shards on the Ray cluster at RAY_ADDRESS (else a "
                             "local Ray), one GPU each on CUDA; DIR must be reachable from every node")

@@ -68,8 +68,10 @@ def test_rerun_after_kill_finishes_only_the_missing_shards(tmp_path, photo_tars,
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path, photo_tars, checkpoint):
     tars = photo_tars(count=24, per_shard=4)
     out = tmp_path / "out"
+    # A shell that starts the tests in the background makes its children ignore SIGINT, and
+    # Python then installs no Ctrl-C handler: give the job the default disposition, as in a terminal.
     job = subprocess.Popen(embed_cmd(tars, out, checkpoint), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True)
+                           text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not list(out.glob("_stats/part-*.json")):
         time.sleep(0.01)
