@@ -1,4 +1,6 @@
 """Weights loading and the forward path: checkpoints in either format, precision, devices."""
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -40,6 +42,23 @@ def test_bf16_autocast_path_returns_float32_unit_vectors(photos, config_for):
     assert a.dtype == b.dtype == np.float32 and a.shape == b.shape == (3, 128)
     np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1, atol=1e-5)
     assert (a * b).sum(axis=1).min() > 0.99
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile (inductor) needs a C compiler")
+def test_compiled_backbone_writes_the_eager_vectors(tmp_path, photo_tars, config_for):
+    import pyarrow.parquet as pq
+
+    from pipeline.embed import run_embed
+
+    tars = [str(t) for t in photo_tars(count=1, per_shard=2)]
+    for name, compile_ in (("eager", False), ("compiled", True)):
+        run_embed(tars, str(tmp_path / name), config_for(**{"runtime.batch_size": 2, "runtime.compile": compile_}),
+                  progress=False)
+    assert hasattr(load_backbone(config_for(**{"runtime.compile": True})).model, "_orig_mod")  # torch.compile's wrapper
+    eager, compiled = (pq.read_table(tmp_path / name / "embeddings") for name in ("eager", "compiled"))
+    assert compiled.column("key").equals(eager.column("key"))
+    np.testing.assert_allclose(np.stack(compiled["embedding"].to_numpy(zero_copy_only=False)),
+                               np.stack(eager["embedding"].to_numpy(zero_copy_only=False)), atol=1e-5)
 
 
 def test_auto_precision_is_fp32_on_cpu_and_bf16_on_cuda():
