@@ -2,6 +2,7 @@
 
     python benchmarks/embed_throughput.py [--model xcit_nano_12_p16_224.fb_in1k] [--count 1024]
                                           [--size imagenet|large] [--memory] [--results results.jsonl]
+                                          [--device cuda --batch-size auto --compile]
 
 Writes a tar corpus of real-photo JPEGs (500x375 "imagenet" or 2048x1536 "large"), then measures
 at the same batch size, threads and precision:
@@ -42,11 +43,11 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.decode import build_preprocess, draft_side  # noqa: E402
-from pipeline.loader import ShardBatches, ShardDone  # noqa: E402
+from pipeline.loader import ShardBatches, ShardDone, auto_workers, available_cores  # noqa: E402
 from pipeline.sources import plan_shards  # noqa: E402
 from pipeline.demo_corpus import jpeg_bytes, photo_files, write_tar  # noqa: E402
 from pipeline.embed import run_embed  # noqa: E402
-from pipeline.model import _DTYPES, load_backbone  # noqa: E402
+from pipeline.model import _DTYPES, auto_batch_size, load_backbone  # noqa: E402
 from results import append_result  # noqa: E402
 
 SIZES = {"imagenet": (500, 375), "large": (2048, 1536)}
@@ -110,14 +111,19 @@ def decode_ms_per_image(tars: list[str], backbone, config) -> float:
     return 1000 * sum(d.decode_seconds for d in done) / sum(d.samples for d in done)
 
 
-def peak_rss_mb(tars: list[str], out: Path, args) -> float:
+def peak_rss_mb(tars: list[str], out: Path, args, config) -> float:
     random = out.parent / "random.yaml"
     random.write_text("model: {pretrained: false}\n")
     cmd = [sys.executable, "-m", "indexes.cli", "embed", *tars, "--out", str(out), "--config", str(random),
-           "--model", args.model, "--batch-size", str(args.batch_size), "--workers", str(args.workers),
+           "--model", args.model, "--batch-size", str(config.runtime.batch_size),
+           "--workers", str(config.runtime.workers),
            "--device", args.device, "--no-progress", "--overwrite"]
     result = subprocess.run([sys.executable, "-c", PEAK_RSS, *cmd], capture_output=True, text=True, cwd=ROOT, check=True)
     return int(result.stdout.split()[-1]) / 1024
+
+
+def number_or_auto(text: str) -> int | str:
+    return text if text == "auto" else int(text)
 
 
 def main() -> None:
@@ -125,10 +131,12 @@ def main() -> None:
     parser.add_argument("--model", default="xcit_nano_12_p16_224.fb_in1k")
     parser.add_argument("--count", type=int, default=1024, help="images (long enough for a steady state)")
     parser.add_argument("--size", choices=SIZES, default="imagenet")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=0, help="decode processes (0: threads in-process)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--batch-size", type=number_or_auto, default=32, help="N, or auto (fills a GPU's memory)")
+    parser.add_argument("--workers", type=number_or_auto, default="auto",
+                        help="decode processes; auto: 0 (threads in-process) on a CPU, one per core on a GPU")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--precision", default="auto", help="auto: fp32 on CPU, bf16 autocast on CUDA")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the backbone (both sides)")
     parser.add_argument("--repeat", type=int, default=5, help="interleaved runs; medians are reported")
     parser.add_argument("--draft", action="store_true", help="reduced-size JPEG decoding (decode.draft)")
     parser.add_argument("--memory", action="store_true", help="also peak RSS at 1x and 10x the corpus")
@@ -140,23 +148,28 @@ def main() -> None:
     config = load_config("cpu", {"model.name": args.model, "model.pretrained": False,
                                  "runtime.batch_size": args.batch_size, "runtime.workers": args.workers,
                                  "runtime.device": args.device, "runtime.precision": args.precision,
-                                 "decode.draft": args.draft})
+                                 "runtime.compile": args.compile, "decode.draft": args.draft})
     backbone = load_backbone(config)
+    if config.runtime.batch_size == "auto":
+        config.runtime.batch_size = auto_batch_size(backbone)
+    if config.runtime.workers == "auto":
+        config.runtime.workers = auto_workers(backbone.device.type, available_cores())
+    batch = config.runtime.batch_size
     threads = torch.get_num_threads()
     forwards, e2es, cards = [], [], []
     decode_ms = decode_ms_per_image(tars[: max(1, len(tars) // 4)], backbone, config)
     for attempt in range(args.repeat):  # interleaved and paired: the machine is shared and drifts
-        forwards.append(forward_rate(backbone, args.batch_size, max(2, args.count // args.batch_size)))
+        forwards.append(forward_rate(backbone, batch, max(2, args.count // batch)))
         summary = run_embed(tars, str(work / f"out{attempt}"), config, progress=False)
         e2es.append(summary.images / summary.seconds)
-        cards.append(model_card_rate(backbone, data[: max(args.batch_size * 2, min(len(data), 512))],
-                                     args.batch_size))
+        cards.append(model_card_rate(backbone, data[: max(batch * 2, min(len(data), 512))], batch))
     forward, e2e, card = (statistics.median(rates) for rates in (forwards, e2es, cards))
     over_forward = statistics.median(e / f for e, f in zip(e2es, forwards))
     over_card = statistics.median(e / c for e, c in zip(e2es, cards))
     figures = {
         "benchmark": "embed_throughput", "model": args.model, "size": args.size, "count": args.count,
-        "batch_size": args.batch_size, "workers": args.workers, "device": str(backbone.device),
+        "batch_size": batch, "workers": config.runtime.workers, "compile": args.compile,
+        "device": str(backbone.device),
         "precision": backbone.precision, "draft": args.draft, "torch_threads": threads, "repeat": args.repeat,
         "forward_images_per_s": float(f"{forward:.3g}"), "e2e_images_per_s": float(f"{e2e:.3g}"),
         "model_card_images_per_s": float(f"{card:.3g}"), "e2e_over_forward": round(over_forward, 3),
@@ -170,8 +183,8 @@ def main() -> None:
         figures["e2e_over_ceiling"] = round(figures["e2e_over_forward"] / figures["ceiling"], 3)
     if args.memory:
         ten, _ = write_corpus(work / "corpus10", SIZES[args.size], args.count * 10)
-        figures["peak_rss_mb_1x"] = round(peak_rss_mb(tars, work / "m1", args), 1)
-        figures["peak_rss_mb_10x"] = round(peak_rss_mb(ten, work / "m10", args), 1)
+        figures["peak_rss_mb_1x"] = round(peak_rss_mb(tars, work / "m1", args, config), 1)
+        figures["peak_rss_mb_10x"] = round(peak_rss_mb(ten, work / "m10", args, config), 1)
     print(json.dumps(figures, indent=1))
     print(f"e2e/forward = {figures['e2e_over_forward']}"
           + (f" (ceiling {figures['ceiling']} with decode sharing the cores: {decode_ms:.2f} core-ms an image "
