@@ -47,6 +47,7 @@ class DecodeConfig:
 class SourceConfig:
     folder_shard_size: int = 10_000
     list_column: str = "path"
+    read_timeout_s: float | None = 60.0  # a file or tar member that takes longer is a failure, not a hang
 
 
 @dataclass
@@ -123,6 +124,9 @@ def validate(config: EmbedConfig) -> None:
         raise ConfigError(f"workers must be a whole number of 0 or more, or auto; got {workers!r}")
     if config.runtime.precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {config.runtime.precision!r}")
+    timeout = config.source.read_timeout_s
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise ConfigError(f"source.read_timeout_s must be a number of seconds above 0, or null; got {timeout!r}")
     if config.source.folder_shard_size < 1:
         raise ConfigError("source.folder_shard_size must be at least 1")
     if len(config.decode.alpha_background) != 3:

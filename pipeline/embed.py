@@ -149,7 +149,8 @@ def _embed_shards(todo: list[Shard], store: EmbeddingStore, config: EmbedConfig,
     in_process = config.runtime.workers == 0
     dataset = ShardBatches(todo, build_preprocess(backbone.data_config), config.decode, config.runtime.batch_size,
                            draft_side(config.decode, backbone.data_config),
-                           decode_threads=torch.get_num_threads() if in_process else 1)
+                           decode_threads=torch.get_num_threads() if in_process else 1,
+                           read_timeout=config.source.read_timeout_s)
     loader = make_loader(dataset, config.runtime.workers, pin_memory=backbone.device.type == "cuda",
                          run_ahead=backbone.device.type != "cpu")
     sources = {s.name: s for s in todo}

@@ -57,13 +57,14 @@ class ShardBatches(IterableDataset):
     """
 
     def __init__(self, shards: list[Shard], preprocess: Callable, decode: DecodeConfig, batch_size: int,
-                 draft_side: int | None = None, decode_threads: int = 1):
+                 draft_side: int | None = None, decode_threads: int = 1, read_timeout: float | None = None):
         self.shards = shards
         self.preprocess = preprocess
         self.decode = decode
         self.batch_size = batch_size
         self.draft_side = draft_side
         self.decode_threads = decode_threads
+        self.read_timeout = read_timeout
 
     def __iter__(self) -> Iterator[Batch | ShardDone]:
         info = get_worker_info()
@@ -96,7 +97,7 @@ class ShardBatches(IterableDataset):
         done = ShardDone(shard=shard.name, samples=0)
         images: list[np.ndarray] = []
         rows: dict[str, list] = {name: [] for name in ROW_FIELDS}
-        samples = read_shard(shard)
+        samples = read_shard(shard, self.read_timeout)
         # Executor.map submits each sample as soon as it is read, so reading overlaps decoding.
         while results := list(map_(self.decode_sample, islice(samples, self.batch_size - len(images)))):
             done.samples += len(results)

@@ -7,10 +7,13 @@ A source is a WebDataset tar (path, glob, brace pattern or fsspec URL), an image
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
+import signal
 import tarfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -215,16 +218,46 @@ def _tar_sample(key: str, members: dict[str, tuple[str, bytes]]) -> Sample:
     return sample
 
 
-def read_tar(shard: Shard) -> Iterator[Sample]:
+@contextlib.contextmanager
+def deadline(seconds: float | None) -> Iterator[None]:
+    """Raise TimeoutError (an OSError) in the block after `seconds`: a read stuck on a dead
+    mount, a hung server or a FIFO fails instead of hanging the job. It uses SIGALRM, so it
+    acts only in a process's main thread (decode worker processes, and the in-process loader
+    on a CPU); elsewhere, and with no `seconds`, the block runs unbounded."""
+    if not seconds or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TimeoutError(f"no data after {seconds:g} s (source.read_timeout_s)")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def read_tar(shard: Shard, timeout: float | None = None) -> Iterator[Sample]:
     """Samples of a tar shard: consecutive members sharing a key form one sample (webdataset's rule).
 
-    A tar that cannot be opened, or stops being readable part-way, adds one `bad_shard`
-    sample for the unreadable rest, so the loss is recorded rather than silent.
+    A tar that cannot be opened, or stops being readable part-way (or takes over `timeout`
+    seconds to open or to give its next member), adds one `bad_shard` sample for the
+    unreadable rest, so the loss is recorded rather than silent.
     """
     key, members = None, {}
     try:
-        with fsspec.open(shard.url, "rb") as f:
-            for entry in tar_file_iterator(f):
+        with deadline(timeout):
+            opened = fsspec.open(shard.url, "rb").open()
+        with opened as f:
+            entries = tar_file_iterator(f)
+            while True:
+                with deadline(timeout):
+                    entry = next(entries, None)
+                if entry is None:
+                    break
                 name, data = entry["fname"], entry["data"]
                 prefix, ext = base_plus_ext(name.removeprefix("./"))
                 if prefix is None:
@@ -245,7 +278,9 @@ def read_tar(shard: Shard) -> Iterator[Sample]:
         yield _tar_sample(key, members)
 
 
-def read_files(shard: Shard) -> Iterator[Sample]:
+def read_files(shard: Shard, timeout: float | None = None) -> Iterator[Sample]:
+    """Samples of a folder or list shard; a file that cannot be read in `timeout` seconds is a
+    `timeout` failure, one that cannot be read at all is `unreadable`."""
     for i, (url, key) in enumerate(zip(shard.files, shard.keys)):
         sample = Sample(
             key=key, member=url,
@@ -253,15 +288,17 @@ def read_files(shard: Shard) -> Iterator[Sample]:
             url=shard.urls[i] if shard.urls else None,
         )
         try:
-            with fsspec.open(url, "rb") as f:
+            with deadline(timeout), fsspec.open(url, "rb") as f:
                 sample.data = f.read()
+        except TimeoutError as exc:
+            sample.error = ("timeout", str(exc))
         except OSError as exc:
             sample.error = ("unreadable", f"{type(exc).__name__}: {exc}")
         yield sample
 
 
-def read_shard(shard: Shard) -> Iterator[Sample]:
-    return read_tar(shard) if shard.kind == "tar" else read_files(shard)
+def read_shard(shard: Shard, timeout: float | None = None) -> Iterator[Sample]:
+    return read_tar(shard, timeout) if shard.kind == "tar" else read_files(shard, timeout)
 
 
 def read_images(kind: str, source: str, keys: list[str]) -> dict[str, bytes]:

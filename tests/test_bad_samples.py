@@ -1,6 +1,9 @@
 """A bad sample becomes a failures row with a short error class; odd modes are converted."""
+import contextlib
 import io
 import json
+import os
+import threading
 
 import imagehash
 import numpy as np
@@ -151,3 +154,47 @@ def test_decode_threads_give_the_same_full_batches_in_sample_order(bad_shard, co
     sizes = [len(b.images) for b in batches[1]]
     assert sizes[:-1] == [4] * (len(sizes) - 1) and sum(sizes) == one.samples - len(one.failures)
     assert isinstance(runs[1][-1], ShardDone)
+
+
+@contextlib.contextmanager
+def released_after(fifo, seconds=30):
+    """Should the read deadline break, open the FIFO's other end after `seconds`, so that the
+    test fails on its assertions instead of hanging the suite."""
+    def release():
+        with contextlib.suppress(OSError):  # ENXIO: nobody is reading it any more
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+    timer = threading.Timer(seconds, release)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_read_that_never_returns_is_a_timeout_failure_not_a_hung_job(tmp_path, photos, config_for, workers):
+    from pipeline.demo_corpus import jpeg_bytes
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    (root / "a.jpg").write_bytes(jpeg_bytes(photos["coffee"]))
+    os.mkfifo(root / "b.jpg")  # opening it for reading blocks until a writer comes: none will
+    (root / "c.jpg").write_bytes(jpeg_bytes(photos["rocket"]))
+    config = config_for(**{"source.read_timeout_s": 1, "runtime.workers": workers})
+    with released_after(root / "b.jpg"):
+        summary = run_embed([str(root)], str(tmp_path / "out"), config, progress=False)
+    assert summary.images == 2 and summary.failures_by_error == {"timeout": 1}
+    failures = pq.read_table(tmp_path / "out" / "failures").to_pydict()
+    assert failures["key"] == ["b.jpg"] and "no data after 1 s" in failures["message"][0]
+
+
+def test_a_tar_that_never_opens_is_a_bad_shard_not_a_hung_job(tmp_path, config_for):
+    os.mkfifo(tmp_path / "stuck-00000.tar")
+    with released_after(tmp_path / "stuck-00000.tar"):
+        summary = run_embed([str(tmp_path / "stuck-00000.tar")], str(tmp_path / "out"),
+                            config_for(**{"source.read_timeout_s": 0.5}), progress=False)
+    assert summary.shards_done == 1 and summary.failures_by_error == {"bad_shard": 1}
+    failures = pq.read_table(tmp_path / "out" / "failures").to_pydict()
+    assert "from the start: TimeoutError" in failures["message"][0]
