@@ -7,7 +7,7 @@ For ImageNet-size (500x375) and large (2048x1536) JPEGs made from real photos, o
 - ours: what a decode worker does per sample: header checks, EXIF upright, sha256, phash,
   timm resize/crop to uint8 (normalization runs later, on the model's device);
 - ours with reduced-size JPEG decoding (decode.draft: true).
-Prints images/s and the ratios, the mean absolute pixel difference of the fast path, and the
+Prints images/s and the ratios, the mean absolute pixel difference and phash bits of the fast path, and the
 embedding cosine between fast and exact (random-init XCiT-Nano, or --checkpoint). The bare loop
 computes no phash, so the phash's own cost is measured too, and ours is also set against the
 bare loop plus that cost (what is left is the loader's own overhead).
@@ -92,19 +92,24 @@ def main() -> None:
         exact_vec = backbone.embed(stack_nchw(list(exact_px)))
         fast_vec = backbone.embed(stack_nchw(list(fast_px)))
         cosine = float(np.einsum("ij,ij->i", exact_vec, fast_vec).min())
+        phash_bits = [bin((phash(open_upright(d, config.decode.max_pixels).image)
+                           ^ phash(open_upright(d, config.decode.max_pixels, draft_side=side).image))
+                          & (2**64 - 1)).count("1") for d in items[:32]]
         figures[name] = {
             "bare_images_per_s": round(bare_rate, 1), "ours_images_per_s": round(ours_rate, 1),
             "ours_draft_images_per_s": round(fast_rate, 1), "ours_vs_bare": round(ours_rate / bare_rate, 3),
             "draft_vs_bare": round(fast_rate / bare_rate, 3), "phash_ms_per_image": round(phash_ms, 3),
             "ours_vs_bare_plus_phash": round(ours_rate / bare_plus_phash_rate, 3),
             "draft_mean_abs_pixel_diff": round(float(np.abs(exact_px.astype(int) - fast_px.astype(int)).mean()), 3),
-            "draft_min_cosine": round(cosine, 6),
+            "draft_min_cosine": round(cosine, 6), "draft_phash_max_bits": max(phash_bits),
+            "draft_phash_mean_bits": round(float(np.mean(phash_bits)), 2),
         }
         f = figures[name]
         print(f"{name}: bare {f['bare_images_per_s']}/s, ours {f['ours_images_per_s']}/s "
               f"(ours/bare = {f['ours_vs_bare']}), ours+draft {f['ours_draft_images_per_s']}/s "
               f"(draft/bare = {f['draft_vs_bare']}); draft pixel diff {f['draft_mean_abs_pixel_diff']}, "
-              f"min cosine fast vs exact {f['draft_min_cosine']}; the phash alone {f['phash_ms_per_image']} ms, "
+              f"min cosine fast vs exact {f['draft_min_cosine']}, phash differs by {f['draft_phash_max_bits']} bits "
+              f"at most (mean {f['draft_phash_mean_bits']}); the phash alone {f['phash_ms_per_image']} ms, "
               f"ours / (bare + phash) = {f['ours_vs_bare_plus_phash']}")
     if not args.checkpoint:
         print("note: random-init weights; the cosine figure is only indicative (pass --checkpoint)")

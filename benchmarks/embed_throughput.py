@@ -43,11 +43,12 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.decode import build_preprocess, draft_side  # noqa: E402
-from pipeline.loader import ShardBatches, ShardDone, auto_workers, available_cores  # noqa: E402
+from pipeline.loader import ShardBatches, ShardDone  # noqa: E402
 from pipeline.sources import plan_shards  # noqa: E402
 from pipeline.demo_corpus import jpeg_bytes, photo_files, write_tar  # noqa: E402
-from pipeline.embed import run_embed  # noqa: E402
-from pipeline.model import _DTYPES, auto_batch_size, load_backbone  # noqa: E402
+from pipeline.embed import resolve_auto, run_embed  # noqa: E402
+from pipeline.model import _DTYPES, load_backbone  # noqa: E402
+from indexes.cli import number_or_auto  # noqa: E402
 from results import append_result  # noqa: E402
 
 SIZES = {"imagenet": (500, 375), "large": (2048, 1536)}
@@ -122,10 +123,6 @@ def peak_rss_mb(tars: list[str], out: Path, args, config) -> float:
     return int(result.stdout.split()[-1]) / 1024
 
 
-def number_or_auto(text: str) -> int | str:
-    return text if text == "auto" else int(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="xcit_nano_12_p16_224.fb_in1k")
@@ -150,10 +147,7 @@ def main() -> None:
                                  "runtime.device": args.device, "runtime.precision": args.precision,
                                  "runtime.compile": args.compile, "decode.draft": args.draft})
     backbone = load_backbone(config)
-    if config.runtime.batch_size == "auto":
-        config.runtime.batch_size = auto_batch_size(backbone)
-    if config.runtime.workers == "auto":
-        config.runtime.workers = auto_workers(backbone.device.type, available_cores())
+    resolve_auto(config, backbone)
     batch = config.runtime.batch_size
     threads = torch.get_num_threads()
     forwards, e2es, cards = [], [], []

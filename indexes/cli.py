@@ -22,18 +22,18 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
                        help="YAML config: a path, or a name in configs/ (default, cpu, test)")
     group.add_argument("--model", metavar="NAME", help="timm model name (default xcit_large_24_p8_224.fb_in1k)")
     group.add_argument("--checkpoint", metavar="FILE", help="local weights (safetensors or .pth) instead of the hub")
-    group.add_argument("--batch-size", type=_number_or_auto, metavar="N",
+    group.add_argument("--batch-size", type=number_or_auto, metavar="N",
                        help="images per forward pass, or auto: the largest that fits in GPU memory (16 on a CPU)")
     group.add_argument("--device", metavar="DEV", help="auto (default), cpu, cuda or cuda:N")
     group.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
                        help="auto = bf16 autocast on CUDA, fp32 on CPU")
-    group.add_argument("--workers", type=_number_or_auto, metavar="N",
+    group.add_argument("--workers", type=number_or_auto, metavar="N",
                        help="decode worker processes (0 = in-process threads), or auto: one per core less one, "
                             "at most 16 (0 on a CPU device)")
     group.add_argument("--compile", action="store_true", default=None, help="torch.compile the backbone")
 
 
-def _number_or_auto(text: str) -> int | str:
+def number_or_auto(text: str) -> int | str:
     if text == "auto":
         return text
     try:

@@ -126,12 +126,7 @@ def run_embed(sources: list[str], out: str, config: EmbedConfig, overwrite: bool
     store = EmbeddingStore(out)
     store.check_writable()
     backbone = load_backbone(config)
-    if config.runtime.batch_size == "auto":
-        config.runtime.batch_size = auto_batch_size(backbone)
-        log.info("batch size %d (auto)", config.runtime.batch_size)
-    if config.runtime.workers == "auto":
-        config.runtime.workers = auto_workers(backbone.device.type, available_cores())
-        log.info("%d decode worker processes (auto)", config.runtime.workers)
+    resolve_auto(config, backbone)
     store.prepare(build_manifest(config, backbone), overwrite=overwrite)
 
     done = store.done_shards()
@@ -142,6 +137,17 @@ def run_embed(sources: list[str], out: str, config: EmbedConfig, overwrite: bool
         return summary
     _embed_shards(todo, store, config, backbone, summary, progress)
     return summary
+
+
+def resolve_auto(config: EmbedConfig, backbone: Backbone) -> None:
+    """`auto` batch size and workers -> this machine's numbers, written into the config (and so
+    into the manifest)."""
+    if config.runtime.batch_size == "auto":
+        config.runtime.batch_size = auto_batch_size(backbone)
+        log.info("batch size %d (auto)", config.runtime.batch_size)
+    if config.runtime.workers == "auto":
+        config.runtime.workers = auto_workers(backbone.device.type, available_cores())
+        log.info("%d decode worker processes (auto)", config.runtime.workers)
 
 
 def _embed_shards(todo: list[Shard], store: EmbeddingStore, config: EmbedConfig, backbone: Backbone,
