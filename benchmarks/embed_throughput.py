@@ -2,19 +2,23 @@
 
     python benchmarks/embed_throughput.py [--model xcit_nano_12_p16_224.fb_in1k] [--count 1024]
                                           [--size imagenet|large] [--memory] [--results results.jsonl]
-                                          [--device cuda --batch-size auto --compile]
+                                          [--lanes N|auto] [--device cuda --batch-size auto --compile]
 
 Writes a tar corpus of real-photo JPEGs (500x375 "imagenet" or 2048x1536 "large"), then measures
 at the same batch size, threads and precision:
-- forward: the model alone on random tensors already in memory (the ceiling);
-- e2e: `run_embed` on the tars (decode workers, device normalization, Parquet writer);
+- forward: the model alone on random tensors already in memory, one batch at a time over all
+  the threads (the model card's way);
+- e2e: `run_embed` on the tars (decode, device normalization, Parquet writer);
 - model card loop: PIL open + timm transform + forward, one batch at a time, in one process.
 Prints `e2e/forward = R` and `speedup_vs_model_card_loop = S`.
 
-On a CPU device the decode shares the cores with the forward, so e2e/forward cannot exceed
-`ceiling = forward core-ms / (forward core-ms + decode core-ms)` per image; the decode cost is
-measured here too (the loader alone, one thread) and the ceiling printed beside R. With --memory, also runs
-`imgindex embed` on the corpus and on a 10x corpus in fresh processes and prints both peak RSS.
+On a CPU device the job runs in lanes (`--lanes`, one per core by default): each lane decodes
+a batch and runs the forward on it with its share of the threads, side by side. The forward
+alone in lanes is measured too (`lanes_forward_over_forward`). The decode shares the cores
+with the forward, so e2e/forward cannot exceed `ceiling`: the best forward's core-ms plus the
+decode's core-ms (the loader alone, one thread) an image, as a rate over the forward's.
+With --memory, also runs `imgindex embed` on the corpus and on a 10x corpus in fresh processes
+and prints both peak RSS.
 Each measurement is repeated (--repeat, interleaved); the rates are medians and each ratio is the
 median of the ratios within one attempt (measured back to back, so a slow spell of the shared
 machine cancels out instead of pairing one run's luck with another's). Weights are random-init
@@ -31,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -78,6 +83,7 @@ def autocast(precision: str, device: torch.device):
 
 
 def forward_rate(backbone, batch: int, batches: int) -> float:
+    """The model alone over all the threads, one batch at a time (the way the model card runs it)."""
     x = torch.randn(batch, *backbone.data_config["input_size"], device=backbone.device)
     with torch.inference_mode(), autocast(backbone.precision, backbone.device):
         backbone.model(x)
@@ -87,6 +93,24 @@ def forward_rate(backbone, batch: int, batches: int) -> float:
             backbone.model(x)
         sync(backbone.device)
     return batch * batches / (time.perf_counter() - start)
+
+
+def lanes_forward_rate(backbone, batch: int, batches: int, lanes: int) -> float:
+    """The model alone in `lanes` threads side by side, the threads split between them (as the
+    job's lanes run it, less the decode): the sum of the lanes' rates."""
+    width = max(1, torch.get_num_threads() // lanes)
+    rates = []
+
+    def lane() -> None:
+        torch.set_num_threads(width)
+        rates.append(forward_rate(backbone, batch, max(2, batches // lanes)))
+
+    threads = [threading.Thread(target=lane) for _ in range(lanes)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(rates)
 
 
 def sync(device: torch.device) -> None:
@@ -117,7 +141,7 @@ def peak_rss_mb(tars: list[str], out: Path, args, config) -> float:
     random.write_text("model: {pretrained: false}\n")
     cmd = [sys.executable, "-m", "indexes.cli", "embed", *tars, "--out", str(out), "--config", str(random),
            "--model", args.model, "--batch-size", str(config.runtime.batch_size),
-           "--workers", str(config.runtime.workers),
+           "--workers", str(config.runtime.workers), "--lanes", str(config.runtime.lanes),
            "--device", args.device, "--no-progress", "--overwrite"]
     result = subprocess.run([sys.executable, "-c", PEAK_RSS, *cmd], capture_output=True, text=True, cwd=ROOT, check=True)
     return int(result.stdout.split()[-1]) / 1024
@@ -131,6 +155,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=number_or_auto, default=32, help="N, or auto (fills a GPU's memory)")
     parser.add_argument("--workers", type=number_or_auto, default="auto",
                         help="decode processes; auto: 0 (threads in-process) on a CPU, one per core on a GPU")
+    parser.add_argument("--lanes", type=number_or_auto, default="auto",
+                        help="CPU: batches decoded and embedded side by side; auto: one per core (max 8); "
+                             "1: decode threads take turns with one forward over all threads")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--precision", default="auto", help="auto: fp32 on CPU, bf16 autocast on CUDA")
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbone (both sides)")
@@ -144,16 +171,20 @@ def main() -> None:
     tars, data = write_corpus(work / "corpus", SIZES[args.size], args.count)
     config = load_config("cpu", {"model.name": args.model, "model.pretrained": False,
                                  "runtime.batch_size": args.batch_size, "runtime.workers": args.workers,
+                                 "runtime.lanes": args.lanes,
                                  "runtime.device": args.device, "runtime.precision": args.precision,
                                  "runtime.compile": args.compile, "decode.draft": args.draft})
     backbone = load_backbone(config)
     resolve_auto(config, backbone)
     batch = config.runtime.batch_size
     threads = torch.get_num_threads()
-    forwards, e2es, cards = [], [], []
+    lanes = config.runtime.lanes
+    forwards, lane_forwards, e2es, cards = [], [], [], []
     decode_ms = decode_ms_per_image(tars[: max(1, len(tars) // 4)], backbone, config)
     for attempt in range(args.repeat):  # interleaved and paired: the machine is shared and drifts
         forwards.append(forward_rate(backbone, batch, max(2, args.count // batch)))
+        if lanes > 1:
+            lane_forwards.append(lanes_forward_rate(backbone, batch, max(2, args.count // batch), lanes))
         summary = run_embed(tars, str(work / f"out{attempt}"), config, progress=False)
         e2es.append(summary.images / summary.seconds)
         cards.append(model_card_rate(backbone, data[: max(batch * 2, min(len(data), 512))], batch))
@@ -162,7 +193,7 @@ def main() -> None:
     over_card = statistics.median(e / c for e, c in zip(e2es, cards))
     figures = {
         "benchmark": "embed_throughput", "model": args.model, "size": args.size, "count": args.count,
-        "batch_size": batch, "workers": config.runtime.workers, "compile": args.compile,
+        "batch_size": batch, "workers": config.runtime.workers, "lanes": lanes, "compile": args.compile,
         "device": str(backbone.device),
         "precision": backbone.precision, "draft": args.draft, "torch_threads": threads, "repeat": args.repeat,
         "forward_images_per_s": float(f"{forward:.3g}"), "e2e_images_per_s": float(f"{e2e:.3g}"),
@@ -171,9 +202,13 @@ def main() -> None:
         "machine": platform.machine() + (f", {torch.cuda.get_device_name()}" if backbone.device.type == "cuda"
                                           else f", {threads} threads"),
     }
-    if backbone.device.type == "cpu":
-        forward_core_ms = 1000 * threads / forward
-        figures["ceiling"] = round(forward_core_ms / (forward_core_ms + decode_ms), 3)
+    if lane_forwards:
+        figures["lanes_forward_images_per_s"] = float(f"{statistics.median(lane_forwards):.3g}")
+        figures["lanes_forward_over_forward"] = round(statistics.median(
+            lf / f for lf, f in zip(lane_forwards, forwards)), 3)
+    if backbone.device.type == "cpu":  # the decode's core-ms come on top of the forward's
+        forward_core_ms = 1000 * threads / max(forward, figures.get("lanes_forward_images_per_s", 0))
+        figures["ceiling"] = round(1000 * threads / (forward_core_ms + decode_ms) / forward, 3)
         figures["e2e_over_ceiling"] = round(figures["e2e_over_forward"] / figures["ceiling"], 3)
     if args.memory:
         ten, _ = write_corpus(work / "corpus10", SIZES[args.size], args.count * 10)
@@ -182,7 +217,10 @@ def main() -> None:
     print(json.dumps(figures, indent=1))
     print(f"e2e/forward = {figures['e2e_over_forward']}"
           + (f" (ceiling {figures['ceiling']} with decode sharing the cores: {decode_ms:.2f} core-ms an image "
-             f"vs the forward's {1000 * threads / forward:.2f})" if "ceiling" in figures else ""))
+             f"vs the forward's {forward_core_ms:.2f})" if "ceiling" in figures else ""))
+    if lane_forwards:
+        print(f"the forward alone in {lanes} lanes / over all {threads} threads = "
+              f"{figures['lanes_forward_over_forward']}")
     print(f"speedup_vs_model_card_loop = {figures['speedup_vs_model_card_loop']}")
     if args.memory:
         print(f"peak RSS: {figures['peak_rss_mb_1x']} MB at {args.count} images, "

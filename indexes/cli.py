@@ -30,6 +30,9 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--workers", type=number_or_auto, metavar="N",
                        help="decode worker processes (0 = in-process threads), or auto: one per core less one, "
                             "at most 16 (0 on a CPU device)")
+    group.add_argument("--lanes", type=number_or_auto, metavar="N",
+                       help="CPU with --workers 0: N threads that each decode a batch and run the forward on it with "
+                            "their share of the cores, side by side; auto: one per core, at most 8 (1 elsewhere)")
     group.add_argument("--compile", action="store_true", default=None, help="torch.compile the backbone")
 
 
@@ -46,7 +49,7 @@ def _config_from(args: argparse.Namespace, base: str | None = None) -> EmbedConf
     overrides = {
         "model.name": args.model, "model.checkpoint": args.checkpoint,
         "runtime.batch_size": args.batch_size, "runtime.device": args.device,
-        "runtime.precision": args.precision, "runtime.workers": args.workers,
+        "runtime.precision": args.precision, "runtime.workers": args.workers, "runtime.lanes": args.lanes,
         "runtime.compile": args.compile,
     }
     return load_config(args.config or base, overrides)

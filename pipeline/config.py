@@ -33,6 +33,7 @@ class RuntimeConfig:
     precision: str = "auto"
     batch_size: int | str = "auto"  # or a number; auto: the largest that fits in GPU memory (16 on CPU)
     workers: int | str = "auto"  # or a number; auto: one decode process per core (max 16), 0 on a CPU device
+    lanes: int | str = "auto"  # CPU, workers 0: batches decoded and embedded side by side; auto: one per core (max 8)
     compile: bool = False
 
 
@@ -122,6 +123,9 @@ def validate(config: EmbedConfig) -> None:
     workers = config.runtime.workers
     if workers != "auto" and (not isinstance(workers, int) or workers < 0):
         raise ConfigError(f"workers must be a whole number of 0 or more, or auto; got {workers!r}")
+    lanes = config.runtime.lanes
+    if lanes != "auto" and (isinstance(lanes, bool) or not isinstance(lanes, int) or lanes < 1):
+        raise ConfigError(f"lanes must be a whole number of 1 or more, or auto; got {lanes!r}")
     if config.runtime.precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {config.runtime.precision!r}")
     timeout = config.source.read_timeout_s

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -20,6 +21,7 @@ from tqdm import tqdm
 
 from pipeline.config import ConfigError, EmbedConfig
 from pipeline.decode import DECODE_MODE, build_preprocess, describe_preprocess, draft_side
+from pipeline.lanes import auto_lanes, embed_in_lanes
 from pipeline.loader import ROW_FIELDS, Batch, ShardBatches, ShardDone, auto_workers, available_cores, make_loader
 from pipeline.model import Backbone, auto_batch_size, load_backbone
 from pipeline.sources import Shard, plan_shards
@@ -140,58 +142,83 @@ def run_embed(sources: list[str], out: str, config: EmbedConfig, overwrite: bool
 
 
 def resolve_auto(config: EmbedConfig, backbone: Backbone) -> None:
-    """`auto` batch size and workers -> this machine's numbers, written into the config (and so
-    into the manifest)."""
-    if config.runtime.batch_size == "auto":
-        config.runtime.batch_size = auto_batch_size(backbone)
-        log.info("batch size %d (auto)", config.runtime.batch_size)
-    if config.runtime.workers == "auto":
-        config.runtime.workers = auto_workers(backbone.device.type, available_cores())
-        log.info("%d decode worker processes (auto)", config.runtime.workers)
+    """`auto` batch size, workers and lanes -> this machine's numbers, written into the config
+    (and so into the manifest)."""
+    runtime = config.runtime
+    if runtime.batch_size == "auto":
+        runtime.batch_size = auto_batch_size(backbone)
+        log.info("batch size %d (auto)", runtime.batch_size)
+    if runtime.workers == "auto":
+        runtime.workers = auto_workers(backbone.device.type, available_cores())
+        log.info("%d decode worker processes (auto)", runtime.workers)
+    in_process_cpu = backbone.device.type == "cpu" and runtime.workers == 0
+    if runtime.lanes == "auto":
+        runtime.lanes = auto_lanes(torch.get_num_threads()) if in_process_cpu else 1
+        log.info("%d lanes (auto)", runtime.lanes)
+    elif runtime.lanes > 1 and not in_process_cpu:
+        raise ConfigError(f"--lanes {runtime.lanes} needs a CPU device and --workers 0 (lanes decode and embed "
+                          f"side by side on the CPU's cores): use --lanes 1 with {backbone.device.type} "
+                          f"and {runtime.workers} workers")
 
 
 def _embed_shards(todo: list[Shard], store: EmbeddingStore, config: EmbedConfig, backbone: Backbone,
                   summary: Summary, progress: bool | None) -> None:
     in_process = config.runtime.workers == 0
+    threads = torch.get_num_threads()
     dataset = ShardBatches(todo, build_preprocess(backbone.data_config), config.decode, config.runtime.batch_size,
                            draft_side(config.decode, backbone.data_config),
-                           decode_threads=torch.get_num_threads() if in_process else 1,
-                           read_timeout=config.source.read_timeout_s)
-    loader = make_loader(dataset, config.runtime.workers, pin_memory=backbone.device.type == "cuda",
-                         run_ahead=backbone.device.type != "cpu")
+                           decode_threads=threads if in_process else 1, read_timeout=config.source.read_timeout_s)
+    if config.runtime.lanes > 1:
+        embedded = embed_in_lanes(dataset, backbone, config.runtime.lanes, threads)
+    else:
+        embedded = _embedded(make_loader(dataset, config.runtime.workers, pin_memory=backbone.device.type == "cuda",
+                                         run_ahead=backbone.device.type != "cpu"), backbone)
     sources = {s.name: s for s in todo}
     buffers: dict[str, _ShardBuffer] = {}
     pending: list[Future] = []
     start = time.perf_counter()
     bar = tqdm(total=len(todo), unit="shard", desc="embed", disable=None if progress is None else not progress)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-writer") as writer:
-        for message in loader:
-            buffer = buffers.setdefault(message.shard, _ShardBuffer())
-            if isinstance(message, Batch):
-                began = time.perf_counter()
-                buffer.add(message, backbone.embed(message.images))
-                summary.model_seconds += time.perf_counter() - began
-                summary.images += len(message.images)
-                elapsed = time.perf_counter() - start
-                bar.set_postfix(images_per_s=f"{summary.images / elapsed:.1f}",
-                                model_busy=f"{summary.model_seconds / elapsed:.0%}", refresh=False)
-                continue
-            assert isinstance(message, ShardDone)
-            buffers.pop(message.shard)
-            embeddings = buffer.embeddings(backbone.dim)
-            stats = _shard_stats(message, sources[message.shard], len(embeddings), buffer.started)
-            summary.failed += len(message.failures)
-            for error, count in stats["failures_by_error"].items():
-                summary.failures_by_error[error] = summary.failures_by_error.get(error, 0) + count
-            pending.append(writer.submit(store.write_shard, message.shard, buffer.rows, embeddings,
-                                         message.failures, stats))
-            pending = _reap(pending)
-            summary.shards_done += 1
-            bar.update(1)
-        for future in pending:
-            future.result()
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-writer") as writer:
+            for message, vectors, model_seconds in embedded:
+                buffer = buffers.setdefault(message.shard, _ShardBuffer())
+                if isinstance(message, Batch):
+                    buffer.add(message, vectors)
+                    summary.model_seconds += model_seconds
+                    summary.images += len(message.images)
+                    elapsed = time.perf_counter() - start
+                    bar.set_postfix(images_per_s=f"{summary.images / elapsed:.1f}",
+                                    model_busy=f"{summary.model_seconds / elapsed:.0%}", refresh=False)
+                    continue
+                buffers.pop(message.shard)
+                embeddings = buffer.embeddings(backbone.dim)
+                stats = _shard_stats(message, sources[message.shard], len(embeddings), buffer.started)
+                summary.failed += len(message.failures)
+                for error, count in stats["failures_by_error"].items():
+                    summary.failures_by_error[error] = summary.failures_by_error.get(error, 0) + count
+                pending.append(writer.submit(store.write_shard, message.shard, buffer.rows, embeddings,
+                                             message.failures, stats))
+                pending = _reap(pending)
+                summary.shards_done += 1
+                bar.update(1)
+            for future in pending:
+                future.result()
+    finally:
+        torch.set_num_threads(threads)  # lanes set their own; the caller keeps its budget
     bar.close()
     summary.seconds = time.perf_counter() - start
+
+
+def _embedded(loader: Iterable[Batch | ShardDone],
+              backbone: Backbone) -> Iterator[tuple[Batch | ShardDone, np.ndarray | None, float]]:
+    """(message, its vectors, seconds in the forward) from one loader and the forward here."""
+    for message in loader:
+        if isinstance(message, Batch):
+            began = time.perf_counter()
+            vectors = backbone.embed(message.images)
+            yield message, vectors, time.perf_counter() - began
+        else:
+            yield message, None, 0.0
 
 
 def _reap(pending: list[Future]) -> list[Future]:

@@ -94,27 +94,43 @@ class ShardBatches(IterableDataset):
 
     def shard_messages(self, shard: Shard, map_=map) -> Iterator[Batch | ShardDone]:
         """Full batches in sample order (the last may be short), then the ShardDone."""
-        done = ShardDone(shard=shard.name, samples=0)
-        images: list[np.ndarray] = []
-        rows: dict[str, list] = {name: [] for name in ROW_FIELDS}
+        decoded = Decoded(shard.name)
         samples = read_shard(shard, self.read_timeout)
         # Executor.map submits each sample as soon as it is read, so reading overlaps decoding.
-        while results := list(map_(self.decode_sample, islice(samples, self.batch_size - len(images)))):
-            done.samples += len(results)
+        while results := list(map_(self.decode_sample, islice(samples, self.batch_size - len(decoded.images)))):
             for result in results:
-                done.decode_seconds += result[-1]
-                if len(result) == 2:
-                    done.failures.append(result[0])
-                    continue
-                images.append(result[0])
-                for name, value in zip(ROW_FIELDS, result[1]):
-                    rows[name].append(value)
-            if len(images) == self.batch_size:
-                yield Batch(shard=shard.name, images=stack_nchw(images), rows=rows)
-                images, rows = [], {name: [] for name in ROW_FIELDS}
-        if images:
-            yield Batch(shard=shard.name, images=stack_nchw(images), rows=rows)
-        yield done
+                decoded.add(result)
+            if len(decoded.images) == self.batch_size:
+                yield decoded.take_batch()
+        if decoded.images:
+            yield decoded.take_batch()
+        yield decoded.done
+
+
+class Decoded:
+    """Decoded samples of one shard, in sample order, until they are taken as a Batch; and the
+    tally (samples, failures, decode time) that becomes the shard's ShardDone."""
+
+    def __init__(self, shard: str):
+        self.done = ShardDone(shard=shard, samples=0)
+        self.images: list[np.ndarray] = []
+        self.rows: dict[str, list] = {name: [] for name in ROW_FIELDS}
+
+    def add(self, result: tuple) -> None:
+        """One result of ShardBatches.decode_sample."""
+        self.done.samples += 1
+        self.done.decode_seconds += result[-1]
+        if len(result) == 2:
+            self.done.failures.append(result[0])
+            return
+        self.images.append(result[0])
+        for name, value in zip(ROW_FIELDS, result[1]):
+            self.rows[name].append(value)
+
+    def take_batch(self) -> Batch:
+        batch = Batch(shard=self.done.shard, images=stack_nchw(self.images), rows=self.rows)
+        self.images, self.rows = [], {name: [] for name in ROW_FIELDS}
+        return batch
 
 
 def own_cores() -> list[int]:

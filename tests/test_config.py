@@ -29,6 +29,7 @@ def test_flags_override_the_file(tmp_path):
     ("runtime: {precision: fp64}", "precision must be one of"),
     ("runtime: {workers: -1}", "workers must be a whole number of 0 or more, or auto"),
     ("runtime: {workers: many}", "workers must be a whole number of 0 or more, or auto"),
+    ("runtime: {lanes: 0}", "lanes must be a whole number of 1 or more, or auto"),
     ("source: {read_timeout_s: 0}", "read_timeout_s must be a number of seconds above 0, or null"),
     ("[unclosed", "not valid YAML"),
 ])
