@@ -1,4 +1,5 @@
-"""The embedding job: plan shards, skip the done ones, decode in workers, embed, write parts.
+"""The embedding job: plan shards, skip the done ones, decode in workers (or in lanes on a CPU),
+embed, write parts.
 
 Each shard is a pure function of (shard, config) -> part; the job can be killed at any
 point and rerun with the same command, and only the unfinished shards are redone.
