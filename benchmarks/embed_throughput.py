@@ -1,7 +1,7 @@
 """End-to-end embedding throughput vs the model's own forward and vs the model-card loop, one run.
 
     python benchmarks/embed_throughput.py [--model xcit_nano_12_p16_224.fb_in1k] [--count 1024]
-                                          [--size imagenet|large] [--memory] [--results results.jsonl]
+                                          [--size imagenet|large] [--memory [1,10]] [--results results.jsonl]
                                           [--lanes N|auto] [--device cuda --batch-size auto --compile]
 
 Writes a tar corpus of real-photo JPEGs (500x375 "imagenet" or 2048x1536 "large"), then measures
@@ -17,8 +17,8 @@ a batch and runs the forward on it with its share of the threads, side by side. 
 alone in lanes is measured too (`lanes_forward_over_forward`). The decode shares the cores
 with the forward, so e2e/forward cannot exceed `ceiling`: the best forward's core-ms plus the
 decode's core-ms (the loader alone, one thread) an image, as a rate over the forward's.
-With --memory, also runs `imgindex embed` on the corpus and on a 10x corpus in fresh processes
-and prints both peak RSS.
+With --memory, also runs `imgindex embed` in fresh processes on the corpus and on a 10x corpus
+(or the multiples given: --memory 1,10,30) and prints each peak RSS.
 Each measurement is repeated (--repeat, interleaved); the rates are medians and each ratio is the
 median of the ratios within one attempt (measured back to back, so a slow spell of the shared
 machine cancels out instead of pairing one run's luck with another's). Weights are random-init
@@ -163,7 +163,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbone (both sides)")
     parser.add_argument("--repeat", type=int, default=5, help="interleaved runs; medians are reported")
     parser.add_argument("--draft", action="store_true", help="reduced-size JPEG decoding (decode.draft)")
-    parser.add_argument("--memory", action="store_true", help="also peak RSS at 1x and 10x the corpus")
+    parser.add_argument("--memory", nargs="?", const="1,10", metavar="SCALES",
+                        help="also peak RSS of `imgindex embed` at these multiples of the corpus (default 1,10)")
     parser.add_argument("--results", help="append a JSON line of the figures to this file")
     args = parser.parse_args()
 
@@ -210,10 +211,10 @@ def main() -> None:
         forward_core_ms = 1000 * threads / max(forward, figures.get("lanes_forward_images_per_s", 0))
         figures["ceiling"] = round(1000 * threads / (forward_core_ms + decode_ms) / forward, 3)
         figures["e2e_over_ceiling"] = round(figures["e2e_over_forward"] / figures["ceiling"], 3)
-    if args.memory:
-        ten, _ = write_corpus(work / "corpus10", SIZES[args.size], args.count * 10)
-        figures["peak_rss_mb_1x"] = round(peak_rss_mb(tars, work / "m1", args, config), 1)
-        figures["peak_rss_mb_10x"] = round(peak_rss_mb(ten, work / "m10", args, config), 1)
+    scales = [int(k) for k in args.memory.split(",")] if args.memory else []
+    for k in scales:
+        corpus = tars if k == 1 else write_corpus(work / f"corpus{k}", SIZES[args.size], args.count * k)[0]
+        figures[f"peak_rss_mb_{k}x"] = round(peak_rss_mb(corpus, work / f"m{k}", args, config), 1)
     print(json.dumps(figures, indent=1))
     print(f"e2e/forward = {figures['e2e_over_forward']}"
           + (f" (ceiling {figures['ceiling']} with decode sharing the cores: {decode_ms:.2f} core-ms an image "
@@ -222,9 +223,8 @@ def main() -> None:
         print(f"the forward alone in {lanes} lanes / over all {threads} threads = "
               f"{figures['lanes_forward_over_forward']}")
     print(f"speedup_vs_model_card_loop = {figures['speedup_vs_model_card_loop']}")
-    if args.memory:
-        print(f"peak RSS: {figures['peak_rss_mb_1x']} MB at {args.count} images, "
-              f"{figures['peak_rss_mb_10x']} MB at {args.count * 10}")
+    if scales:
+        print("peak RSS: " + ", ".join(f"{figures[f'peak_rss_mb_{k}x']} MB at {args.count * k} images" for k in scales))
     append_result(args.results, figures)
 
 
