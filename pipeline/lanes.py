@@ -86,7 +86,7 @@ def embed_in_lanes(dataset: ShardBatches, backbone: Backbone, lanes: int,
         # waited for: a thread still inside torch when the interpreter exits aborts it.
         busy = sum(future is not None and not future.cancel() and not future.done() for _, future in ahead)
         if busy:
-            log.warning("stopping: waiting for %d lanes to finish the batch they are embedding", busy)
+            log.warning("stopping: letting %d lane(s) finish the batch in hand", busy)
         for _ in range(lanes):
             jobs.put(None)
         for thread in lane_threads:
