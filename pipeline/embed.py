@@ -20,7 +20,7 @@ import timm
 import torch
 from tqdm import tqdm
 
-from pipeline.config import ConfigError, EmbedConfig
+from pipeline.config import ConfigError, EmbedConfig, check_lanes
 from pipeline.decode import DECODE_MODE, build_preprocess, describe_preprocess, draft_side
 from pipeline.lanes import auto_lanes, embed_in_lanes
 from pipeline.loader import ROW_FIELDS, Batch, ShardBatches, ShardDone, auto_workers, available_cores, make_loader
@@ -152,14 +152,11 @@ def resolve_auto(config: EmbedConfig, backbone: Backbone) -> None:
     if runtime.workers == "auto":
         runtime.workers = auto_workers(backbone.device.type, available_cores())
         log.info("%d decode worker processes (auto)", runtime.workers)
-    in_process_cpu = backbone.device.type == "cpu" and runtime.workers == 0
+    check_lanes(runtime.lanes, backbone.device.type, runtime.workers)
     if runtime.lanes == "auto":
+        in_process_cpu = backbone.device.type == "cpu" and runtime.workers == 0
         runtime.lanes = auto_lanes(torch.get_num_threads()) if in_process_cpu else 1
         log.info("%d lanes (auto)", runtime.lanes)
-    elif runtime.lanes > 1 and not in_process_cpu:
-        raise ConfigError(f"--lanes {runtime.lanes} needs a CPU device and --workers 0 (lanes decode and embed "
-                          f"side by side on the CPU's cores): use --lanes 1 with {backbone.device.type} "
-                          f"and {runtime.workers} workers")
 
 
 def _embed_shards(todo: list[Shard], store: EmbeddingStore, config: EmbedConfig, backbone: Backbone,

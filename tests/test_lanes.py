@@ -104,8 +104,9 @@ def test_an_error_in_a_lane_stops_the_job_and_leaves_no_lane_running(tmp_path, p
         assert pq.read_table(part).num_rows == json.loads(stats.read_text())["rows"] == 4
 
 
-def test_lanes_with_decode_workers_are_refused_before_work(tmp_path, photo_tars, config_for):
-    with pytest.raises(ConfigError, match="--lanes 2 needs a CPU device and --workers 0"):
-        run_embed([str(t) for t in photo_tars(count=1)], str(tmp_path / "out"),
-                  config_for(**{"runtime.lanes": 2, "runtime.workers": 1}), progress=False)
-    assert not (tmp_path / "out" / "_manifest.json").exists()
+@pytest.mark.parametrize("overrides, other", [({"runtime.workers": 1}, "cpu and 1 workers"),
+                                              ({"runtime.device": "cuda:0"}, "cuda and 0 workers")])
+def test_lanes_with_decode_workers_or_a_gpu_are_refused_when_the_config_loads(config_for, overrides, other):
+    with pytest.raises(ConfigError, match=f"--lanes 2 needs a CPU device and --workers 0.*use --lanes 1 with {other}"):
+        config_for(**{"runtime.lanes": 2, **overrides})
+    assert config_for(**{"runtime.lanes": 1, **overrides}).runtime.lanes == 1
