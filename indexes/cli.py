@@ -32,7 +32,8 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
                             "at most 16 (0 on a CPU device)")
     group.add_argument("--lanes", type=number_or_auto, metavar="N",
                        help="CPU with --workers 0: N threads that each decode a batch and run the forward on it with "
-                            "their share of the cores, side by side; auto: one per core, at most 8 (1 elsewhere)")
+                            "their share of the cores, side by side; auto: one per core, at most 8 (1 elsewhere, and "
+                            "with --compile)")
     group.add_argument("--compile", action="store_true", default=None, help="torch.compile the backbone")
 
 

@@ -152,10 +152,10 @@ def resolve_auto(config: EmbedConfig, backbone: Backbone) -> None:
     if runtime.workers == "auto":
         runtime.workers = auto_workers(backbone.device.type, available_cores())
         log.info("%d decode worker processes (auto)", runtime.workers)
-    check_lanes(runtime.lanes, backbone.device.type, runtime.workers)
+    check_lanes(runtime.lanes, backbone.device.type, runtime.workers, runtime.compile)
     if runtime.lanes == "auto":
         in_process_cpu = backbone.device.type == "cpu" and runtime.workers == 0
-        runtime.lanes = auto_lanes(torch.get_num_threads()) if in_process_cpu else 1
+        runtime.lanes = auto_lanes(torch.get_num_threads()) if in_process_cpu and not runtime.compile else 1
         log.info("%d lanes (auto)", runtime.lanes)
 
 

@@ -104,9 +104,12 @@ def test_an_error_in_a_lane_stops_the_job_and_leaves_no_lane_running(tmp_path, p
         assert pq.read_table(part).num_rows == json.loads(stats.read_text())["rows"] == 4
 
 
-@pytest.mark.parametrize("overrides, other", [({"runtime.workers": 1}, "cpu and 1 workers"),
-                                              ({"runtime.device": "cuda:0"}, "cuda and 0 workers")])
-def test_lanes_with_decode_workers_or_a_gpu_are_refused_when_the_config_loads(config_for, overrides, other):
-    with pytest.raises(ConfigError, match=f"--lanes 2 needs a CPU device and --workers 0.*use --lanes 1 with {other}"):
+@pytest.mark.parametrize("overrides, message", [
+    ({"runtime.workers": 1}, "needs a CPU device and --workers 0.*use --lanes 1 with cpu and 1 workers"),
+    ({"runtime.device": "cuda:0"}, "needs a CPU device and --workers 0.*use --lanes 1 with cuda and 0 workers"),
+    ({"runtime.compile": True}, "does not mix with --compile.*use --lanes 1"),
+])
+def test_lanes_with_decode_workers_a_gpu_or_compile_are_refused_when_the_config_loads(config_for, overrides, message):
+    with pytest.raises(ConfigError, match="--lanes 2 " + message):
         config_for(**{"runtime.lanes": 2, **overrides})
     assert config_for(**{"runtime.lanes": 1, **overrides}).runtime.lanes == 1

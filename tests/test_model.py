@@ -1,4 +1,5 @@
 """Weights loading and the forward path: checkpoints in either format, precision, devices."""
+import json
 import shutil
 
 import numpy as np
@@ -59,6 +60,8 @@ def test_compiled_backbone_writes_the_eager_vectors(tmp_path, photo_tars, config
     assert compiled.column("key").equals(eager.column("key"))
     np.testing.assert_allclose(np.stack(compiled["embedding"].to_numpy(zero_copy_only=False)),
                                np.stack(eager["embedding"].to_numpy(zero_copy_only=False)), atol=1e-5)
+    # a compiled model runs in one lane: torch.compile is not thread-safe
+    assert json.loads((tmp_path / "compiled" / "_manifest.json").read_text())["config"]["runtime"]["lanes"] == 1
 
 
 def test_auto_precision_is_fp32_on_cpu_and_bf16_on_cuda():
@@ -92,8 +95,6 @@ def test_auto_batch_size_keeps_headroom_below_the_largest_that_fits():
 
 
 def test_auto_batch_size_and_workers_are_resolved_and_recorded(tmp_path, photo_tars, config_for):
-    import json
-
     from pipeline.embed import run_embed
 
     run_embed([str(t) for t in photo_tars(count=1, per_shard=2)], str(tmp_path / "out"),
@@ -102,7 +103,7 @@ def test_auto_batch_size_and_workers_are_resolved_and_recorded(tmp_path, photo_t
     size = runtime["batch_size"]
     assert isinstance(size, int) and size >= 8
     assert runtime["device"] == "cpu" and size == 16
-    assert runtime["workers"] == 0  # on a CPU the decode threads take turns with the forward
+    assert runtime["workers"] == 0  # on a CPU the decode runs in this process (in lanes)
 
 
 def test_auto_workers_use_the_cores_of_this_process_and_leave_one_for_it():
