@@ -2,7 +2,7 @@
 forward over all the threads taking turns with the decode, `lanes` threads each take the
 next batch of read samples, decode it and run the forward on it with their own share of the
 threads. One lane decodes while another computes, and narrow forwards side by side scale
-better than one wide forward (2 cores, XCiT-Nano: two 1-thread forwards run 1.04-1.08x one
+better than one wide forward (2 cores, XCiT-Nano: two 1-thread forwards run 1.06-1.14x one
 2-thread forward; benchmarks/embed_throughput.py).
 
 The samples are read in this thread (so `source.read_timeout_s` applies) and handed out in
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 # `lanes: auto` stops here: more lanes would each hold a batch's activations, and their Python
 # (the op dispatch, the decode's bookkeeping) contends for the GIL. Past 8 cores the lanes
-# get more threads each instead.
+# get more threads each instead. (Measured on 2 cores only; `--lanes N` overrides.)
 MAX_AUTO_LANES = 8
 
 
