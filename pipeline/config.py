@@ -126,9 +126,7 @@ def validate(config: EmbedConfig) -> None:
     lanes = config.runtime.lanes
     if lanes != "auto" and (isinstance(lanes, bool) or not isinstance(lanes, int) or lanes < 1):
         raise ConfigError(f"lanes must be a whole number of 1 or more, or auto; got {lanes!r}")
-    device = "cuda" if config.runtime.device.startswith("cuda") else "cpu"
-    if device == "cuda" or workers not in (0, "auto") or config.runtime.compile:  # the rest: once the device is known
-        check_lanes(lanes, device, workers, config.runtime.compile)
+    check_lanes(lanes, config.runtime.device, workers, config.runtime.compile)  # again once `auto` is resolved
     if config.runtime.precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {config.runtime.precision!r}")
     timeout = config.source.read_timeout_s
@@ -140,14 +138,15 @@ def validate(config: EmbedConfig) -> None:
         raise ConfigError("decode.alpha_background must be three 0-255 values (R, G, B)")
 
 
-def check_lanes(lanes: int | str, device_type: str, workers: int | str, compile_: bool) -> None:
+def check_lanes(lanes: int | str, device: str, workers: int | str, compile_: bool) -> None:
     """Lanes decode and embed side by side on a CPU's cores: not with a GPU or decode processes,
-    and not with torch.compile, which is not thread-safe (pytorch/pytorch#118260)."""
-    if lanes == "auto" or lanes == 1:
+    and not with torch.compile, which is not thread-safe (pytorch/pytorch#118260). An `auto`
+    device or workers count is not known yet here and passes."""
+    if lanes in ("auto", 1):
         return
-    if device_type != "cpu" or workers != 0:
+    if device.startswith("cuda") or workers not in (0, "auto"):
         raise ConfigError(f"--lanes {lanes} needs a CPU device and --workers 0 (lanes decode and embed side by side "
-                          f"on the CPU's cores): use --lanes 1 with {device_type} and {workers} workers")
+                          f"on the CPU's cores): use --lanes 1 with {device} and {workers} workers")
     if compile_:
         raise ConfigError(f"--lanes {lanes} does not mix with --compile (a compiled model is not safe to run from "
                           "several threads): use --lanes 1")

@@ -106,8 +106,9 @@ def test_an_error_in_a_lane_stops_the_job_and_leaves_no_lane_running(tmp_path, p
 
 @pytest.mark.parametrize("overrides, message", [
     ({"runtime.workers": 1}, "needs a CPU device and --workers 0.*use --lanes 1 with cpu and 1 workers"),
-    ({"runtime.device": "cuda:0"}, "needs a CPU device and --workers 0.*use --lanes 1 with cuda and 0 workers"),
+    ({"runtime.device": "cuda:0"}, "needs a CPU device and --workers 0.*use --lanes 1 with cuda:0 and 0 workers"),
     ({"runtime.compile": True}, "does not mix with --compile.*use --lanes 1"),
+    ({"runtime.compile": True, "runtime.workers": "auto"}, "does not mix with --compile.*use --lanes 1"),
 ])
 def test_lanes_with_decode_workers_a_gpu_or_compile_are_refused_when_the_config_loads(config_for, overrides, message):
     with pytest.raises(ConfigError, match="--lanes 2 " + message):
