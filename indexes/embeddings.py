@@ -57,8 +57,7 @@ class EmbeddingsDir:
             name = PurePosixPath(path).name
             if name.replace(".parquet", ".json") not in done:
                 continue
-            with self.fs.open(path, "rb") as f:
-                rows = pq.ParquetFile(f).metadata.num_rows
+            rows = pq.ParquetFile(path, filesystem=self.fs).metadata.num_rows
             found.append(Part(shard=name[len("part-"):-len(".parquet")], path=path, rows=rows))
         return found
 
@@ -76,14 +75,13 @@ class EmbeddingsDir:
         memory pyarrow needs (parts are written in ~32 MB row groups).
         """
         for part in parts:
-            with self.fs.open(part.path, "rb") as f:
-                reader = pq.ParquetFile(f, pre_buffer=False)
-                for group in range(reader.num_row_groups):
-                    table = reader.read_row_group(group, columns=["shard", "key", "embedding"], use_threads=False)
-                    vectors = _vectors(table.column("embedding"), self.dim)
-                    if normalize and not self.normalized:
-                        vectors = normalize_rows(vectors)
-                    yield part, table.select(["shard", "key"]), vectors
+            reader = pq.ParquetFile(part.path, filesystem=self.fs, pre_buffer=False)
+            for group in range(reader.num_row_groups):
+                table = reader.read_row_group(group, columns=["shard", "key", "embedding"], use_threads=False)
+                vectors = _vectors(table.column("embedding"), self.dim)
+                if normalize and not self.normalized:
+                    vectors = normalize_rows(vectors)
+                yield part, table.select(["shard", "key"]), vectors
 
     def sample(self, parts: list[Part], count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """`count` rows drawn uniformly without replacement: (global row ids, vectors)."""
@@ -114,26 +112,24 @@ class EmbeddingsDir:
         path = str(PurePosixPath(self.root, EMBEDDINGS, f"part-{shard}.parquet"))
         if not self.fs.exists(path):
             return {}
-        with self.fs.open(path, "rb") as f:
-            table = pq.read_table(f, columns=["key", *columns], filters=[("key", "in", list(keys))])
+        table = pq.read_table(path, filesystem=self.fs, columns=["key", *columns], filters=[("key", "in", list(keys))])
         return {row["key"]: row for row in table.to_pylist()}
 
     def read_columns(self, shard: str, columns: list[str]) -> pa.Table:
         """Some columns of a shard's part; a column the part predates comes back as nulls."""
         from pipeline.writer import part_schema
 
-        with self.fs.open(self.part(shard, 0).path, "rb") as f:
-            parquet = pq.ParquetFile(f)
-            present = [c for c in columns if c in parquet.schema_arrow.names]
-            table = parquet.read(columns=present)
+        parquet = pq.ParquetFile(self.part(shard, 0).path, filesystem=self.fs)
+        present = [c for c in columns if c in parquet.schema_arrow.names]
+        table = parquet.read(columns=present)
         schema = part_schema(self.dim)
         return pa.table({c: table[c] if c in present else pa.nulls(table.num_rows, schema.field(c).type)
                          for c in columns})
 
     def vector_of(self, shard: str, key: str) -> np.ndarray:
         """The stored full-precision vector of one sample (normalized for cosine search)."""
-        with self.fs.open(self.part(shard, 0).path, "rb") as f:
-            table = pq.read_table(f, columns=["key", "embedding"], filters=[("key", "=", key)])
+        table = pq.read_table(self.part(shard, 0).path, filesystem=self.fs, columns=["key", "embedding"],
+                              filters=[("key", "=", key)])
         if not table.num_rows:
             raise ConfigError(f"key {key!r} is not in shard {shard!r} of {self.url}")
         return normalize_rows(_vectors(table.column("embedding"), self.dim))[0]

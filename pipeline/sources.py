@@ -124,8 +124,7 @@ def _folder_shards(fs: fsspec.AbstractFileSystem, root: str, config: SourceConfi
 def _list_shards(fs: fsspec.AbstractFileSystem, path: str, config: SourceConfig) -> list[Shard]:
     captions = urls = None
     if path.lower().endswith(".parquet"):
-        with fs.open(path, "rb") as f:
-            table = pq.read_table(f)
+        table = pq.read_table(path, filesystem=fs)
         if config.list_column not in table.column_names:
             raise ConfigError(
                 f"file list {path!r} has no column {config.list_column!r} "
