@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import PurePosixPath
 
 import fsspec
@@ -90,7 +91,7 @@ class EmbeddingStore:
 
     def check_writable(self) -> None:
         """Fail before any work if OUT cannot be created or written."""
-        probe = self.path(".imgindex-write-test")
+        probe = self.path(f".imgindex-write-test-{uuid.uuid4().hex}")  # unique: --procs children probe at once
         try:
             self.fs.makedirs(self.root, exist_ok=True)
             self.fs.pipe_file(probe, b"ok")
