@@ -77,10 +77,13 @@ class EmbeddingStore:
     def stats_path(self, shard: str) -> str:
         return self.path(STATS, f"part-{shard}.json")
 
-    def _put(self, path: str, data: bytes) -> None:
+    def _put(self, path: str, data: bytes, shared: bool = False) -> None:
+        """Write `path` whole or not at all. `shared`: other processes may write the same file at
+        the same moment (the manifest, from --procs children and cluster slices), so each writes
+        a temporary file of its own; otherwise a crashed run's temporary file is reused."""
         if self.local:
             parent, name = os.path.split(path)
-            tmp = os.path.join(parent, f".{name}.tmp")
+            tmp = os.path.join(parent, f".{name}.{uuid.uuid4().hex}.tmp" if shared else f".{name}.tmp")
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -124,7 +127,7 @@ class EmbeddingStore:
         for sub in (EMBEDDINGS, FAILURES, STATS):
             self.fs.makedirs(self.path(sub), exist_ok=True)
         if existing is None:
-            self._put(self.path(MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode())
+            self._put(self.path(MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode(), shared=True)
 
     def clear(self) -> None:
         """Delete every part, failure, stats marker and the manifest (for --overwrite)."""
