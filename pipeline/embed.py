@@ -11,6 +11,7 @@ import platform
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -176,33 +177,31 @@ def _embed_shards(todo: list[Shard], store: EmbeddingStore, config: EmbedConfig,
     pending: list[Future] = []
     start = time.perf_counter()
     bar = tqdm(total=len(todo), unit="shard", desc="embed", disable=None if progress is None else not progress)
-    try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-writer") as writer:
-            for message, vectors, model_seconds in embedded:
-                buffer = buffers.setdefault(message.shard, _ShardBuffer())
-                if isinstance(message, Batch):
-                    buffer.add(message, vectors)
-                    summary.model_seconds += model_seconds
-                    summary.images += len(message.images)
-                    elapsed = time.perf_counter() - start
-                    bar.set_postfix(images_per_s=f"{summary.images / elapsed:.1f}",
-                                    model_busy=f"{summary.model_seconds / elapsed:.0%}", refresh=False)
-                    continue
-                buffers.pop(message.shard)
-                embeddings = buffer.embeddings(backbone.dim)
-                stats = _shard_stats(message, sources[message.shard], len(embeddings), buffer.started)
-                summary.failed += len(message.failures)
-                for error, count in stats["failures_by_error"].items():
-                    summary.failures_by_error[error] = summary.failures_by_error.get(error, 0) + count
-                pending.append(writer.submit(store.write_shard, message.shard, buffer.rows, embeddings,
-                                             message.failures, stats))
-                pending = _reap(pending)
-                summary.shards_done += 1
-                bar.update(1)
-            for future in pending:
-                future.result()
-    finally:
-        torch.set_num_threads(threads)  # lanes set their own; the caller keeps its budget
+    # closing(): on an error here too, the lanes stop (and are joined) before the writer drains.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-writer") as writer, closing(embedded):
+        for message, vectors, model_seconds in embedded:
+            buffer = buffers.setdefault(message.shard, _ShardBuffer())
+            if isinstance(message, Batch):
+                buffer.add(message, vectors)
+                summary.model_seconds += model_seconds
+                summary.images += len(message.images)
+                elapsed = time.perf_counter() - start
+                bar.set_postfix(images_per_s=f"{summary.images / elapsed:.1f}",
+                                model_busy=f"{summary.model_seconds / elapsed:.0%}", refresh=False)
+                continue
+            buffers.pop(message.shard)
+            embeddings = buffer.embeddings(backbone.dim)
+            stats = _shard_stats(message, sources[message.shard], len(embeddings), buffer.started)
+            summary.failed += len(message.failures)
+            for error, count in stats["failures_by_error"].items():
+                summary.failures_by_error[error] = summary.failures_by_error.get(error, 0) + count
+            pending.append(writer.submit(store.write_shard, message.shard, buffer.rows, embeddings,
+                                         message.failures, stats))
+            pending = _reap(pending)
+            summary.shards_done += 1
+            bar.update(1)
+        for future in pending:
+            future.result()
     bar.close()
     summary.seconds = time.perf_counter() - start
 

@@ -91,6 +91,7 @@ def embed_in_lanes(dataset: ShardBatches, backbone: Backbone, lanes: int,
             jobs.put(None)
         for thread in lane_threads:
             thread.join()
+        torch.set_num_threads(threads)  # the lanes set their own width; the caller keeps its budget
 
 
 def _decode_and_embed(dataset: ShardBatches, backbone: Backbone, shard: str,

@@ -147,10 +147,11 @@ def available_cores() -> int:
 
 
 def auto_workers(device_type: str, cores: int) -> int:
-    """`workers: auto`. On a CPU device, 0: decode threads in this process take turns with the
-    forward (the fastest schedule measured there). With an accelerator, one decode process per
-    core less one for this process (which feeds the device and writes Parquet), at most
-    MAX_AUTO_WORKERS and at least 1: the device must never wait for JPEGs."""
+    """`workers: auto`. On a CPU device, 0: decode in this process, in lanes that each decode a
+    batch and embed it (pipeline.lanes; the fastest schedule measured there). With an
+    accelerator, one decode process per core less one for this process (which feeds the device
+    and writes Parquet), at most MAX_AUTO_WORKERS and at least 1: the device must never wait
+    for JPEGs."""
     if device_type == "cpu":
         return 0
     return max(1, min(MAX_AUTO_WORKERS, cores - 1))
