@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 
 $(BIN)/imgindex: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[cpu,dev]'
 	touch $@
 
 .PHONY: setup demo test clean

@@ -28,12 +28,11 @@ import timm
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.config import load_config  # noqa: E402
-from pipeline.decode import build_preprocess, open_upright, phash, sha256, stack_nchw  # noqa: E402
-from pipeline.demo_corpus import jpeg_bytes, photo_files  # noqa: E402
-from pipeline.model import load_backbone  # noqa: E402
+from imgindex.pipeline.config import load_config  # noqa: E402
+from imgindex.pipeline.decode import build_preprocess, open_upright, phash, sha256, stack_nchw  # noqa: E402
+from imgindex.pipeline.demo_corpus import jpeg_bytes, photo_files  # noqa: E402
+from imgindex.pipeline.model import load_backbone  # noqa: E402
 from results import append_result  # noqa: E402
 
 SIZES = {"imagenet_500x375": (500, 375), "large_2048x1536": (2048, 1536)}

@@ -23,15 +23,14 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from indexes.embeddings import normalize_rows  # noqa: E402
-from indexes.synthetic import clustered_vectors, write_embeddings_dir  # noqa: E402
+from imgindex.indexes.embeddings import normalize_rows  # noqa: E402
+from imgindex.indexes.synthetic import clustered_vectors, write_embeddings_dir  # noqa: E402
 from results import append_result  # noqa: E402
 
 RUN_DEDUP = """
 import json, sys, time
-from indexes.dedup import DedupOptions, find_duplicates
+from imgindex.indexes.dedup import DedupOptions, find_duplicates
 start = time.time()
 result = find_duplicates(sys.argv[1], DedupOptions(methods=("embedding",), threshold=float(sys.argv[3])),
                          progress=False)
@@ -85,7 +84,7 @@ def main() -> None:
     vectors, truth = planted(args.count, args.dim, args.groups or args.count // 100)
     write_embeddings_dir(str(work / "emb"), vectors, shard_size=50_000)
     start = time.time()
-    subprocess.run([sys.executable, "-m", "indexes.cli", "index", str(work / "emb"), "--out", str(work / "idx"),
+    subprocess.run([sys.executable, "-m", "imgindex", "index", str(work / "emb"), "--out", str(work / "idx"),
                     "--no-progress"], check=True, cwd=ROOT)
     build_s = time.time() - start
     subprocess.run([sys.executable, "-c", RUN_DEDUP, str(work / "idx"), str(work / "out.json"), str(args.threshold)],

@@ -44,16 +44,15 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from pipeline.config import load_config  # noqa: E402
-from pipeline.decode import build_preprocess, draft_side  # noqa: E402
-from pipeline.loader import ShardBatches, ShardDone  # noqa: E402
-from pipeline.sources import plan_shards  # noqa: E402
-from pipeline.demo_corpus import jpeg_bytes, photo_files, write_tar  # noqa: E402
-from pipeline.embed import resolve_auto, run_embed  # noqa: E402
-from pipeline.model import _DTYPES, load_backbone  # noqa: E402
-from indexes.cli import number_or_auto  # noqa: E402
+from imgindex.pipeline.config import load_config  # noqa: E402
+from imgindex.pipeline.decode import build_preprocess, draft_side  # noqa: E402
+from imgindex.pipeline.loader import ShardBatches, ShardDone  # noqa: E402
+from imgindex.pipeline.sources import plan_shards  # noqa: E402
+from imgindex.pipeline.demo_corpus import jpeg_bytes, photo_files, write_tar  # noqa: E402
+from imgindex.pipeline.embed import resolve_auto, run_embed  # noqa: E402
+from imgindex.pipeline.model import _DTYPES, load_backbone  # noqa: E402
+from imgindex.cli import number_or_auto  # noqa: E402
 from results import append_result  # noqa: E402
 
 SIZES = {"imagenet": (500, 375), "large": (2048, 1536)}
@@ -139,7 +138,7 @@ def decode_ms_per_image(tars: list[str], backbone, config) -> float:
 def peak_rss_mb(tars: list[str], out: Path, args, config) -> float:
     random = out.parent / "random.yaml"
     random.write_text("model: {pretrained: false}\n")
-    cmd = [sys.executable, "-m", "indexes.cli", "embed", *tars, "--out", str(out), "--config", str(random),
+    cmd = [sys.executable, "-m", "imgindex", "embed", *tars, "--out", str(out), "--config", str(random),
            "--model", args.model, "--batch-size", str(config.runtime.batch_size),
            "--workers", str(config.runtime.workers), "--lanes", str(config.runtime.lanes),
            "--device", args.device, "--no-progress", "--overwrite"]

@@ -27,18 +27,17 @@ import faiss
 import numpy as np
 import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from indexes.build import BuildOptions, build_index  # noqa: E402
-from indexes.factory import set_knob  # noqa: E402
-from indexes.query import Searcher  # noqa: E402
-from indexes.synthetic import clustered_vectors, write_embeddings_dir  # noqa: E402
+from imgindex.indexes.build import BuildOptions, build_index  # noqa: E402
+from imgindex.indexes.factory import set_knob  # noqa: E402
+from imgindex.indexes.query import Searcher  # noqa: E402
+from imgindex.indexes.synthetic import clustered_vectors, write_embeddings_dir  # noqa: E402
 from results import append_result  # noqa: E402
 
 LOAD_SNIPPET = """
 import sys, time, numpy as np
 t0 = time.perf_counter()
-from indexes.query import Searcher
+from imgindex.indexes.query import Searcher
 t1 = time.perf_counter()
 s = Searcher(sys.argv[1])
 hits = s.search(np.load(sys.argv[2]), k=10)

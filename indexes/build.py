@@ -19,12 +19,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from indexes.embeddings import EmbeddingsDir, Part
-from indexes.factory import FLAT_THRESHOLD, choose_index_key, parse_memory, search_knob
-from indexes.index_dir import FORMAT, IDS, IDS_SCHEMA, IndexDir
-from indexes.recall import exact_neighbors, tune
-from pipeline.config import ConfigError
-from pipeline.writer import identity_changes
+from imgindex.indexes.embeddings import EmbeddingsDir, Part
+from imgindex.indexes.factory import FLAT_THRESHOLD, choose_index_key, parse_memory, search_knob
+from imgindex.indexes.index_dir import FORMAT, IDS, IDS_SCHEMA, IndexDir
+from imgindex.indexes.recall import exact_neighbors, tune
+from imgindex.pipeline.config import ConfigError
+from imgindex.pipeline.writer import identity_changes
 
 log = logging.getLogger(__name__)
 

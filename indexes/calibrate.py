@@ -17,10 +17,10 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageOps
 
-from indexes.dedup import hamming, hashes, phash_pairs
-from indexes.gallery import fetch_images
-from indexes.query import Searcher
-from pipeline.config import ConfigError
+from imgindex.indexes.dedup import hamming, hashes, phash_pairs
+from imgindex.indexes.gallery import fetch_images
+from imgindex.indexes.query import Searcher
+from imgindex.pipeline.config import ConfigError
 
 THRESHOLDS = (0.80, 0.85, 0.90, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99)
 DISTANCES = (0, 2, 4, 6, 8, 10, 12)
@@ -51,8 +51,8 @@ def calibrate(index_dir: str, sample: int = 100, seed: int = 0, device: str | No
     import tempfile
     from pathlib import Path
 
-    from pipeline.decode import SampleError, open_upright, phash
-    from pipeline.embedder import ImageEmbedder
+    from imgindex.pipeline.decode import SampleError, open_upright, phash
+    from imgindex.pipeline.embedder import ImageEmbedder
 
     searcher = Searcher(index_dir)
     rows = np.sort(np.random.default_rng(seed).choice(searcher.index.ntotal,

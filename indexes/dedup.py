@@ -26,12 +26,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from indexes.embeddings import EmbeddingsDir, Part
-from indexes.factory import knob_values, set_knob
-from indexes.ivf_join import list_numbers, range_join, smallest_nprobe
-from indexes.query import Searcher
-from pipeline.config import ConfigError
-from pipeline.writer import identity_changes
+from imgindex.indexes.embeddings import EmbeddingsDir, Part
+from imgindex.indexes.factory import knob_values, set_knob
+from imgindex.indexes.ivf_join import list_numbers, range_join, smallest_nprobe
+from imgindex.indexes.query import Searcher
+from imgindex.pipeline.config import ConfigError
+from imgindex.pipeline.writer import identity_changes
 
 log = logging.getLogger(__name__)
 

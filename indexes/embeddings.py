@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import ConfigError
-from pipeline.writer import EMBEDDINGS, MANIFEST, STATS
+from imgindex.pipeline.config import ConfigError
+from imgindex.pipeline.writer import EMBEDDINGS, MANIFEST, STATS
 
 
 
@@ -117,7 +117,7 @@ class EmbeddingsDir:
 
     def read_columns(self, shard: str, columns: list[str]) -> pa.Table:
         """Some columns of a shard's part; a column the part predates comes back as nulls."""
-        from pipeline.writer import part_schema
+        from imgindex.pipeline.writer import part_schema
 
         parquet = pq.ParquetFile(self.part(shard, 0).path, filesystem=self.fs)
         present = [c for c in columns if c in parquet.schema_arrow.names]

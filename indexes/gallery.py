@@ -29,7 +29,7 @@ def thumbnail_uri(data: bytes | None, size: int = THUMB) -> str | None:
 
 def fetch_images(sources: dict[str, dict], wanted: Iterable[tuple[str, str]]) -> dict[tuple[str, str], bytes]:
     """(shard, key) -> encoded bytes, read back from the shards' sources (one pass per shard)."""
-    from pipeline.sources import read_images
+    from imgindex.pipeline.sources import read_images
 
     by_shard: dict[str, list[str]] = {}
     for shard, key in wanted:

@@ -13,7 +13,7 @@ import faiss
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import ConfigError
+from imgindex.pipeline.config import ConfigError
 
 INDEX = "index.faiss"
 IDS = "ids.parquet"

@@ -14,10 +14,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from indexes.embeddings import EmbeddingsDir, normalize_rows
-from indexes.factory import search_knob, set_knob
-from indexes.index_dir import IndexDir
-from pipeline.config import ConfigError
+from imgindex.indexes.embeddings import EmbeddingsDir, normalize_rows
+from imgindex.indexes.factory import search_knob, set_knob
+from imgindex.indexes.index_dir import IndexDir
+from imgindex.pipeline.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def sample_path(kind: str | None, source: str | None, key: str) -> str | None:
     if kind == "folder":
         return f"{source.rstrip('/')}/{key}"
     if kind == "list":
-        from pipeline.sources import list_entry_url
+        from imgindex.pipeline.sources import list_entry_url
 
         return list_entry_url(source, key)
     return None
@@ -162,7 +162,7 @@ class Searcher:
                       checkpoint: str | None = None) -> list[list[Hit]]:
         """Embed image files with the recorded model and preprocessing, then search."""
         if self._embedder is None:
-            from pipeline.embedder import ImageEmbedder
+            from imgindex.pipeline.embedder import ImageEmbedder
 
             self._embedder = ImageEmbedder(self.manifest["embeddings"], device=device, checkpoint=checkpoint)
         return self.search_vectors(self._embedder.embed_files(paths), k)

@@ -13,7 +13,7 @@ import faiss
 import numpy as np
 from faiss.contrib.exhaustive_search import knn_ground_truth
 
-from indexes.factory import knob_values, set_knob
+from imgindex.indexes.factory import knob_values, set_knob
 
 
 TIE = 1e-5  # a neighbour this close to the k-th exact similarity is as correct as the k-th

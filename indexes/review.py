@@ -11,9 +11,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from indexes.dedup import DedupResult
-from indexes.gallery import fetch_images, figure, page, thumbnail_uri
-from indexes.query import Searcher, sample_path
+from imgindex.indexes.dedup import DedupResult
+from imgindex.indexes.gallery import fetch_images, figure, page, thumbnail_uri
+from imgindex.indexes.query import Searcher, sample_path
 
 REPORT_GROUPS = 200
 

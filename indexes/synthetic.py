@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from indexes.embeddings import normalize_rows
-from pipeline.writer import EmbeddingStore
+from imgindex.indexes.embeddings import normalize_rows
+from imgindex.pipeline.writer import EmbeddingStore
 
 
 def clustered_vectors(count: int, dim: int, clusters: int = 1000, spread: float = 0.35,

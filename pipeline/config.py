@@ -6,13 +6,19 @@ config is written into the output manifest, so every run records exactly what it
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
+CONFIG_DIR = files("imgindex.configs")  # the repository's configs/, shipped inside the package
 
 
 class ConfigError(ValueError):
@@ -64,23 +70,109 @@ class EmbedConfig:
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+MAX_BATCH = 65_536
+MAX_PROCESSES = 1024
 
 
-def resolve_config_path(name_or_path: str) -> Path:
-    """A path to a YAML file, or the name of one in configs/ (`cpu` -> configs/cpu.yaml)."""
+def _bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _whole(lo: int, hi: int | None = None, auto: bool = False) -> Callable[[Any], bool]:
+    def ok(value: Any) -> bool:
+        if auto and value == "auto":
+            return True
+        return (isinstance(value, int) and not isinstance(value, bool) and value >= lo
+                and (hi is None or value <= hi))
+    return ok
+
+
+def _text(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _seconds_or_null(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1e9)
+
+
+def _rgb(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == 3 and all(_whole(0, 255)(v) for v in value)
+
+
+# Every key: (check, what is allowed). Checked when the config loads, before any work or write.
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "model.name": (_text, "a timm model name (text)"),
+    "model.pretrained": (_bool, "true or false"),
+    "model.checkpoint": (lambda v: v is None or _text(v), "a path to a safetensors or .pth file, or null"),
+    "model.normalize": (_bool, "true or false"),
+    "runtime.device": (lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None,
+                       "auto, cpu, cuda, cuda:N or mps"),
+    "runtime.precision": (lambda v: v in PRECISIONS, ", ".join(PRECISIONS)),
+    "runtime.batch_size": (_whole(1, MAX_BATCH, auto=True), f"a whole number from 1 to {MAX_BATCH}, or auto"),
+    "runtime.workers": (_whole(0, MAX_PROCESSES, auto=True), f"a whole number from 0 to {MAX_PROCESSES}, or auto"),
+    "runtime.lanes": (_whole(1, MAX_PROCESSES, auto=True), f"a whole number from 1 to {MAX_PROCESSES}, or auto"),
+    "runtime.compile": (_bool, "true or false"),
+    "decode.max_pixels": (_whole(1), "a whole number of pixels, at least 1"),
+    "decode.alpha_background": (_rgb, "three whole numbers from 0 to 255 (R, G, B)"),
+    "decode.draft": (_bool, "true or false"),
+    "source.folder_shard_size": (_whole(1), "a whole number of images, at least 1"),
+    "source.list_column": (_text, "a column name (text)"),
+    "source.read_timeout_s": (_seconds_or_null, "a number of seconds above 0, or null"),
+    "seed": (_whole(0, 2**63 - 1), "a whole number, 0 or more"),
+}
+
+
+# The keys that command-line flags set, so an error names the flag too.
+FLAGS = {"model.name": "--model", "model.checkpoint": "--checkpoint", "runtime.batch_size": "--batch-size",
+         "runtime.device": "--device", "runtime.precision": "--precision", "runtime.workers": "--workers",
+         "runtime.lanes": "--lanes", "runtime.compile": "--compile"}
+
+
+def resolve_config_path(name_or_path: str, relative_to: Path | None = None) -> Path | Traversable:
+    """A path to a YAML file (relative to `relative_to`, the folder of a config naming it as its
+    `base`), or the name of one shipped with the package (`cpu` -> configs/cpu.yaml)."""
     path = Path(name_or_path)
+    if relative_to is not None and not path.is_absolute():
+        path = relative_to / path
     if path.is_file():
         return path
-    named = CONFIG_DIR / f"{name_or_path}.yaml"
+    named = CONFIG_DIR.joinpath(f"{name_or_path}.yaml")
     if named.is_file():
         return named
-    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-    raise ConfigError(f"config {name_or_path!r} not found: give a YAML file path or one of: {known}")
+    raise ConfigError(f"config {name_or_path!r} not found: give a YAML file path or one of: {', '.join(config_names())}")
 
 
-def _merge(target: Any, values: dict[str, Any], where: str) -> None:
+def config_names() -> list[str]:
+    return sorted(p.name[: -len(".yaml")] for p in CONFIG_DIR.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_layers(name_or_path: str, relative_to: Path | None = None, seen: tuple[str, ...] = ()) -> list[dict]:
+    """The file's values, after those of the configs it extends (`base: NAME_OR_PATH`)."""
+    path = resolve_config_path(name_or_path, relative_to)
+    if str(path) in seen:
+        raise ConfigError(f"config {path} extends itself through `base` ({' -> '.join(seen)})")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
+    except yaml.YAMLError as exc:
+        reason = " ".join(str(exc).split())
+        raise ConfigError(f"config {path} is not valid YAML: {reason}") from None
     if not isinstance(values, dict):
-        raise ConfigError(f"config section {where or 'top level'} must be a mapping, got {values!r}")
+        raise ConfigError(f"config {path} must be a mapping of sections (model, runtime, decode, source), "
+                          f"got {type(values).__name__}")
+    base = values.pop("base", None)
+    if base is None:
+        return [values]
+    if not _text(base):
+        raise ConfigError(f"config {path}: base must be a config name or YAML path, got {base!r}")
+    folder = path.parent if isinstance(path, Path) else None
+    return _read_layers(base, folder, (*seen, str(path))) + [values]
+
+
+def _merge(target: Any, values: Any, where: str) -> None:
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section {where.rstrip('.') or 'top level'} must be a mapping, got {values!r}")
     names = {f.name: f for f in dataclasses.fields(target)}
     for key, value in values.items():
         if key not in names:
@@ -88,21 +180,15 @@ def _merge(target: Any, values: dict[str, Any], where: str) -> None:
         current = getattr(target, key)
         if dataclasses.is_dataclass(current):
             _merge(current, value, f"{where}{key}.")
-        elif isinstance(current, tuple):
-            setattr(target, key, tuple(value))
         else:
             setattr(target, key, value)
 
 
 def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> EmbedConfig:
-    """Defaults, then the YAML file, then dotted-key overrides such as {"runtime.batch_size": 8}."""
+    """Defaults, then the YAML file (after the configs it extends), then dotted-key overrides such
+    as {"runtime.batch_size": 8}. Every key is checked; a wrong one is a ConfigError naming it."""
     config = EmbedConfig()
-    if path:
-        config_path = resolve_config_path(path)
-        try:
-            values = yaml.safe_load(config_path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config {config_path} is not valid YAML: {exc}") from exc
+    for values in _read_layers(path) if path else []:
         _merge(config, values, "")
     for dotted, value in (overrides or {}).items():
         if value is None:
@@ -117,25 +203,16 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
 
 
 def validate(config: EmbedConfig) -> None:
-    size = config.runtime.batch_size
-    if size != "auto" and (not isinstance(size, int) or size < 1):
-        raise ConfigError(f"batch size must be a whole number of at least 1, or auto; got {size!r}")
-    workers = config.runtime.workers
-    if workers != "auto" and (not isinstance(workers, int) or workers < 0):
-        raise ConfigError(f"workers must be a whole number of 0 or more, or auto; got {workers!r}")
-    lanes = config.runtime.lanes
-    if lanes != "auto" and (isinstance(lanes, bool) or not isinstance(lanes, int) or lanes < 1):
-        raise ConfigError(f"lanes must be a whole number of 1 or more, or auto; got {lanes!r}")
-    check_lanes(lanes, config.runtime.device, workers, config.runtime.compile)  # again once `auto` is resolved
-    if config.runtime.precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {config.runtime.precision!r}")
-    timeout = config.source.read_timeout_s
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
-        raise ConfigError(f"source.read_timeout_s must be a number of seconds above 0, or null; got {timeout!r}")
-    if config.source.folder_shard_size < 1:
-        raise ConfigError("source.folder_shard_size must be at least 1")
-    if len(config.decode.alpha_background) != 3:
-        raise ConfigError("decode.alpha_background must be three 0-255 values (R, G, B)")
+    """Type and range of every key (RULES), then the rules that tie keys together."""
+    for dotted, (ok, allowed) in RULES.items():
+        *section, key = dotted.split(".")
+        holder = getattr(config, section[0]) if section else config
+        value = getattr(holder, key)
+        if not ok(value):
+            flag = f" ({FLAGS[dotted]})" if dotted in FLAGS else ""
+            raise ConfigError(f"config key {dotted}{flag}: {value!r} is not allowed; use {allowed}")
+    config.decode.alpha_background = tuple(config.decode.alpha_background)
+    check_lanes(config.runtime.lanes, config.runtime.device, config.runtime.workers, config.runtime.compile)
 
 
 def check_lanes(lanes: int | str, device: str, workers: int | str, compile_: bool) -> None:

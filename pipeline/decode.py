@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision import transforms as T
 
-from pipeline.config import DecodeConfig
+from imgindex.pipeline.config import DecodeConfig
 
 DECODE_MODE = "pil; exif_transpose; 16-bit>>8; alpha composited on background; convert RGB"
 

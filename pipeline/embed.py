@@ -21,13 +21,13 @@ import timm
 import torch
 from tqdm import tqdm
 
-from pipeline.config import ConfigError, EmbedConfig, check_lanes
-from pipeline.decode import DECODE_MODE, build_preprocess, describe_preprocess, draft_side
-from pipeline.lanes import auto_lanes, embed_in_lanes
-from pipeline.loader import ROW_FIELDS, Batch, ShardBatches, ShardDone, auto_workers, available_cores, make_loader
-from pipeline.model import Backbone, auto_batch_size, load_backbone
-from pipeline.sources import Shard, plan_shards
-from pipeline.writer import EmbeddingStore
+from imgindex.pipeline.config import ConfigError, EmbedConfig, check_lanes
+from imgindex.pipeline.decode import DECODE_MODE, build_preprocess, describe_preprocess, draft_side
+from imgindex.pipeline.lanes import auto_lanes, embed_in_lanes
+from imgindex.pipeline.loader import ROW_FIELDS, Batch, ShardBatches, ShardDone, auto_workers, available_cores, make_loader
+from imgindex.pipeline.model import Backbone, auto_batch_size, load_backbone
+from imgindex.pipeline.sources import Shard, plan_shards
+from imgindex.pipeline.writer import EmbeddingStore
 
 log = logging.getLogger(__name__)
 

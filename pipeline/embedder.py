@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import ConfigError, EmbedConfig, load_config
-from pipeline.decode import SampleError, build_preprocess, draft_side, open_upright, stack_nchw
-from pipeline.model import load_backbone
+from imgindex.pipeline.config import ConfigError, EmbedConfig, load_config
+from imgindex.pipeline.decode import SampleError, build_preprocess, draft_side, open_upright, stack_nchw
+from imgindex.pipeline.model import load_backbone
 
 
 def config_from_manifest(manifest: dict, device: str | None = None, checkpoint: str | None = None) -> EmbedConfig:

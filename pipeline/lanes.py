@@ -24,9 +24,9 @@ from itertools import islice
 import numpy as np
 import torch
 
-from pipeline.loader import Batch, Decoded, ShardBatches, ShardDone
-from pipeline.model import Backbone
-from pipeline.sources import Sample, read_shard
+from imgindex.pipeline.loader import Batch, Decoded, ShardBatches, ShardDone
+from imgindex.pipeline.model import Backbone
+from imgindex.pipeline.sources import Sample, read_shard
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.config import DecodeConfig
-from pipeline.decode import SampleError, open_upright, phash, sha256, stack_nchw
-from pipeline.sources import Sample, Shard, read_shard
+from imgindex.pipeline.config import DecodeConfig
+from imgindex.pipeline.decode import SampleError, open_upright, phash, sha256, stack_nchw
+from imgindex.pipeline.sources import Sample, Shard, read_shard
 
 # `workers: auto` stops here: 16 decode processes keep up with about 5,000 ImageNet-size
 # images/s, more than XCiT-L/8 needs on any one GPU, and each process costs ~300 MB.

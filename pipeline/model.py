@@ -16,7 +16,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import ConfigError, EmbedConfig
+from imgindex.pipeline.config import ConfigError, EmbedConfig
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ import time
 
 import torch
 
-from pipeline.config import ConfigError, EmbedConfig
-from pipeline.loader import available_cores, own_cores
-from pipeline.sources import plan_shards
-from pipeline.writer import EmbeddingStore
+from imgindex.pipeline.config import ConfigError, EmbedConfig
+from imgindex.pipeline.loader import available_cores, own_cores
+from imgindex.pipeline.sources import plan_shards
+from imgindex.pipeline.writer import EmbeddingStore
 
 
 def wants_gpu(config: EmbedConfig) -> bool:
@@ -84,7 +84,7 @@ def run_processes(argv: list[str], sources: list[str], out: str, config: EmbedCo
     children = []
     shares = core_shares(own_cores(), count)
     for rank, share in enumerate(shares):
-        cmd = [sys.executable, "-m", "indexes.cli", *argv, "--slice", f"{rank}/{count}", "--no-progress"]
+        cmd = [sys.executable, "-m", "imgindex", *argv, "--slice", f"{rank}/{count}", "--no-progress"]
         child = subprocess.Popen(cmd, env=_child_env(rank, count, config, share), stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True)
         if share:  # set at once, before the new interpreter starts any thread or worker

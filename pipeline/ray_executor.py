@@ -11,13 +11,13 @@ from __future__ import annotations
 import sys
 import time
 
-from pipeline.config import ConfigError, EmbedConfig
-from pipeline.processes import prepare_slices, report, wants_gpu
+from imgindex.pipeline.config import ConfigError, EmbedConfig
+from imgindex.pipeline.processes import prepare_slices, report, wants_gpu
 
 
 def embed_slice(sources: list[str], out: str, config: EmbedConfig, slice_: str) -> str:
     """The task body: one slice of the job, on whichever node Ray placed it; its summary line."""
-    from pipeline.embed import run_embed
+    from imgindex.pipeline.embed import run_embed
 
     return run_embed(sources, out, config, slice_=slice_, progress=False).line()
 

@@ -23,7 +23,7 @@ import fsspec
 import pyarrow.parquet as pq
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
-from pipeline.config import ConfigError, SourceConfig
+from imgindex.pipeline.config import ConfigError, SourceConfig
 
 IMAGE_EXTENSIONS = frozenset(
     "jpg jpeg jpe jfif png webp bmp gif tif tiff ppm pgm pbm pnm ico".split()

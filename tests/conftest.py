@@ -13,8 +13,8 @@ import timm
 import torch
 from PIL import Image
 
-from pipeline.config import load_config
-from pipeline.demo_corpus import jpeg_bytes, photo_files, write_tar
+from imgindex.pipeline.config import load_config
+from imgindex.pipeline.demo_corpus import jpeg_bytes, photo_files, write_tar
 
 MODEL = "xcit_nano_12_p16_224.fb_in1k"
 

@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageOps
 
-from pipeline.decode import SampleError, open_upright, phash
-from pipeline.demo_corpus import photo_files, write_tar
-from pipeline.embed import run_embed
+from imgindex.pipeline.decode import SampleError, open_upright, phash
+from imgindex.pipeline.demo_corpus import photo_files, write_tar
+from imgindex.pipeline.embed import run_embed
 
 from conftest import bad_and_odd_samples
 
@@ -88,7 +88,7 @@ def test_huge_image_is_rejected_from_its_header():
 
 
 def test_truncated_tar_records_the_unreadable_rest(tmp_path, photos, config_for):
-    from pipeline.demo_corpus import jpeg_bytes
+    from imgindex.pipeline.demo_corpus import jpeg_bytes
 
     members = [(f"{i:03d}.jpg", jpeg_bytes(photos["coffee"])) for i in range(3)]
     whole = write_tar(tmp_path / "whole.tar", members).read_bytes()
@@ -109,9 +109,9 @@ def test_phash_equals_imagehash_on_real_photos():
 
 
 def test_reduced_size_jpeg_decoding_is_opt_in_close_and_keeps_the_original_size(tmp_path, photos, config_for):
-    from pipeline.decode import build_preprocess
-    from pipeline.demo_corpus import jpeg_bytes
-    from pipeline.model import load_backbone
+    from imgindex.pipeline.decode import build_preprocess
+    from imgindex.pipeline.demo_corpus import jpeg_bytes
+    from imgindex.pipeline.model import load_backbone
 
     big = jpeg_bytes(photos["astronaut"].resize((2048, 1536)), quality=92)
     exact = open_upright(big, 10**8)
@@ -134,9 +134,9 @@ def test_reduced_size_jpeg_decoding_is_opt_in_close_and_keeps_the_original_size(
 def test_decode_threads_give_the_same_full_batches_in_sample_order(bad_shard, config_for):
     import timm
 
-    from pipeline.decode import build_preprocess
-    from pipeline.loader import Batch, ShardBatches, ShardDone
-    from pipeline.sources import plan_shards
+    from imgindex.pipeline.decode import build_preprocess
+    from imgindex.pipeline.loader import Batch, ShardBatches, ShardDone
+    from imgindex.pipeline.sources import plan_shards
 
     tar, samples = bad_shard
     config = config_for()
@@ -175,7 +175,7 @@ def released_after(fifo, seconds=30):
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_a_read_that_never_returns_is_a_timeout_failure_not_a_hung_job(tmp_path, photos, config_for, workers):
-    from pipeline.demo_corpus import jpeg_bytes
+    from imgindex.pipeline.demo_corpus import jpeg_bytes
 
     root = tmp_path / "photos"
     root.mkdir()

@@ -5,15 +5,15 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from indexes.build import BuildOptions, build_index
-from indexes.dedup import DedupOptions, find_duplicates, find_leaks, phash_pairs
-from indexes.embeddings import normalize_rows
-from indexes.query import Searcher
-from indexes.review import write_dedup
-from indexes.synthetic import clustered_vectors, write_embeddings_dir
-from pipeline.config import ConfigError
-from pipeline.demo_corpus import write_demo_corpus
-from pipeline.embed import run_embed
+from imgindex.indexes.build import BuildOptions, build_index
+from imgindex.indexes.dedup import DedupOptions, find_duplicates, find_leaks, phash_pairs
+from imgindex.indexes.embeddings import normalize_rows
+from imgindex.indexes.query import Searcher
+from imgindex.indexes.review import write_dedup
+from imgindex.indexes.synthetic import clustered_vectors, write_embeddings_dir
+from imgindex.pipeline.config import ConfigError
+from imgindex.pipeline.demo_corpus import write_demo_corpus
+from imgindex.pipeline.embed import run_embed
 
 EMBEDDING = DedupOptions(methods=("embedding",))
 
@@ -110,7 +110,7 @@ def test_chains_are_split_around_the_kept_member(tmp_path):
 
 @pytest.fixture(scope="module")
 def photo_index(tmp_path_factory, checkpoint):
-    from pipeline.config import load_config
+    from imgindex.pipeline.config import load_config
 
     root = tmp_path_factory.mktemp("photos")
     shards = write_demo_corpus(root / "corpus")
@@ -164,7 +164,7 @@ def test_outputs_and_report_reference_every_group_and_image(photo_index, tmp_pat
 
 
 def test_leakage_check_finds_a_planted_leak(photo_index, tmp_path, photos):
-    from pipeline.demo_corpus import jpeg_bytes, write_tar
+    from imgindex.pipeline.demo_corpus import jpeg_bytes, write_tar
 
     root, config = photo_index
     noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
@@ -217,7 +217,7 @@ def run_cli(*args):
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-m", "indexes.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "imgindex", *map(str, args)], capture_output=True, text=True,
                           timeout=300)
 
 
@@ -247,7 +247,7 @@ def test_dedup_cli_errors_are_one_line(planted_index, tmp_path):
 
 
 def test_calibration_plants_copies_and_measures_each_tier(photo_index):
-    from indexes.calibrate import THRESHOLDS, TRANSFORMS, calibrate, format_table
+    from imgindex.indexes.calibrate import THRESHOLDS, TRANSFORMS, calibrate, format_table
 
     root, _ = photo_index
     result = calibrate(str(root / "idx"), sample=8)

@@ -3,7 +3,7 @@ import json
 
 import pyarrow.parquet as pq
 
-from indexes.cli import main
+from imgindex.cli import main
 
 
 def test_demo_embeds_real_photos_and_says_weights_are_random(tmp_path, capsys):

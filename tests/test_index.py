@@ -6,11 +6,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from indexes.build import BuildOptions, add_parts, build_index
-from indexes.factory import choose_index_key, parse_memory
-from indexes.query import Searcher
-from indexes.synthetic import clustered_vectors, write_embeddings_dir
-from pipeline.config import ConfigError
+from imgindex.indexes.build import BuildOptions, add_parts, build_index
+from imgindex.indexes.factory import choose_index_key, parse_memory
+from imgindex.indexes.query import Searcher
+from imgindex.indexes.synthetic import clustered_vectors, write_embeddings_dir
+from imgindex.pipeline.config import ConfigError
 
 IVF = BuildOptions(flat_threshold=1000, eval_queries=300)
 
@@ -153,7 +153,7 @@ def test_corrupt_or_truncated_index_file_is_a_clear_error(tmp_path, corpus, dama
 
 
 def test_recall_counts_tied_neighbours_as_correct_and_wrong_ones_as_misses():
-    from indexes.recall import drop_self, exact_neighbors, recall_at_k
+    from imgindex.indexes.recall import drop_self, exact_neighbors, recall_at_k
 
     def at(cosine, axis):  # a unit vector at this cosine to e0
         v = np.zeros(8, np.float32)

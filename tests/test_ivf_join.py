@@ -3,10 +3,10 @@ import faiss
 import numpy as np
 import pytest
 
-import indexes.ivf_join as ivf_join
-from indexes.embeddings import normalize_rows
-from indexes.ivf_join import range_join
-from indexes.synthetic import clustered_vectors
+import imgindex.indexes.ivf_join as ivf_join
+from imgindex.indexes.embeddings import normalize_rows
+from imgindex.indexes.ivf_join import range_join
+from imgindex.indexes.synthetic import clustered_vectors
 
 
 class Rows:

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-CLI = [sys.executable, "-m", "indexes.cli"]
+CLI = [sys.executable, "-m", "imgindex"]
 
 
 def run_cli(*args, env=None):
@@ -85,9 +85,9 @@ def test_missing_checkpoint_file(tmp_path, one_tar):
 
 def test_bad_flag_values(tmp_path, one_tar, checkpoint):
     assert_one_line_error(run_cli("embed", one_tar, "--out", tmp_path / "o", "--config", "test",
-                                  "--batch-size", "0"), "batch size")
+                                  "--batch-size", "0"), "--batch-size", "0 is not allowed")
     assert_one_line_error(run_cli("embed", one_tar, "--out", tmp_path / "o", "--config", "test",
-                                  "--workers", "-2"), "workers must be")
+                                  "--workers", "-2"), "--workers", "-2 is not allowed")
     unparsable = run_cli("embed", one_tar, "--out", tmp_path / "o", "--config", "test", "--workers", "all")
     assert unparsable.returncode == 2  # argparse's usage, then its one error line
     assert unparsable.stderr.splitlines()[-1].endswith("argument --workers: expected a whole number or auto, got 'all'")

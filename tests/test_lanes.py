@@ -7,11 +7,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.config import ConfigError
-from pipeline.demo_corpus import jpeg_bytes, write_tar
-from pipeline.embed import run_embed
-from pipeline.lanes import MAX_AUTO_LANES, auto_lanes
-from pipeline.model import Backbone
+from imgindex.pipeline.config import ConfigError
+from imgindex.pipeline.demo_corpus import jpeg_bytes, write_tar
+from imgindex.pipeline.embed import run_embed
+from imgindex.pipeline.lanes import MAX_AUTO_LANES, auto_lanes
+from imgindex.pipeline.model import Backbone
 
 from conftest import bad_and_odd_samples
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import load_config
-from pipeline.decode import build_preprocess, stack_nchw
-from pipeline.model import load_backbone
+from imgindex.pipeline.config import load_config
+from imgindex.pipeline.decode import build_preprocess, stack_nchw
+from imgindex.pipeline.model import load_backbone
 
 
 def uint8_batch(photos, backbone, names=("coffee", "chelsea", "rocket")):
@@ -49,7 +49,7 @@ def test_bf16_autocast_path_returns_float32_unit_vectors(photos, config_for):
 def test_compiled_backbone_writes_the_eager_vectors(tmp_path, photo_tars, config_for):
     import pyarrow.parquet as pq
 
-    from pipeline.embed import run_embed
+    from imgindex.pipeline.embed import run_embed
 
     tars = [str(t) for t in photo_tars(count=1, per_shard=2)]
     for name, compile_ in (("eager", False), ("compiled", True)):
@@ -65,7 +65,7 @@ def test_compiled_backbone_writes_the_eager_vectors(tmp_path, photo_tars, config
 
 
 def test_auto_precision_is_fp32_on_cpu_and_bf16_on_cuda():
-    from pipeline.model import resolve_precision
+    from imgindex.pipeline.model import resolve_precision
 
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
     assert resolve_precision("auto", torch.device("cuda")) == "bf16"
@@ -74,7 +74,7 @@ def test_auto_precision_is_fp32_on_cpu_and_bf16_on_cuda():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_path_pins_and_matches_cpu(photos, config_for):
-    from pipeline.loader import Batch
+    from imgindex.pipeline.loader import Batch
 
     cpu = load_backbone(config_for())
     gpu = load_backbone(config_for(**{"runtime.device": "cuda", "runtime.precision": "fp32"}))
@@ -84,8 +84,8 @@ def test_cuda_path_pins_and_matches_cpu(photos, config_for):
 
 
 def test_auto_batch_size_keeps_headroom_below_the_largest_that_fits():
-    from pipeline.config import ConfigError
-    from pipeline.model import largest_fitting
+    from imgindex.pipeline.config import ConfigError
+    from imgindex.pipeline.model import largest_fitting
 
     assert largest_fitting(lambda size: size <= 700) == 408  # 512 fitted, 1024 did not: 80% of 512
     assert largest_fitting(lambda size: size <= 8) == 8
@@ -95,7 +95,7 @@ def test_auto_batch_size_keeps_headroom_below_the_largest_that_fits():
 
 
 def test_auto_batch_size_and_workers_are_resolved_and_recorded(tmp_path, photo_tars, config_for):
-    from pipeline.embed import run_embed
+    from imgindex.pipeline.embed import run_embed
 
     run_embed([str(t) for t in photo_tars(count=1, per_shard=2)], str(tmp_path / "out"),
               config_for(**{"runtime.batch_size": "auto", "runtime.workers": "auto"}), progress=False)
@@ -107,7 +107,7 @@ def test_auto_batch_size_and_workers_are_resolved_and_recorded(tmp_path, photo_t
 
 
 def test_auto_workers_use_the_cores_of_this_process_and_leave_one_for_it():
-    from pipeline.loader import MAX_AUTO_WORKERS, auto_workers
+    from imgindex.pipeline.loader import MAX_AUTO_WORKERS, auto_workers
 
     assert auto_workers("cpu", 64) == 0
     assert auto_workers("cuda", 16) == 15
@@ -116,7 +116,7 @@ def test_auto_workers_use_the_cores_of_this_process_and_leave_one_for_it():
 
 
 def test_procs_get_disjoint_shares_of_the_cores():
-    from pipeline.processes import core_shares
+    from imgindex.pipeline.processes import core_shares
 
     shares = core_shares(list(range(16)), 3)
     assert [len(s) for s in shares] == [5, 5, 6]

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.demo_corpus import photo_files
-from pipeline.embed import run_embed
+from imgindex.pipeline.demo_corpus import photo_files
+from imgindex.pipeline.embed import run_embed
 
 from conftest import MODEL
 

@@ -5,8 +5,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from embedding_reader import EmbeddingReader
 
-from pipeline.demo_corpus import write_tar
-from pipeline.embed import run_embed
+from imgindex.pipeline.demo_corpus import write_tar
+from imgindex.pipeline.embed import run_embed
 
 
 def test_embedding_reader_reads_parts_with_keys(tmp_path, photo_tars, photos, config_for):

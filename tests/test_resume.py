@@ -12,11 +12,11 @@ import pytest
 import timm
 import torch
 
-from pipeline.embed import run_embed
+from imgindex.pipeline.embed import run_embed
 
 from conftest import MODEL
 
-CLI = [sys.executable, "-m", "indexes.cli"]
+CLI = [sys.executable, "-m", "imgindex"]
 
 
 def embed_cmd(sources, out, checkpoint, *extra):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.demo_corpus import photo_files
+from imgindex.pipeline.demo_corpus import photo_files
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,7 +22,7 @@ def built(tmp_path_factory, checkpoint):
     folder.mkdir()
     for path in photo_files()[:10]:
         (folder / path.name).write_bytes(path.read_bytes())
-    result = run("-m", "indexes.cli", "build", folder, "--out", root / "out", "--config", "test",
+    result = run("-m", "imgindex", "build", folder, "--out", root / "out", "--config", "test",
                  "--checkpoint", checkpoint, "--no-progress")
     assert result.returncode == 0, result.stderr
     assert "recall@10 vs exact search: 1.0000" in result.stdout

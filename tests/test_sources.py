@@ -7,10 +7,10 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from pipeline.config import ConfigError, SourceConfig
-from pipeline.demo_corpus import jpeg_bytes, write_tar
-from pipeline.embed import run_embed
-from pipeline.sources import plan_shards, read_shard
+from imgindex.pipeline.config import ConfigError, SourceConfig
+from imgindex.pipeline.demo_corpus import jpeg_bytes, write_tar
+from imgindex.pipeline.embed import run_embed
+from imgindex.pipeline.sources import plan_shards, read_shard
 
 
 def keys_of(out) -> list[tuple[str, str]]:

@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.config import ConfigError, EmbedConfig, load_config
+from imgindex.pipeline.config import ConfigError, EmbedConfig, load_config
 
 log = logging.getLogger("imgindex")
 
@@ -65,13 +65,13 @@ def _warn_if_cpu_by_default(config: EmbedConfig) -> None:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from pipeline.embed import run_embed
+    from imgindex.pipeline.embed import run_embed
 
     config = _config_from(args)
     if args.procs < 1:
         raise ConfigError(f"--procs must be at least 1, got {args.procs}")
     if args.ray is not None:
-        from pipeline.ray_executor import run_ray
+        from imgindex.pipeline.ray_executor import run_ray
 
         if args.ray < 1:
             raise ConfigError(f"--ray must be at least 1, got {args.ray}")
@@ -79,7 +79,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
             raise ConfigError("--ray runs the slices itself: it does not mix with --procs or --slice")
         return 1 if run_ray(args.sources, args.out, config, args.ray, args.overwrite) else 0
     if args.procs > 1:
-        from pipeline.processes import run_processes
+        from imgindex.pipeline.processes import run_processes
 
         if args.slice:
             raise ConfigError("--procs and --slice do not mix: --procs runs the slices itself")
@@ -106,7 +106,7 @@ def _without_procs(argv: list[str]) -> list[str]:
 
 
 def _build_options(args: argparse.Namespace):
-    from indexes.build import BuildOptions
+    from imgindex.indexes.build import BuildOptions
 
     if not 0 < args.target_recall <= 1:
         raise ConfigError(f"--target-recall must be in (0, 1], got {args.target_recall}")
@@ -121,7 +121,7 @@ def _print_index(manifest: dict, out: str) -> None:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from indexes.build import add_parts, build_index
+    from imgindex.indexes.build import add_parts, build_index
 
     if bool(args.emb_dir) == bool(args.add):
         raise ConfigError("give EMB_DIR to build a new index, or --add EMB_DIR to extend the one at --out")
@@ -142,8 +142,8 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from indexes.build import build_index
-    from pipeline.embed import run_embed
+    from imgindex.indexes.build import build_index
+    from imgindex.pipeline.embed import run_embed
 
     config = _config_from(args)
     _warn_if_cpu_by_default(config)
@@ -157,7 +157,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def _query_files(args: argparse.Namespace) -> list[Path]:
-    from pipeline.sources import IMAGE_EXTENSIONS
+    from imgindex.pipeline.sources import IMAGE_EXTENSIONS
 
     files = [Path(p) for p in args.image or []]
     if args.dir:
@@ -181,7 +181,7 @@ def _print_hits(label: str, hits: list) -> None:
 
 
 def _write_search_html(path: str, searcher, results: list[tuple[str, bytes | None, list]]) -> None:
-    from indexes.gallery import fetch_images, figure, page, thumbnail_uri
+    from imgindex.indexes.gallery import fetch_images, figure, page, thumbnail_uri
 
     images = fetch_images(searcher.sources(), {(h.shard, h.key) for _, _, hits in results for h in hits})
     sections = []
@@ -194,7 +194,7 @@ def _write_search_html(path: str, searcher, results: list[tuple[str, bytes | Non
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from indexes.query import Searcher
+    from imgindex.indexes.query import Searcher
 
     files = _query_files(args)
     if not files and not args.key:
@@ -221,10 +221,10 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_dedup(args: argparse.Namespace) -> int:
-    from indexes.dedup import DedupOptions, find_duplicates, find_leaks
-    from indexes.embeddings import EmbeddingsDir
-    from indexes.query import Searcher
-    from indexes.review import write_dedup, write_leaks
+    from imgindex.indexes.dedup import DedupOptions, find_duplicates, find_leaks
+    from imgindex.indexes.embeddings import EmbeddingsDir
+    from imgindex.indexes.query import Searcher
+    from imgindex.indexes.review import write_dedup, write_leaks
 
     options = DedupOptions(methods=tuple(m.strip() for m in args.method.split(",") if m.strip()),
                            threshold=args.threshold, phash_distance=args.phash_distance, keep=args.keep,
@@ -260,7 +260,7 @@ def cmd_dedup(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from indexes.calibrate import calibrate, format_table
+    from imgindex.indexes.calibrate import calibrate, format_table
 
     result = calibrate(args.index, sample=args.sample)
     print(format_table(result))
@@ -299,8 +299,8 @@ def search_main(argv: list[str] | None = None) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipeline.demo_corpus import write_demo_corpus
-    from pipeline.embed import run_embed
+    from imgindex.pipeline.demo_corpus import write_demo_corpus
+    from imgindex.pipeline.embed import run_embed
 
     out = Path(args.out)
     config = _config_from(args, base="cpu")
@@ -322,9 +322,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     import pyarrow.compute as pc
 
-    from indexes.build import build_index
-    from indexes.query import Searcher
-    from pipeline.demo_corpus import photo_files
+    from imgindex.indexes.build import build_index
+    from imgindex.indexes.query import Searcher
+    from imgindex.pipeline.demo_corpus import photo_files
 
     index_dir = out / "index"
     manifest = build_index(str(vectors), str(index_dir), overwrite=True, progress=progress)
@@ -338,8 +338,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _write_search_html(str(html), searcher, [(str(query), query.read_bytes(), hits)])
     print(f"search page with thumbnails: {html}")
 
-    from indexes.dedup import DedupOptions, find_duplicates
-    from indexes.review import write_dedup
+    from imgindex.indexes.dedup import DedupOptions, find_duplicates
+    from imgindex.indexes.review import write_dedup
 
     # Random weights make every embedding alike, so the demo dedups on the tiers that do not
     # depend on the model unless real weights were given.

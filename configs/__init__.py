@@ -1,0 +1,1 @@
+"""The named job configs (`--config NAME` -> NAME.yaml here), shipped inside the package."""
