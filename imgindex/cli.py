@@ -9,18 +9,22 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from imgindex.pipeline.config import ConfigError, EmbedConfig, load_config
 
 log = logging.getLogger("imgindex")
 
+MAX_K = 100_000  # hits per query, neighbours per image
 
-def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+
+def _add_model_flags(parser: argparse.ArgumentParser, config: str = "default") -> None:
     group = parser.add_argument_group("model and runtime (override the config file)")
     group.add_argument("--config", metavar="FILE",
-                       help="YAML config: a path, or a name in configs/ (default, cpu, test)")
-    group.add_argument("--model", metavar="NAME", help="timm model name (default xcit_large_24_p8_224.fb_in1k)")
+                       help=f"YAML config: a path, or a shipped name (default, cpu, test); default: {config}")
+    group.add_argument("--model", metavar="NAME",
+                       help=f"timm model name (default {load_config(config).model.name}, from the {config} config)")
     group.add_argument("--checkpoint", metavar="FILE", help="local weights (safetensors or .pth) instead of the hub")
     group.add_argument("--batch-size", type=number_or_auto, metavar="N",
                        help="images per forward pass, or auto: the largest that fits in GPU memory (16 on a CPU)")
@@ -46,6 +50,37 @@ def number_or_auto(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a whole number or auto, got {text!r}") from None
 
 
+def whole(lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from lo to hi."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be a whole number from {lo} to {hi}, got {text!r}")
+        return value
+    return parse
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number in (0, 1] (a cosine threshold, a recall)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number above 0 and at most 1, got {text!r}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, like every other error of the command."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def _config_from(args: argparse.Namespace, base: str | None = None) -> EmbedConfig:
     overrides = {
         "model.name": args.model, "model.checkpoint": args.checkpoint,
@@ -68,13 +103,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from imgindex.pipeline.embed import run_embed
 
     config = _config_from(args)
-    if args.procs < 1:
-        raise ConfigError(f"--procs must be at least 1, got {args.procs}")
     if args.ray is not None:
         from imgindex.pipeline.ray_executor import run_ray
 
-        if args.ray < 1:
-            raise ConfigError(f"--ray must be at least 1, got {args.ray}")
         if args.procs > 1 or args.slice:
             raise ConfigError("--ray runs the slices itself: it does not mix with --procs or --slice")
         return 1 if run_ray(args.sources, args.out, config, args.ray, args.overwrite) else 0
@@ -108,8 +139,6 @@ def _without_procs(argv: list[str]) -> list[str]:
 def _build_options(args: argparse.Namespace):
     from imgindex.indexes.build import BuildOptions
 
-    if not 0 < args.target_recall <= 1:
-        raise ConfigError(f"--target-recall must be in (0, 1], got {args.target_recall}")
     return BuildOptions(index_key=args.index_key, max_memory=args.max_memory, target_recall=args.target_recall)
 
 
@@ -181,16 +210,16 @@ def _print_hits(label: str, hits: list) -> None:
 
 
 def _write_search_html(path: str, searcher, results: list[tuple[str, bytes | None, list]]) -> None:
-    from imgindex.indexes.gallery import fetch_images, figure, page, thumbnail_uri
+    from imgindex.indexes.gallery import Page, fetch_images
 
     images = fetch_images(searcher.sources(), {(h.shard, h.key) for _, _, hits in results for h in hits})
-    sections = []
-    for label, data, hits in results:
-        figs = [figure(thumbnail_uri(data), "query", [label], css="query")]
-        figs += [figure(thumbnail_uri(images.get((h.shard, h.key))), f"#{h.rank}  {h.score:.5f}",
-                        [h.key, h.shard, h.caption]) for h in hits]
-        sections.append((f"query: {label}", figs))
-    Path(path).write_text(page("imgindex search", sections, intro=f"index: {searcher.dir.path}"))
+    page = Page("imgindex search")
+    for number, (label, data, hits) in enumerate(results):
+        figs = [page.figure(("query", number), data, "query", [label], css="query")]
+        figs += [page.figure((h.shard, h.key), images.get((h.shard, h.key)), f"#{h.rank}  {h.score:.5f}",
+                             [h.key, h.shard, h.caption]) for h in hits]
+        page.section(f"query: {label}", figs)
+    Path(path).write_text(page.render(intro=f"index: {searcher.dir.path}"))
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -277,20 +306,20 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key", action="append", metavar="KEY",
                         help="a key already in the index: 'more like this one' (repeatable)")
     parser.add_argument("--shard", metavar="SHARD", help="the shard of --key, when the key is in several")
-    parser.add_argument("-k", type=int, default=10, help="hits per query (default 10)")
+    parser.add_argument("-k", type=whole(1, MAX_K), default=10, help="hits per query (default 10)")
     parser.add_argument("--index", default="index", metavar="IDX", help="index directory (default ./index)")
     parser.add_argument("--json", action="store_true", help="one JSON object per query, for scripts")
     parser.add_argument("--html", metavar="FILE", help="also write a page with the query and hit thumbnails")
     parser.add_argument("--model", metavar="NAME", help="fail unless the index was built with this model")
     parser.add_argument("--device", metavar="DEV", help="where to embed query images (default auto)")
     parser.add_argument("--checkpoint", metavar="FILE", help="weights file, if it moved since the index was built")
-    parser.add_argument("--nprobe", type=int, help="override the tuned nprobe (IVF indexes)")
-    parser.add_argument("--ef-search", type=int, help="override the tuned efSearch (HNSW indexes)")
+    parser.add_argument("--nprobe", type=whole(1, 2**20), help="override the tuned nprobe (IVF indexes)")
+    parser.add_argument("--ef-search", type=whole(1, 2**20), help="override the tuned efSearch (HNSW indexes)")
 
 
 def search_main(argv: list[str] | None = None) -> int:
     """`python search.py ...`: the same as `imgindex search ...`."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="search.py", description="Which images look like this one? Query an imgindex index "
         "by image files, a folder of images, or keys already in the index.")
     add_search_arguments(parser)
@@ -361,12 +390,12 @@ def _add_index_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--index-key", metavar="FACTORY",
                        help="any faiss.index_factory string (default: chosen from the vector count and --max-memory)")
     group.add_argument("--max-memory", default="16G", metavar="SIZE", help="memory budget of the index (default 16G)")
-    group.add_argument("--target-recall", type=float, default=0.95, metavar="R",
+    group.add_argument("--target-recall", type=fraction, default=0.95, metavar="R",
                        help="tune nprobe/efSearch to reach this recall@10 vs exact search (default 0.95)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="imgindex", description="Image corpus -> embeddings (Parquet) -> FAISS index -> search and dedup.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -382,10 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--overwrite", action="store_true",
                        help="delete existing parts in DIR and start again (needed to change model or preprocessing)")
     embed.add_argument("--slice", metavar="I/N", help="take only shards I, I+N, ... (SLURM arrays, clusters)")
-    embed.add_argument("--procs", type=int, default=1, metavar="N",
+    embed.add_argument("--procs", type=whole(1, 1024), default=1, metavar="N",
                        help="run N processes over disjoint shards on this machine: one per GPU "
                             "(process k sees GPU k), each pinned to its own share of the CPU cores")
-    embed.add_argument("--ray", type=int, metavar="N",
+    embed.add_argument("--ray", type=whole(1, 100_000), metavar="N",
                        help="run N Ray tasks over disjoint shards on the Ray cluster at RAY_ADDRESS (else a "
                             "local Ray), one GPU each on CUDA; DIR must be reachable from every node")
     embed.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -430,23 +459,23 @@ def build_parser() -> argparse.ArgumentParser:
                     "groups.parquet, keep.txt, remove.txt and report.html. Nothing is ever deleted or moved.")
     dedup.add_argument("--index", required=True, metavar="IDX", help="index directory (imgindex index --out)")
     dedup.add_argument("--out", metavar="DEDUP", help="where the results go")
-    dedup.add_argument("--threshold", type=float, default=0.95, help="cosine similarity for the embedding tier "
+    dedup.add_argument("--threshold", type=fraction, default=0.95, help="cosine similarity for the embedding tier "
                        "(default 0.95)")
     dedup.add_argument("--method", default="exact,phash,embedding",
                        help="comma list of tiers: exact, phash, embedding (default all three)")
-    dedup.add_argument("--phash-distance", type=int, default=4, metavar="BITS",
+    dedup.add_argument("--phash-distance", type=whole(0, 16), default=4, metavar="BITS",
                        help="Hamming distance of the phash tier (default 4 of 64 bits)")
     dedup.add_argument("--keep", default="largest", choices=("largest", "first", "smallest-file"),
                        help="which image of a group to keep: largest pixel count then smallest key (default), "
                             "first in corpus order, or smallest file")
-    dedup.add_argument("--max-neighbors", type=int, default=100, metavar="K",
+    dedup.add_argument("--max-neighbors", type=whole(1, MAX_K), default=100, metavar="K",
                        help="embedding tier: nearest neighbours examined per image (default 100)")
     dedup.add_argument("--against", metavar="EMB_DIR",
                        help="leakage check: which images of EMB_DIR (e.g. a test set) have a duplicate in the index")
     dedup.add_argument("--calibrate", action="store_true",
                        help="measure recall and precision per threshold by planting transformed copies "
                             "(resize, crop, JPEG, flip) of a sample of the corpus; finds no duplicates")
-    dedup.add_argument("--sample", type=int, default=100, metavar="N", help="images sampled by --calibrate")
+    dedup.add_argument("--sample", type=whole(1, 1_000_000), default=100, metavar="N", help="images sampled by --calibrate")
     dedup.add_argument("--dry-run", action="store_true", help="print what was found, write nothing")
     dedup.add_argument("--no-progress", action="store_true", help="no progress bar")
     dedup.set_defaults(func=cmd_dedup)
@@ -457,8 +486,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "with XCiT-Nano. Weights are random unless --checkpoint is given.")
     demo.add_argument("--out", default="demo-out", metavar="DIR", help="where the corpus and outputs go")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_model_flags(demo)
+    _add_model_flags(demo, config="cpu")
     demo.set_defaults(func=cmd_demo)
+    for command in sub.choices.values():  # -v after the command too (`imgindex search -v`)
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="log more detail")
     return parser
 
 
@@ -471,14 +503,40 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None, func) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="imgindex: %(levelname)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build it tried, even with -v
     try:
+        _check_one_faiss()
         return (func or args.func)(args)
     except ConfigError as exc:
         print(f"imgindex: error: {exc}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as exc:
+        if exc.name != "faiss":
+            raise
+        print("imgindex: error: faiss is not installed: pip install 'imgindex[cpu]' (or 'imgindex[gpu]' on a "
+              "CUDA 12 machine)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("imgindex: interrupted; rerun the same command to finish the remaining shards", file=sys.stderr)
+        command = getattr(args, "command", None) or "search"
+        if command in ("embed", "build"):
+            hint = "rerun the same command to finish the remaining shards"
+        else:
+            hint = f"{command} did not finish and wrote nothing new; rerun the same command"
+        print(f"imgindex: interrupted; {hint}", file=sys.stderr)
         return 130
+
+
+def _check_one_faiss() -> None:
+    """faiss-cpu and faiss-gpu both install the module `faiss`: with both, one has overwritten the
+    other, and uninstalling either breaks it."""
+    from importlib.metadata import distributions
+
+    names = sorted({(d.metadata["Name"] or "").lower() for d in distributions()
+                    if (d.metadata["Name"] or "").lower().startswith("faiss")})
+    if len(names) > 1:
+        log.warning("several faiss distributions are installed (%s): they overwrite each other's `faiss` module; "
+                    "uninstall all of them and install one: pip install 'imgindex[cpu]' or 'imgindex[gpu]'",
+                    ", ".join(names))
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
+from imgindex.progress import progress_bar
 from imgindex.indexes.embeddings import EmbeddingsDir, Part
 from imgindex.indexes.factory import FLAT_THRESHOLD, choose_index_key, parse_memory, search_knob
 from imgindex.indexes.index_dir import FORMAT, IDS, IDS_SCHEMA, IndexDir
@@ -137,7 +137,7 @@ def build_index(emb_dir: str, out: str, options: BuildOptions | None = None, ove
 
     ids_tmp = target.tmp(IDS)
     add_seconds = 0.0
-    bar = tqdm(total=count, unit="vec", desc="index", disable=None if progress is None else not progress)
+    bar = progress_bar(total=count, unit="vec", desc="index", progress=progress)
     with pq.ParquetWriter(ids_tmp, IDS_SCHEMA) as ids_writer:
         def blocks():
             nonlocal add_seconds
@@ -226,7 +226,7 @@ def add_parts(emb_dir: str, index_dir: str, target_recall: float | None = None,
     ids_tmp = target.tmp(IDS)
     count = sum(p.rows for p in new)
     residual_sum, added = 0.0, 0
-    bar = tqdm(total=count, unit="vec", desc="add", disable=None if progress is None else not progress)
+    bar = progress_bar(total=count, unit="vec", desc="add", progress=progress)
     with pq.ParquetWriter(ids_tmp, IDS_SCHEMA) as ids_writer:
         ids_writer.write_table(old_ids)
         for _, ids, vectors in emb.iter_batches(new):

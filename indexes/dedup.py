@@ -24,8 +24,8 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from tqdm import tqdm
 
+from imgindex.progress import progress_bar
 from imgindex.indexes.embeddings import EmbeddingsDir, Part
 from imgindex.indexes.factory import knob_values, set_knob
 from imgindex.indexes.ivf_join import list_numbers, range_join, smallest_nprobe
@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 
 METHODS = ("exact", "phash", "embedding")
 KEEP_POLICIES = ("largest", "first", "smallest-file")
-META_COLUMNS = ["shard", "key", "width", "height", "bytes", "sha256", "phash"]
+META_COLUMNS = ["shard", "key", "width", "height", "bytes", "grayscale", "sha256", "phash"]
 BATCH = 8192
+MAX_EXACT_PARTNERS = 100  # byte-identical copies paired with each image (every pair up to 101 copies)
 PAIR_SCHEMA = pa.schema([
     ("a_shard", pa.string()), ("a_key", pa.string()), ("b_shard", pa.string()), ("b_key", pa.string()),
     ("similarity", pa.float32()), ("kind", pa.string()), ("phash_distance", pa.int32()),
@@ -46,7 +47,7 @@ PAIR_SCHEMA = pa.schema([
 GROUP_SCHEMA = pa.schema([
     ("shard", pa.string()), ("key", pa.string()), ("group_id", pa.int64()), ("keep", pa.bool_()),
     ("reason", pa.string()), ("group_size", pa.int32()), ("min_similarity", pa.float32()),
-    ("similarity", pa.float32()),
+    ("similarity", pa.float32()), ("kind", pa.string()), ("phash_distance", pa.int32()),
 ])
 
 
@@ -91,7 +92,7 @@ class Corpus:
         count = sum(part.rows for _, part in parts)
         self.path, self.dim = workdir / f"{name}.f32", dim
         tables, row = [], 0
-        bar = tqdm(total=count, unit="vec", desc=f"read {name}", disable=None if progress is None else not progress)
+        bar = progress_bar(total=count, unit="vec", desc=f"read {name}", progress=progress)
         with open(self.path, "wb") as out:
             for emb, part in parts:
                 for _, _, vectors in emb.iter_batches([part]):
@@ -133,13 +134,6 @@ class Corpus:
             while block := f.read(rows * self.dim * 4):
                 yield np.frombuffer(block, dtype=np.float32).reshape(-1, self.dim)
 
-    def cosine(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        out = np.empty(len(a), np.float32)
-        for start in range(0, len(a), BATCH):
-            sl = slice(start, start + BATCH)
-            out[sl] = np.einsum("ij,ij->i", self.vectors[a[sl]], self.vectors[b[sl]])
-        return out
-
 
 def _unique_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     lo, hi = np.minimum(a, b), np.maximum(a, b)
@@ -148,18 +142,30 @@ def _unique_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return both[:, 0].astype(np.int64), both[:, 1].astype(np.int64)
 
 
-def exact_pairs(sha: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """Rows with the same sha256, as pairs (first row of the hash, each other row)."""
-    sha = sha.combine_chunks() if isinstance(sha, pa.ChunkedArray) else sha
-    codes = pc.dictionary_encode(sha).indices.fill_null(-1).to_numpy(zero_copy_only=False)
-    valid = codes >= 0
-    rows = np.nonzero(valid)[0]
-    order = rows[np.argsort(codes[rows], kind="stable")]
-    sorted_codes = codes[order]
-    starts = np.r_[True, sorted_codes[1:] != sorted_codes[:-1]]
-    first = order[np.maximum.accumulate(np.where(starts, np.arange(len(order)), 0))]
-    dup = ~starts
-    return _unique_pairs(first[dup], order[dup])
+def sha_codes(*columns: pa.ChunkedArray | pa.Array) -> list[np.ndarray]:
+    """One integer code per distinct sha256 across all `columns` (-1 for null), one array each."""
+    arrays = [c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c for c in columns]
+    codes = pc.dictionary_encode(pa.concat_arrays(arrays)).indices.fill_null(-1).to_numpy(zero_copy_only=False)
+    bounds = np.cumsum([0] + [len(a) for a in arrays])
+    return [codes[lo:hi].astype(np.int64) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def exact_pairs(q_codes: np.ndarray, d_codes: np.ndarray, self_join: bool,
+                partners: int = MAX_EXACT_PARTNERS) -> tuple[np.ndarray, np.ndarray]:
+    """(query row, db row) of every pair with the same bytes: each query row with up to `partners`
+    db rows of its hash (the first ones), so a group of up to `partners` + 1 copies gives every
+    pair, and a huge group stays O(rows x partners), not quadratic."""
+    d_rows = np.nonzero(d_codes >= 0)[0]
+    d_rows = d_rows[np.argsort(d_codes[d_rows], kind="stable")]
+    d_sorted = d_codes[d_rows]
+    q_rows = np.nonzero(q_codes >= 0)[0]
+    lo = np.searchsorted(d_sorted, q_codes[q_rows], side="left")
+    hi = np.minimum(np.searchsorted(d_sorted, q_codes[q_rows], side="right"), lo + partners + int(self_join))
+    counts = hi - lo
+    q = np.repeat(q_rows, counts)
+    offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    d = d_rows[np.repeat(lo, counts) + offsets]
+    return q.astype(np.int64), d.astype(np.int64)  # a self-join's (row, row) pairs are dropped by the caller
 
 
 def hashes(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
@@ -178,8 +184,9 @@ def phash_pairs(db: tuple[np.ndarray, np.ndarray], distance: int,
                 progress: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Pairs within `distance` bits: (query row, database row); (values, valid) inputs.
 
-    Multi-index hashing with distance+1 tables is exact: two hashes within `distance` bits
-    agree on at least one of the distance+1 disjoint substrings. Null hashes never match.
+    Multi-index hashing is exact: with t = min(distance + 1, 8) tables of disjoint substrings,
+    two hashes within `distance` bits differ in at most distance // t bits of one substring,
+    and every bucket within that many flips is probed. Null hashes never match.
     """
     queries = queries or db
     db_rows, q_rows = np.nonzero(db[1])[0], np.nonzero(queries[1])[0]
@@ -187,13 +194,13 @@ def phash_pairs(db: tuple[np.ndarray, np.ndarray], distance: int,
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     tables = min(distance + 1, 8)
     index = faiss.IndexBinaryMultiHash(64, tables, 64 // tables)
-    if distance + 1 > tables:
-        index.nflip = distance + 1 - tables  # probe neighbouring buckets too: exact again
+    # Two hashes within `distance` bits differ in at most distance // tables bits of one of the
+    # tables' disjoint substrings (pigeonhole), so probing the buckets within that many flips is exact.
+    index.nflip = distance // tables
     index.add(_binary_codes(db[0][db_rows]))
     found_q, found_db = [], []
     codes = _binary_codes(queries[0][q_rows])
-    for start in tqdm(range(0, len(codes), BATCH), desc="phash", unit="batch",
-                      disable=None if progress is None else not progress):
+    for start in progress_bar(range(0, len(codes), BATCH), desc="phash", unit="batch", progress=progress):
         lims, _, ids = index.range_search(codes[start:start + BATCH], distance + 1)
         counts = np.diff(lims).astype(np.int64)
         found_q.append(q_rows[start + np.repeat(np.arange(len(counts)), counts)])
@@ -221,12 +228,15 @@ def embedding_candidates(index: faiss.Index, queries: Corpus, db: Corpus, thresh
                                      progress, desc)
         return q, d, capped
     found_q, found_db, capped, start = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], 0, 0
-    k = min(max_neighbors + int(self_join), index.ntotal)
-    with tqdm(total=len(queries), desc=desc, unit="vec", disable=None if progress is None else not progress) as bar:
+    keep = max_neighbors + int(self_join)
+    k = min(keep + 1, index.ntotal)  # one more than kept: a hit there means some were left out
+    with progress_bar(total=len(queries), desc=desc, unit="vec", progress=progress) as bar:
         for block in queries.blocks():
             scores, rows = index.search(block, k)
             hit = (scores >= threshold) & (rows >= 0)
-            capped += int(hit[:, -1].sum())
+            if k > keep:
+                capped += int(hit[:, keep].sum())
+                hit = hit[:, :keep]
             q, j = np.nonzero(hit)
             found_q.append(start + q)
             found_db.append(rows[q, j])
@@ -256,16 +266,84 @@ def _strictest(a: np.ndarray, b: np.ndarray, kinds: np.ndarray) -> tuple[np.ndar
     return a[first], b[first], kinds[first]
 
 
+def cosines(queries: Corpus, a: np.ndarray, db: Corpus, b: np.ndarray) -> np.ndarray:
+    """Cosine of query row a[i] and db row b[i] on the stored full-precision vectors."""
+    out = np.empty(len(a), np.float32)
+    for start in range(0, len(a), BATCH):
+        sl = slice(start, start + BATCH)
+        out[sl] = np.einsum("ij,ij->i", queries.vectors[a[sl]], db.vectors[b[sl]])
+    return out
+
+
+@dataclass
+class Pairs:
+    """Duplicate pairs between query rows `a` and db rows `b`, with the tier that decides each."""
+
+    a: np.ndarray
+    b: np.ndarray
+    kinds: np.ndarray  # index into METHODS
+    similarity: np.ndarray  # cosine on the stored vectors
+    distance: np.ndarray  # phash Hamming distance
+    distance_valid: np.ndarray
+
+
+def find_pairs(searcher: Searcher, queries: Corpus, db: Corpus, options: DedupOptions, self_join: bool,
+               stats: dict, progress: bool | None = None) -> Pairs:
+    """The three tiers, the same code for the self-join (queries is db) and for `--against`.
+
+    Each enabled tier proposes pairs; a pair takes the strictest tier that holds for it, so
+    identical bytes are `exact` whichever tier found them first.
+    """
+    q_codes, d_codes = sha_codes(queries.sha, db.sha)
+    found_a, found_b, found_kind = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+
+    def found(a: np.ndarray, b: np.ndarray, kind: str) -> None:
+        if self_join:
+            a, b = _unique_pairs(a, b)
+        found_a.append(a)
+        found_b.append(b)
+        found_kind.append(np.full(len(a), METHODS.index(kind)))
+        stats[f"{kind}_candidates"] = int(len(a))
+
+    if "exact" in options.methods:
+        found(*exact_pairs(q_codes, d_codes, self_join), "exact")
+    if "phash" in options.methods:
+        found(*phash_pairs((db.phash, db.phash_valid), options.phash_distance,
+                           queries=None if self_join else (queries.phash, queries.phash_valid), progress=progress),
+              "phash")
+    if "embedding" in options.methods:
+        stats["search"] = tune_for_threshold(searcher, db, options.threshold, options.max_neighbors + int(self_join))
+        q, d, capped = embedding_candidates(searcher.index, queries, db, options.threshold, options.max_neighbors,
+                                            self_join, progress, desc="neighbours" if self_join else "against")
+        if self_join:
+            q, d = _unique_pairs(q, d)
+        confirmed = cosines(queries, q, db, d) >= options.threshold
+        stats.update(embedding_rejected_by_recheck=int((~confirmed).sum()), images_with_capped_neighbours=capped)
+        if capped:
+            log.warning("%d images have more than %d neighbours above the threshold: only the nearest %d were "
+                        "examined (--max-neighbors)", capped, options.max_neighbors, options.max_neighbors)
+        found(q[confirmed], d[confirmed], "embedding")
+    a, b, kinds = _strictest(np.concatenate(found_a), np.concatenate(found_b), np.concatenate(found_kind))
+    same_bytes = (q_codes[a] >= 0) & (q_codes[a] == d_codes[b])
+    kinds[same_bytes] = METHODS.index("exact")
+    for number, kind in enumerate(METHODS):
+        if kind in options.methods:
+            stats[f"{kind}_pairs"] = int((kinds == number).sum())
+    return Pairs(a, b, kinds, cosines(queries, a, db, b), hamming(queries.phash[a], db.phash[b]),
+                 queries.phash_valid[a] & db.phash_valid[b])
+
+
 def _keep_order(corpus: Corpus, rows: np.ndarray, policy: str) -> np.ndarray:
     keys = corpus.meta["key"].take(rows).to_pylist()
     shards = corpus.meta["shard"].take(rows).to_pylist()
+    size = [s if s is not None else 0 for s in corpus.meta["bytes"].take(rows).to_pylist()]
     if policy == "largest":
         width = pc.fill_null(corpus.meta["width"].take(rows), 0).to_numpy().astype(np.int64)
         height = pc.fill_null(corpus.meta["height"].take(rows), 0).to_numpy().astype(np.int64)
-        order = sorted(range(len(rows)), key=lambda i: (-width[i] * height[i], keys[i], shards[i]))
+        gray = [bool(g) for g in corpus.meta["grayscale"].take(rows).to_pylist()]
+        order = sorted(range(len(rows)), key=lambda i: (-width[i] * height[i], gray[i], -size[i], keys[i], shards[i]))
     elif policy == "smallest-file":
-        size = corpus.meta["bytes"].take(rows).to_pylist()
-        order = sorted(range(len(rows)), key=lambda i: (size[i] if size[i] is not None else 2**62, keys[i]))
+        order = sorted(range(len(rows)), key=lambda i: (size[i] or 2**62, keys[i], shards[i]))
     else:
         order = list(range(len(rows)))  # rows are in corpus (index) order already
     return rows[np.asarray(order)]
@@ -274,7 +352,10 @@ def _keep_order(corpus: Corpus, rows: np.ndarray, policy: str) -> np.ndarray:
 def _reason(corpus: Corpus, row: int, policy: str) -> str:
     if policy == "largest":
         w, h = corpus.meta["width"][row].as_py(), corpus.meta["height"][row].as_py()
-        return f"largest: {w}x{h} pixels, then smallest key"
+        gray = corpus.meta["grayscale"][row].as_py()
+        colour = {True: "grayscale", False: "colour", None: "colour unknown"}[gray]
+        return (f"largest: {w}x{h} pixels, {colour}, {corpus.meta['bytes'][row].as_py()} bytes "
+                "(most pixels, then colour over grayscale, then most bytes, then smallest key)")
     if policy == "smallest-file":
         return f"smallest file: {corpus.meta['bytes'][row].as_py()} bytes"
     return "first in corpus order"
@@ -284,6 +365,7 @@ def group_duplicates(corpus: Corpus, a: np.ndarray, b: np.ndarray, options: Dedu
     """Components of the pair graph, split so every member is close to its group's kept member."""
     if not len(a):
         return GROUP_SCHEMA.empty_table()
+    (codes,) = sha_codes(corpus.sha)
     label = _components(a, b, len(corpus))
     members = np.nonzero(np.bincount(label, minlength=len(corpus))[label] > 1)[0]
     order = members[np.argsort(label[members], kind="stable")]
@@ -293,7 +375,7 @@ def group_duplicates(corpus: Corpus, a: np.ndarray, b: np.ndarray, options: Dedu
         pending = _keep_order(corpus, order[lo:hi], options.keep)
         while len(pending) > 1:
             centre = pending[0]
-            close = _close_to(corpus, centre, pending, options)
+            close = _close_to(corpus, codes, centre, pending, options)
             group, pending = pending[close], pending[~close]
             if len(group) < 2:
                 continue
@@ -309,6 +391,12 @@ def group_duplicates(corpus: Corpus, a: np.ndarray, b: np.ndarray, options: Dedu
         return GROUP_SCHEMA.empty_table()
     rows, centres, group_ids = np.concatenate(rows), np.concatenate(centres), np.concatenate(group_ids)
     keep = rows == centres
+    distance = hamming(corpus.phash[rows], corpus.phash[centres])
+    both = corpus.phash_valid[rows] & corpus.phash_valid[centres]
+    kind = np.where((codes[rows] >= 0) & (codes[rows] == codes[centres]), "exact",
+                    np.where(both & (distance <= options.phash_distance) & ("phash" in options.methods),
+                             "phash", "embedding")).astype(object)
+    kind[keep] = None
     reasons = np.array([f"duplicate of {k}" for k in corpus.meta["key"].take(centres).to_pylist()], dtype=object)
     reasons[keep] = [_reason(corpus, row, options.keep) for row in rows[keep]]
     return pa.table({
@@ -317,15 +405,15 @@ def group_duplicates(corpus: Corpus, a: np.ndarray, b: np.ndarray, options: Dedu
         "group_size": np.asarray(sizes, np.int32)[group_ids],
         "min_similarity": np.asarray(min_sims, np.float32)[group_ids],
         "similarity": np.concatenate(sims).astype(np.float32),
+        "kind": kind.tolist(), "phash_distance": pa.array(distance, pa.int32(), mask=~both),
     }, schema=GROUP_SCHEMA)
 
 
-def _close_to(corpus: Corpus, centre: int, rows: np.ndarray, options: DedupOptions) -> np.ndarray:
+def _close_to(corpus: Corpus, codes: np.ndarray, centre: int, rows: np.ndarray, options: DedupOptions) -> np.ndarray:
     """Which rows are duplicates of `centre` by any enabled tier (the centre itself included)."""
     close = rows == centre
-    if "exact" in options.methods and corpus.sha[int(centre)].is_valid:
-        close |= np.asarray(pc.equal(corpus.sha.take(rows), corpus.sha[int(centre)]).to_numpy(zero_copy_only=False),
-                            dtype=bool)
+    if "exact" in options.methods and codes[centre] >= 0:
+        close |= codes[rows] == codes[centre]
     if "phash" in options.methods and corpus.phash_valid[centre]:
         near = hamming(corpus.phash[rows], np.full(len(rows), corpus.phash[centre])) <= options.phash_distance
         close |= near & corpus.phash_valid[rows]
@@ -334,22 +422,24 @@ def _close_to(corpus: Corpus, centre: int, rows: np.ndarray, options: DedupOptio
     return close
 
 
-def _pairs_table(corpus: Corpus, a: np.ndarray, b: np.ndarray, kinds: np.ndarray, sims: np.ndarray,
-                 other: Corpus | None = None) -> pa.Table:
-    """Rows a of `corpus` against rows b of `other` (default: the same corpus)."""
-    other = other or corpus
-    both = corpus.phash_valid[a] & other.phash_valid[b]
-    distance = hamming(corpus.phash[a], other.phash[b])
+def _pairs_table(queries: Corpus, db: Corpus, pairs: Pairs) -> pa.Table:
     return pa.table({
-        "a_shard": corpus.meta["shard"].take(a), "a_key": corpus.meta["key"].take(a),
-        "b_shard": other.meta["shard"].take(b), "b_key": other.meta["key"].take(b),
-        "similarity": sims.astype(np.float32), "kind": np.asarray(METHODS)[kinds],
-        "phash_distance": pa.array(distance, pa.int32(), mask=~both),
+        "a_shard": queries.meta["shard"].take(pairs.a), "a_key": queries.meta["key"].take(pairs.a),
+        "b_shard": db.meta["shard"].take(pairs.b), "b_key": db.meta["key"].take(pairs.b),
+        "similarity": pairs.similarity, "kind": np.asarray(METHODS)[pairs.kinds],
+        "phash_distance": pa.array(pairs.distance, pa.int32(), mask=~pairs.distance_valid),
     }, schema=PAIR_SCHEMA)
 
 
 def _searcher(index: str | Path | Searcher) -> Searcher:
     return index if isinstance(index, Searcher) else Searcher(index)
+
+
+def _tiers(options: DedupOptions) -> dict:
+    """What the enabled tiers are, as the outputs and the report state them."""
+    return {"methods": list(options.methods), "keep": options.keep,
+            "threshold": options.threshold if "embedding" in options.methods else None,
+            "phash_distance": options.phash_distance if "phash" in options.methods else None}
 
 
 def find_duplicates(index: str | Path | Searcher, options: DedupOptions | None = None, progress: bool | None = None,
@@ -360,39 +450,12 @@ def find_duplicates(index: str | Path | Searcher, options: DedupOptions | None =
     options.check()
     started = time.time()
     searcher = _searcher(index)
-    stats: dict = {"images": int(searcher.manifest["count"]), "methods": list(options.methods),
-                   "threshold": options.threshold, "phash_distance": options.phash_distance, "keep": options.keep}
+    stats: dict = {"images": int(searcher.manifest["count"]), **_tiers(options)}
     with tempfile.TemporaryDirectory(dir=workdir, prefix="imgindex-dedup-") as tmp:
         corpus = Corpus.of_index(searcher, Path(tmp), progress)
-        found_a, found_b, found_kind = [], [], []
-
-        def found(a: np.ndarray, b: np.ndarray, kind: str) -> None:
-            a, b = _unique_pairs(a, b)
-            found_a.append(a)
-            found_b.append(b)
-            found_kind.append(np.full(len(a), METHODS.index(kind)))
-            stats[f"{kind}_pairs"] = int(len(a))
-
-        if "exact" in options.methods:
-            found(*exact_pairs(corpus.sha), "exact")
-        if "phash" in options.methods:
-            found(*phash_pairs((corpus.phash, corpus.phash_valid), options.phash_distance, progress=progress),
-                  "phash")
-        if "embedding" in options.methods:
-            stats["search"] = tune_for_threshold(searcher, corpus, options.threshold, options.max_neighbors + 1)
-            q, d, capped = embedding_candidates(searcher.index, corpus, corpus, options.threshold,
-                                                options.max_neighbors, True, progress)
-            a, b = _unique_pairs(q, d)
-            confirmed = corpus.cosine(a, b) >= options.threshold
-            stats.update(embedding_candidates=int(len(a)), embedding_rejected_by_recheck=int((~confirmed).sum()),
-                         images_with_capped_neighbours=capped)
-            if capped:
-                log.warning("%d images have %d or more neighbours above the threshold: only the nearest %d were "
-                            "examined (--max-neighbors)", capped, options.max_neighbors, options.max_neighbors)
-            found(a[confirmed], b[confirmed], "embedding")
-        a, b, kinds = _strictest(np.concatenate(found_a), np.concatenate(found_b), np.concatenate(found_kind))
-        pairs = _pairs_table(corpus, a, b, kinds, corpus.cosine(a, b))
-        groups = group_duplicates(corpus, a, b, options)
+        found = find_pairs(searcher, corpus, corpus, options, True, stats, progress)
+        pairs = _pairs_table(corpus, corpus, found)
+        groups = group_duplicates(corpus, found.a, found.b, options)
     stats.update(pairs=pairs.num_rows, groups=len(set(groups["group_id"].to_pylist())),
                  in_groups=groups.num_rows, seconds=round(time.time() - started, 2))
     result = DedupResult(pairs, groups, stats)
@@ -456,38 +519,12 @@ def find_leaks(index: str | Path | Searcher, against: str, options: DedupOptions
     test_parts = test.parts()
     if not test_parts:
         raise ConfigError(f"{against} has no complete parts: run `imgindex embed` first")
+    stats: dict = {"against": against, **_tiers(options)}
     with tempfile.TemporaryDirectory(dir=workdir, prefix="imgindex-leaks-") as tmp:
         train = Corpus.of_index(searcher, Path(tmp), progress)
         queries = Corpus([(test, p) for p in test_parts], test.dim, Path(tmp), progress, name="against")
-        found_a, found_b, found_kind = [], [], []
-        if "exact" in options.methods:
-            match = pc.index_in(queries.sha, value_set=train.sha).fill_null(-1).to_numpy(zero_copy_only=False)
-            rows = np.nonzero(match >= 0)[0]
-            found_a.append(rows)
-            found_b.append(match[rows].astype(np.int64))
-            found_kind.append(np.zeros(len(rows), np.int64))
-        if "phash" in options.methods:
-            q, d = phash_pairs((train.phash, train.phash_valid), options.phash_distance,
-                               queries=(queries.phash, queries.phash_valid), progress=progress)
-            found_a.append(q)
-            found_b.append(d)
-            found_kind.append(np.ones(len(q), np.int64))
-        search = None
-        if "embedding" in options.methods:
-            search = tune_for_threshold(searcher, train, options.threshold, options.max_neighbors)
-            q, d, _ = embedding_candidates(searcher.index, queries, train, options.threshold,
-                                           options.max_neighbors, False, progress, desc="against")
-            sims = np.einsum("ij,ij->i", queries.vectors[q], train.vectors[d]) if len(q) else np.zeros(0)
-            keep = sims >= options.threshold
-            found_a.append(q[keep])
-            found_b.append(d[keep])
-            found_kind.append(np.full(int(keep.sum()), 2))
-        a, b, kinds = _strictest(np.concatenate(found_a), np.concatenate(found_b), np.concatenate(found_kind))
-        sims = (np.einsum("ij,ij->i", queries.vectors[a], train.vectors[b]) if len(a) else np.zeros(0))
-        pairs = _pairs_table(queries, a, b, kinds, sims, other=train)
-        leaked = len(np.unique(a))
-        total = len(queries.vectors)
-    stats = {"against": against, "images": total, "search": search, "leaked": int(leaked), "pairs": pairs.num_rows,
-             "methods": list(options.methods), "threshold": options.threshold,
-             "phash_distance": options.phash_distance, "seconds": round(time.time() - started, 2)}
+        found = find_pairs(searcher, queries, train, options, False, stats, progress)
+        pairs = _pairs_table(queries, train, found)
+        stats.update(images=len(queries), leaked=int(len(np.unique(found.a))), pairs=pairs.num_rows,
+                     seconds=round(time.time() - started, 2))
     return DedupResult(pairs, GROUP_SCHEMA.empty_table(), stats)

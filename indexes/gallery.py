@@ -1,4 +1,8 @@
-"""Self-contained HTML pages of thumbnails (inline data URIs: opens in any browser, no server)."""
+"""Self-contained HTML pages of thumbnails: no server, no scripts, no external assets.
+
+Each distinct image is inlined once per page (a CSS class holding its data: URI), however
+many times the page shows it, so a report stays small when the same images recur.
+"""
 from __future__ import annotations
 
 import base64
@@ -23,7 +27,7 @@ def thumbnail_uri(data: bytes | None, size: int = THUMB) -> str | None:
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None
     buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=85)
+    img.save(buf, "JPEG", quality=80)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
@@ -48,25 +52,62 @@ STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
 h2 { font-size: 1.05em; margin: 1.5em 0 .4em; }
 .row { display: flex; flex-wrap: wrap; gap: 10px; align-items: flex-start; }
-figure { margin: 0; width: 170px; font-size: .8em; word-break: break-all; }
-figure img, figure .missing { width: 160px; height: 160px; object-fit: contain; background: #eee;
-  border: 3px solid transparent; display: flex; align-items: center; justify-content: center; }
-figure.query img { border-color: #2a6; }
-figure.keep img { border-color: #26c; }
+figure { margin: 0; width: 170px; font-size: .8em; overflow-wrap: anywhere; }
+.th { width: 160px; height: 160px; background: #eee center / contain no-repeat; border: 3px solid transparent;
+  display: flex; align-items: center; justify-content: center; color: #777; }
+figure.query .th { border-color: #2a6; }
+figure.keep .th { border-color: #26c; }
 figcaption b { display: block; }
+.more { align-self: center; color: #555; }
+.note { background: #fff4d6; padding: .5em .8em; }
 """
 
 
-def figure(uri: str | None, title: str, lines: list[str], css: str = "") -> str:
-    image = f'<img src="{uri}" alt="{html.escape(title)}">' if uri else '<div class="missing">no preview</div>'
-    text = "".join(f"<div>{html.escape(str(line))}</div>" for line in lines if line)
-    return f'<figure class="{css}">{image}<figcaption><b>{html.escape(title)}</b>{text}</figcaption></figure>'
+class Page:
+    """One HTML page: sections of figures, each distinct thumbnail stored once."""
 
+    def __init__(self, title: str):
+        self.title = title
+        self.sections: list[tuple[str, list[str]]] = []
+        self.notes: list[str] = []
+        self._classes: dict[object, str] = {}
+        self._rules: list[str] = []
+        self.missing = 0  # figures shown without a preview
 
-def page(title: str, sections: list[tuple[str, list[str]]], intro: str = "") -> str:
-    """sections: (heading, figures' HTML)."""
-    body = "".join(f'<h2>{html.escape(heading)}</h2><div class="row">{"".join(figs)}</div>'
-                   for heading, figs in sections)
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
-            f"<p>{html.escape(intro)}</p>{body}</body></html>")
+    def thumbnail(self, ident: object, data: bytes | None) -> str:
+        """The thumbnail box for image `ident` (its bytes decoded once, on first use)."""
+        if ident not in self._classes:
+            uri = thumbnail_uri(data)
+            name = f"t{len(self._classes)}" if uri else ""
+            if uri:
+                self._rules.append(f'.{name} {{ background-image: url("{uri}"); }}')
+            self._classes[ident] = name
+        name = self._classes[ident]
+        if not name:
+            self.missing += 1
+            return '<div class="th">no preview</div>'
+        return f'<div class="th {name}" role="img"></div>'
+
+    def figure(self, ident: object, data: bytes | None, title: str, lines: list[str], css: str = "") -> str:
+        text = "".join(f"<div>{html.escape(str(line))}</div>" for line in lines if line)
+        return (f'<figure class="{css}">{self.thumbnail(ident, data)}<figcaption><b>{html.escape(title)}</b>'
+                f"{text}</figcaption></figure>")
+
+    def section(self, heading: str, figures: list[str], hidden: int = 0) -> None:
+        """`hidden`: members left out of this section, said at its end."""
+        if hidden:
+            figures = [*figures, f'<div class="more">and {hidden} more (all are in the Parquet tables)</div>']
+        self.sections.append((heading, figures))
+
+    def render(self, intro: str = "") -> str:
+        notes = list(self.notes)
+        if self.missing:
+            notes.append(f"{self.missing} images show no preview: their source (tar, folder or list file) could not be "
+                         "read back here, or they could not be decoded. Previews are read from where the images were "
+                         "embedded from.")
+        body = "".join(f'<h2>{html.escape(heading)}</h2><div class="row">{"".join(figs)}</div>'
+                       for heading, figs in self.sections)
+        note_html = "".join(f'<p class="note">{html.escape(n)}</p>' for n in notes)
+        return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
+                f"<style>{STYLE}{''.join(self._rules)}</style></head><body><h1>{html.escape(self.title)}</h1>"
+                f"<p>{html.escape(intro)}</p>{note_html}{body}</body></html>")

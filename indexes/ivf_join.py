@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import faiss
 import numpy as np
-from tqdm import tqdm
+
+from imgindex.progress import progress_bar
 
 QUERY_BLOCK = 2048  # query rows per matrix product
 MEMBER_BLOCK = 16384  # list members per matrix product (only huge lists are split)
@@ -81,7 +82,7 @@ def range_join(ivf: faiss.IndexIVF, queries, db_vectors: np.ndarray, nprobe: int
     bounds = np.r_[0, np.cumsum(np.bincount(probes.ravel(), minlength=ivf.nlist))]
     del probes, order
     pairs = _Pairs(max_neighbors)
-    for number in tqdm(range(ivf.nlist), desc=desc, unit="list", disable=None if progress is None else not progress):
+    for number in progress_bar(range(ivf.nlist), desc=desc, unit="list", progress=progress):
         rows = query_of[bounds[number]:bounds[number + 1]]
         members = np.sort(list_ids(ivf, number)) if len(rows) else ()
         if not len(members):

@@ -18,6 +18,7 @@ from imgindex.indexes.embeddings import EmbeddingsDir, normalize_rows
 from imgindex.indexes.factory import search_knob, set_knob
 from imgindex.indexes.index_dir import IndexDir
 from imgindex.pipeline.config import ConfigError
+from imgindex.pipeline.sources import sample_location
 
 log = logging.getLogger(__name__)
 
@@ -34,20 +35,6 @@ class Hit:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def sample_path(kind: str | None, source: str | None, key: str) -> str | None:
-    if not source:
-        return None
-    if kind == "tar":
-        return f"{source}#{key}"
-    if kind == "folder":
-        return f"{source.rstrip('/')}/{key}"
-    if kind == "list":
-        from imgindex.pipeline.sources import list_entry_url
-
-        return list_entry_url(source, key)
-    return None
 
 
 class Searcher:
@@ -133,7 +120,7 @@ class Searcher:
             for hit in shard_hits:
                 row = rows.get(hit.key, {})
                 hit.caption, hit.url = row.get("caption"), row.get("url")
-                hit.path = sample_path(stats.get("kind"), stats.get("source"), hit.key)
+                hit.path = sample_location(stats.get("kind"), stats.get("source"), hit.key)
 
     def locate(self, key: str, shard: str | None = None) -> tuple[str, str]:
         """(shard, key) of a key in the index; ambiguous keys need a shard."""

@@ -1,7 +1,13 @@
-"""Dedup results on disk, for tools and for people: pairs.parquet, groups.parquet, keep.txt,
-remove.txt (or leaks.txt) and a self-contained report.html of thumbnails.
+"""Dedup results on disk, for tools and for people: pairs.parquet, groups.parquet, keep.txt and
+remove.txt (or leaks.txt) with NUL-separated twins, and a self-contained report.html.
 
 Nothing here deletes or moves an image: the lists are for other tools to act on.
+
+The .txt lists hold one location a line: a plain path for local files, `TAR#KEY` for tar
+members, a URL for remote objects. So that one line is always one location, a backslash in
+a location is written `\\\\`, a newline `\\n` and a carriage return `\\r`. The .nul lists hold the
+same locations unescaped, each ended by a NUL byte (for `xargs -0`). Names that are not
+UTF-8 come back as their original bytes in both.
 """
 from __future__ import annotations
 
@@ -12,23 +18,55 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imgindex.indexes.dedup import DedupResult
-from imgindex.indexes.gallery import fetch_images, figure, page, thumbnail_uri
-from imgindex.indexes.query import Searcher, sample_path
+from imgindex.indexes.gallery import Page, fetch_images
+from imgindex.indexes.query import Searcher
+from imgindex.pipeline.sources import sample_location
 
-REPORT_GROUPS = 200
+REPORT_GROUPS = 200  # groups shown in a report, largest first; all are in groups.parquet
+GROUP_MEMBERS = 12  # members shown per group, the kept one first; the rest are counted
 
 
 def _paths(sources: dict[str, dict], shards: list[str], keys: list[str]) -> list[str]:
-    """Where each image lives (file path, or TAR#KEY); shard/key when the source is unknown."""
+    """Where each image lives (file path, TAR#KEY or URL); shard/key when the source is unknown."""
     out = []
     for shard, key in zip(shards, keys):
         stats = sources.get(shard, {})
-        out.append(sample_path(stats.get("kind"), stats.get("source"), key) or f"{shard}/{key}")
+        out.append(sample_location(stats.get("kind"), stats.get("source"), key) or f"{shard}/{key}")
     return out
 
 
-def _write_lines(path: Path, lines: list[str]) -> None:
-    path.write_text("".join(f"{line}\n" for line in lines))
+def escape_line(location: str) -> str:
+    return location.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def write_lists(out: Path, name: str, locations: list[str]) -> list[Path]:
+    """NAME.txt (one escaped location a line) and NAME.nul (NUL-ended, unescaped)."""
+    text, nul = out / f"{name}.txt", out / f"{name}.nul"
+    text.write_bytes("".join(f"{escape_line(p)}\n" for p in locations).encode("utf-8", "surrogateescape"))
+    nul.write_bytes("".join(f"{p}\0" for p in locations).encode("utf-8", "surrogateescape"))
+    return [text, nul]
+
+
+def tiers_text(stats: dict) -> str:
+    """The tiers that were on, as the report states them."""
+    parts = []
+    for method in stats.get("methods", []):
+        if method == "exact":
+            parts.append("exact: identical bytes")
+        elif method == "phash":
+            parts.append(f"phash: within {stats.get('phash_distance')} bits")
+        elif method == "embedding":
+            parts.append(f"embedding: cosine >= {stats.get('threshold')}")
+    return "; ".join(parts)
+
+
+def link_text(kind: str | None, similarity: float, distance: int | None) -> str:
+    """How a member (or a match) is tied to its kept image: the tier, and its measure."""
+    if kind == "exact":
+        return "exact: identical bytes"
+    if kind == "phash":
+        return f"phash: {distance} bits apart (cosine {similarity:.4f})"
+    return f"embedding: cosine {similarity:.4f}" + (f", phash {distance} bits" if distance is not None else "")
 
 
 def write_dedup(result: DedupResult, searcher: Searcher, out: Path, report_groups: int = REPORT_GROUPS) -> list[Path]:
@@ -38,39 +76,40 @@ def write_dedup(result: DedupResult, searcher: Searcher, out: Path, report_group
     sources = searcher.sources()
     groups = result.groups.to_pydict()
     paths = _paths(sources, groups["shard"], groups["key"])
-    _write_lines(out / "keep.txt", [p for p, keep in zip(paths, groups["keep"]) if keep])
-    _write_lines(out / "remove.txt", [p for p, keep in zip(paths, groups["keep"]) if not keep])
+    lists = write_lists(out, "keep", [p for p, keep in zip(paths, groups["keep"]) if keep])
+    lists += write_lists(out, "remove", [p for p, keep in zip(paths, groups["keep"]) if not keep])
     (out / "summary.json").write_text(json.dumps(result.stats, indent=2))
     (out / "report.html").write_text(dedup_report(result.groups, sources, result.stats, report_groups))
-    return [out / name for name in ("pairs.parquet", "groups.parquet", "keep.txt", "remove.txt", "report.html")]
+    return [out / "pairs.parquet", out / "groups.parquet", *lists, out / "report.html"]
 
 
-def dedup_report(groups: pa.Table, sources: dict[str, dict], stats: dict, limit: int) -> str:
-    """Groups largest first, thumbnails side by side, similarity to the kept image under each."""
-    rows = groups.to_pylist()
+def dedup_report(groups: pa.Table, sources: dict[str, dict], stats: dict, limit: int,
+                 members_shown: int = GROUP_MEMBERS) -> str:
+    """Groups largest first, thumbnails side by side (the kept one first), each member's tie to it."""
     by_group: dict[int, list[dict]] = {}
-    for row in rows:
+    for row in groups.to_pylist():
         by_group.setdefault(row["group_id"], []).append(row)
     ordered = sorted(by_group.values(), key=lambda members: (-len(members), members[0]["group_id"]))
-    shown = ordered[:limit]
+    shown = [sorted(members, key=lambda m: (not m["keep"], -m["similarity"]))[:members_shown]
+             for members in ordered[:limit]]
     images = fetch_images(sources, {(m["shard"], m["key"]) for members in shown for m in members})
-    sections = []
+    page = Page("imgindex duplicates")
     for members in shown:
-        figs = [figure(thumbnail_uri(images.get((m["shard"], m["key"]))),
-                       ("KEEP  " if m["keep"] else "") + m["key"],
-                       [m["shard"], f"similarity {m['similarity']:.4f}", m["reason"]],
-                       css="keep" if m["keep"] else "")
-                for m in sorted(members, key=lambda m: (not m["keep"], -m["similarity"]))]
+        figs = []
+        for m in members:
+            ident = (m["shard"], m["key"])
+            tie = m["reason"] if m["keep"] else link_text(m["kind"], m["similarity"], m["phash_distance"])
+            figs.append(page.figure(ident, images.get(ident), ("KEEP  " if m["keep"] else "") + m["key"],
+                                    [m["shard"], tie], css="keep" if m["keep"] else ""))
         first = members[0]
-        sections.append((f"group {first['group_id']}: {first['group_size']} images, "
-                         f"min similarity {first['min_similarity']:.4f}", figs))
-    intro = (f"{stats.get('groups', len(by_group))} groups, {stats.get('removed', 0)} images to remove "
-             f"(methods {', '.join(stats.get('methods', []))}; threshold {stats.get('threshold')}, "
-             f"phash distance {stats.get('phash_distance')}; keep policy {stats.get('keep')}). "
-             f"The kept image of each group is framed in blue.")
+        page.section(f"group {first['group_id']}: {first['group_size']} images, lowest cosine between two members "
+                     f"{first['min_similarity']:.4f}", figs, hidden=first["group_size"] - len(members))
+    intro = (f"{stats.get('groups', len(by_group))} groups, {stats.get('removed', 0)} images to remove. "
+             f"Tiers: {tiers_text(stats)}; keep policy {stats.get('keep')}. "
+             "The kept image of each group is framed in blue.")
     if len(ordered) > limit:
         intro += f" Showing the {limit} largest groups of {len(ordered)}; all are in groups.parquet."
-    return page("imgindex duplicates", sections, intro=intro)
+    return page.render(intro)
 
 
 def write_leaks(result: DedupResult, searcher: Searcher, against_sources: dict[str, dict], out: Path,
@@ -79,25 +118,30 @@ def write_leaks(result: DedupResult, searcher: Searcher, against_sources: dict[s
     pq.write_table(result.pairs, out / "pairs.parquet")
     pairs = result.pairs.to_pydict()
     leaked = list(dict.fromkeys(zip(pairs["a_shard"], pairs["a_key"])))
-    _write_lines(out / "leaks.txt", _paths(against_sources, [s for s, _ in leaked], [k for _, k in leaked]))
+    lists = write_lists(out, "leaks", _paths(against_sources, [s for s, _ in leaked], [k for _, k in leaked]))
     (out / "summary.json").write_text(json.dumps(result.stats, indent=2))
-    train_sources = searcher.sources()
-    shown = leaked[:report_groups]
-    test_images = fetch_images(against_sources, shown)
     matches: dict[tuple[str, str], list[int]] = {}
     for i, a in enumerate(zip(pairs["a_shard"], pairs["a_key"])):
         matches.setdefault(a, []).append(i)
-    train_images = fetch_images(train_sources, {(pairs["b_shard"][i], pairs["b_key"][i])
-                                                for a in shown for i in matches[a]})
-    sections = []
+    shown = leaked[:report_groups]
+    for a in shown:  # the closest matches first
+        matches[a].sort(key=lambda i: -pairs["similarity"][i])
+    test_images = fetch_images(against_sources, shown)
+    train_images = fetch_images(searcher.sources(), {(pairs["b_shard"][i], pairs["b_key"][i])
+                                                     for a in shown for i in matches[a][:GROUP_MEMBERS]})
+    page = Page("imgindex leakage check")
     for a in shown:
-        figs = [figure(thumbnail_uri(test_images.get(a)), a[1], [a[0], "tested image"], css="query")]
-        figs += [figure(thumbnail_uri(train_images.get((pairs["b_shard"][i], pairs["b_key"][i]))), pairs["b_key"][i],
-                        [pairs["b_shard"][i], f"{pairs['kind'][i]}, similarity {pairs['similarity'][i]:.4f}"])
-                 for i in matches[a]]
-        sections.append((f"{a[1]} has {len(matches[a])} duplicate(s) in the index", figs))
+        figs = [page.figure(("test", *a), test_images.get(a), a[1], [a[0], "tested image"], css="query")]
+        for i in matches[a][:GROUP_MEMBERS]:
+            ident = (pairs["b_shard"][i], pairs["b_key"][i])
+            figs.append(page.figure(("index", *ident), train_images.get(ident), ident[1],
+                                    [ident[0], link_text(pairs["kind"][i], pairs["similarity"][i],
+                                                         pairs["phash_distance"][i])]))
+        page.section(f"{a[1]} has {len(matches[a])} duplicate(s) in the index", figs,
+                     hidden=len(matches[a]) - GROUP_MEMBERS if len(matches[a]) > GROUP_MEMBERS else 0)
     intro = (f"{result.stats['leaked']} of {result.stats['images']} images of {result.stats['against']} have a "
-             f"duplicate in the index (methods {', '.join(result.stats['methods'])}; threshold "
-             f"{result.stats['threshold']}).")
-    (out / "report.html").write_text(page("imgindex leakage check", sections, intro=intro))
-    return [out / name for name in ("pairs.parquet", "leaks.txt", "report.html")]
+             f"duplicate in the index. Tiers: {tiers_text(result.stats)}.")
+    if len(leaked) > report_groups:
+        intro += f" Showing {report_groups} of the {len(leaked)} tested images; all are in pairs.parquet."
+    (out / "report.html").write_text(page.render(intro))
+    return [out / "pairs.parquet", *lists, out / "report.html"]

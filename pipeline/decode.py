@@ -22,7 +22,14 @@ from torchvision import transforms as T
 
 from imgindex.pipeline.config import DecodeConfig
 
-DECODE_MODE = "pil; exif_transpose; 16-bit>>8; alpha composited on background; convert RGB"
+DECODE_MODE = ("pil; exif_transpose; 16/32-bit integers scaled by the bits they use; float from [0,1] or "
+               "min-max; transparency composited on background; convert RGB")
+
+# File signatures of formats Pillow reads: bytes that start so are an image Pillow cannot
+# handle (`unsupported`, e.g. a 12-bit JPEG), not random bytes (`not_an_image`).
+SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"GIF8": "GIF", b"II*\x00": "TIFF",
+              b"MM\x00*": "TIFF", b"BM": "BMP", b"RIFF": "WEBP"}
+UNSUPPORTED_WORDS = ("cannot handle", "not supported", "unsupported", "not available", "unknown", "unimplemented")
 
 
 class SampleError(Exception):
@@ -33,14 +40,14 @@ class SampleError(Exception):
         self.kind = kind
 
 
-class Decoded(NamedTuple):
+class Upright(NamedTuple):
     image: Image.Image  # upright 8-bit RGB; smaller than the original when decoded in draft mode
     width: int  # of the upright original
     height: int
 
 
 def open_upright(data: bytes | None, max_pixels: int, background: tuple[int, int, int] = (255, 255, 255),
-                 draft_side: int | None = None) -> Decoded:
+                 draft_side: int | None = None) -> Upright:
     """Decode bytes into an upright 8-bit RGB image, or raise SampleError.
 
     The size is checked from the header before any pixel is decoded, so a decompression
@@ -55,7 +62,7 @@ def open_upright(data: bytes | None, max_pixels: int, background: tuple[int, int
         try:
             img = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:
-            raise SampleError("not_an_image", f"not a recognised image format ({len(data)} bytes)") from None
+            raise _unidentified(data) from None
         except Image.DecompressionBombError as exc:  # Pillow's own cap, 2 x Image.MAX_IMAGE_PIXELS
             raise SampleError("too_large", f"rejected by Pillow's decompression-bomb check: {exc}") from None
         except (OSError, SyntaxError, ValueError) as exc:
@@ -71,26 +78,59 @@ def open_upright(data: bytes | None, max_pixels: int, background: tuple[int, int
             img.load()
         except OSError as exc:
             text = str(exc).lower()
-            kind = "truncated" if ("truncat" in text or "broken data stream" in text) else "decode_error"
+            if "truncat" in text or "broken data stream" in text:
+                kind = "truncated"
+            else:
+                kind = "unsupported" if any(w in text for w in UNSUPPORTED_WORDS) else "decode_error"
             raise SampleError(kind, f"{type(exc).__name__}: {exc}") from None
         except (SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
             raise SampleError("decode_error", f"{type(exc).__name__}: {exc}") from None
     upright = ImageOps.exif_transpose(img)
     if upright.size != img.size:  # rotated by 90 degrees: the original's sides swap too
         width, height = height, width
-    return Decoded(to_rgb(upright, background), width, height)
+    return Upright(to_rgb(upright, background), width, height)
+
+
+def _unidentified(data: bytes) -> SampleError:
+    """Pillow could not open the bytes: an image in a form it cannot read, or not an image."""
+    for signature, fmt in SIGNATURES.items():
+        if data.startswith(signature) and fmt in Image.OPEN:
+            factory = Image.OPEN[fmt][0]
+            try:
+                factory(io.BytesIO(data), "")
+            except Exception as exc:  # the format plugin's own reason, e.g. "cannot handle 12-bit layers"
+                return SampleError("unsupported", f"{fmt} that Pillow cannot read: {exc}")
+            return SampleError("unsupported", f"{fmt} that Pillow cannot read")
+    return SampleError("not_an_image", f"not a recognised image format ({len(data)} bytes)")
+
+
+def significant_bits(values: np.ndarray) -> int:
+    """The bits a 16/32-bit integer image actually uses, never fewer than 8: 12-bit data in
+    16-bit files (common in TIFF and medical images) is scaled by 12 bits, not shown near-black.
+    (PNG's sBIT is not used: PNG data is already scaled to the full 16 bits.)"""
+    return max(8, int(values.max()).bit_length() if values.size else 8)
 
 
 def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB: high bit depths are scaled down, alpha is composited."""
+    """Any PIL mode -> 8-bit RGB: high bit depths are scaled down by their significant bits,
+    float images from [0, 1] (or their own range), alpha is composited."""
+    transparency = img.info.get("transparency")
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        # 16-bit data (PNG, TIFF): keep the top 8 bits rather than clipping at 255.
-        pixels = np.asarray(img, dtype=np.int64)
-        img = Image.fromarray(np.clip(pixels >> 8, 0, 255).astype(np.uint8), "L")
+        pixels = np.clip(np.asarray(img, dtype=np.int64), 0, None)
+        shift = significant_bits(pixels) - 8
+        gray = Image.fromarray(np.clip(pixels >> shift, 0, 255).astype(np.uint8), "L")
+        if isinstance(transparency, int):  # a tRNS gray value: those pixels are transparent
+            alpha = Image.fromarray(np.where(pixels == transparency, 0, 255).astype(np.uint8), "L")
+            gray = Image.merge("LA", (gray, alpha))
+        img = gray
     elif img.mode == "F":
-        img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), "L")
+        pixels = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        lo, hi = (0.0, 1.0) if pixels.size and 0 <= pixels.min() and pixels.max() <= 1 else (
+            float(pixels.min(initial=0)), float(pixels.max(initial=1)))
+        scaled = (pixels - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(pixels)
+        img = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
     has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        img.mode == "P" and "transparency" in img.info
+        img.mode in ("P", "L", "RGB") and "transparency" in img.info
     )
     if has_alpha:
         rgba = img.convert("RGBA")
@@ -119,6 +159,18 @@ def phash(img: Image.Image) -> int:
     bits = (low > np.median(low)).ravel()
     value = int("".join("1" if b else "0" for b in bits), 2)
     return value - (1 << 64) if value >= (1 << 63) else value
+
+
+def is_grayscale(pixels: np.ndarray) -> bool:
+    """The model input (uint8 CHW) has equal channels, to JPEG rounding: a gray image."""
+    wide = pixels.astype(np.int16)
+    return bool(np.abs(wide[0] - wide[1]).max() <= 2 and np.abs(wide[1] - wide[2]).max() <= 2)
+
+
+def is_near_constant(pixels: np.ndarray) -> bool:
+    """The model input is (almost) one colour: embedded, but with no signal (counted in the stats)."""
+    flat = pixels.reshape(len(pixels), -1)
+    return bool((flat.max(axis=1).astype(np.int16) - flat.min(axis=1)).max() <= 4)
 
 
 def sha256(data: bytes) -> str:

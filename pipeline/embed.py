@@ -19,8 +19,8 @@ import numpy as np
 import pyarrow
 import timm
 import torch
-from tqdm import tqdm
 
+from imgindex.progress import progress_bar
 from imgindex.pipeline.config import ConfigError, EmbedConfig, check_lanes
 from imgindex.pipeline.decode import DECODE_MODE, build_preprocess, describe_preprocess, draft_side
 from imgindex.pipeline.lanes import auto_lanes, embed_in_lanes
@@ -46,6 +46,7 @@ class Summary:
     model_seconds: float = 0.0  # of `seconds`, spent in the model's forward (and the copies around it)
     random_weights: bool = False
     failures_by_error: dict[str, int] = field(default_factory=dict)
+    near_constant: int = 0  # embedded images of (almost) one colour
 
     @property
     def images_per_s(self) -> float:
@@ -60,6 +61,8 @@ class Summary:
             text += f"; {self.shards_skipped} shards already done"
         if self.failures_by_error:
             text += " [failures: " + ", ".join(f"{k}={v}" for k, v in sorted(self.failures_by_error.items())) + "]"
+        if self.near_constant:
+            text += f" [{self.near_constant} near-constant images: embedded, but (almost) one colour]"
         text += f" -> {self.out}"
         if self.random_weights:
             text += "  WARNING: random weights, embeddings are meaningless"
@@ -109,7 +112,6 @@ class _ShardBuffer:
     def __init__(self) -> None:
         self.rows: dict[str, list] = {name: [] for name in ROW_FIELDS}
         self.vectors: list[np.ndarray] = []
-        self.started = time.time()
 
     def add(self, batch: Batch, vectors: np.ndarray) -> None:
         for name in ROW_FIELDS:
@@ -176,7 +178,7 @@ def _embed_shards(todo: list[Shard], store: EmbeddingStore, config: EmbedConfig,
     buffers: dict[str, _ShardBuffer] = {}
     pending: list[Future] = []
     start = time.perf_counter()
-    bar = tqdm(total=len(todo), unit="shard", desc="embed", disable=None if progress is None else not progress)
+    bar = progress_bar(total=len(todo), unit="shard", desc="embed", progress=progress)
     # closing(): on an error here too, the lanes stop (and are joined) before the writer drains.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-writer") as writer, closing(embedded):
         for message, vectors, model_seconds in embedded:
@@ -191,8 +193,9 @@ def _embed_shards(todo: list[Shard], store: EmbeddingStore, config: EmbedConfig,
                 continue
             buffers.pop(message.shard)
             embeddings = buffer.embeddings(backbone.dim)
-            stats = _shard_stats(message, sources[message.shard], len(embeddings), buffer.started)
+            stats = _shard_stats(message, sources[message.shard], len(embeddings))
             summary.failed += len(message.failures)
+            summary.near_constant += message.near_constant
             for error, count in stats["failures_by_error"].items():
                 summary.failures_by_error[error] = summary.failures_by_error.get(error, 0) + count
             pending.append(writer.submit(store.write_shard, message.shard, buffer.rows, embeddings,
@@ -229,8 +232,10 @@ def _reap(pending: list[Future]) -> list[Future]:
     return still
 
 
-def _shard_stats(done: ShardDone, source: Shard, rows: int, started: float) -> dict:
-    seconds = time.time() - started
+def _shard_stats(done: ShardDone, source: Shard, rows: int) -> dict:
+    """The stats marker; `seconds` runs from when the shard's reading began to now (its part is
+    written next), so images/s is the shard's own rate."""
+    seconds = time.time() - done.started
     errors: dict[str, int] = {}
     for failure in done.failures:
         errors[failure["error"]] = errors.get(failure["error"], 0) + 1
@@ -238,7 +243,7 @@ def _shard_stats(done: ShardDone, source: Shard, rows: int, started: float) -> d
         raise RuntimeError(f"shard {done.shard}: {rows} rows + {len(done.failures)} failures != "
                            f"{done.samples} samples")
     return {"shard": done.shard, "kind": source.kind, "source": source.url, "samples": done.samples, "rows": rows,
-            "failures": len(done.failures), "failures_by_error": errors,
+            "failures": len(done.failures), "failures_by_error": errors, "near_constant": done.near_constant,
             "seconds": round(seconds, 3), "decode_seconds": round(done.decode_seconds, 3),
             "images_per_s": round(rows / seconds, 2) if seconds > 0 else None,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}

@@ -24,7 +24,7 @@ from itertools import islice
 import numpy as np
 import torch
 
-from imgindex.pipeline.loader import Batch, Decoded, ShardBatches, ShardDone
+from imgindex.pipeline.loader import Batch, ShardBatches, ShardDone, ShardTally
 from imgindex.pipeline.model import Backbone
 from imgindex.pipeline.sources import Sample, read_shard
 
@@ -96,7 +96,7 @@ def embed_in_lanes(dataset: ShardBatches, backbone: Backbone, lanes: int,
 
 def _decode_and_embed(dataset: ShardBatches, backbone: Backbone, shard: str,
                       samples: list[Sample]) -> tuple[ShardDone, Batch | None, np.ndarray | None, float]:
-    decoded = Decoded(shard)
+    decoded = ShardTally(shard)
     for sample in samples:
         decoded.add(dataset.decode_sample(sample))
     if not decoded.images:
@@ -117,5 +117,6 @@ def _finish(done: ShardDone, future: Future | None,
     done.samples += part.samples
     done.failures.extend(part.failures)
     done.decode_seconds += part.decode_seconds
+    done.near_constant += part.near_constant
     if batch is not None:
         yield batch, vectors, seconds / lanes

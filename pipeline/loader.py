@@ -20,14 +20,15 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from imgindex.pipeline.config import DecodeConfig
-from imgindex.pipeline.decode import SampleError, open_upright, phash, sha256, stack_nchw
+from imgindex.pipeline.decode import (SampleError, is_grayscale, is_near_constant, open_upright, phash, sha256,
+                                      stack_nchw)
 from imgindex.pipeline.sources import Sample, Shard, read_shard
 
 # `workers: auto` stops here: 16 decode processes keep up with about 5,000 ImageNet-size
 # images/s, more than XCiT-L/8 needs on any one GPU, and each process costs ~300 MB.
 MAX_AUTO_WORKERS = 16
 
-ROW_FIELDS = ("key", "width", "height", "bytes", "sha256", "phash", "caption", "json", "url")
+ROW_FIELDS = ("key", "width", "height", "bytes", "grayscale", "sha256", "phash", "caption", "json", "url")
 
 
 @dataclass
@@ -47,6 +48,8 @@ class ShardDone:
     samples: int
     failures: list[dict] = field(default_factory=list)  # key, member, error, message
     decode_seconds: float = 0.0
+    near_constant: int = 0  # embedded images with (almost) one colour: no signal for the model
+    started: float = field(default_factory=time.time)  # when its reading began (wall clock)
 
 
 class ShardBatches(IterableDataset):
@@ -73,8 +76,8 @@ class ShardBatches(IterableDataset):
             for shard in mine:
                 yield from self.shard_messages(shard, pool.map if self.decode_threads > 1 else map)
 
-    def decode_sample(self, sample: Sample) -> tuple[np.ndarray, tuple, float] | tuple[dict, float]:
-        """One sample -> (pixels, row values, seconds), or (failure row, seconds)."""
+    def decode_sample(self, sample: Sample) -> Decoded | Failed:
+        """One sample -> its model input and row values, or its failure row."""
         start = time.perf_counter()
         try:
             if sample.error:
@@ -82,19 +85,19 @@ class ShardBatches(IterableDataset):
             img, width, height = open_upright(sample.data, self.decode.max_pixels, self.decode.alpha_background,
                                               self.draft_side)
             pixels = self.preprocess(img)
-            values = (sample.key, width, height, len(sample.data), sha256(sample.data), phash(img),
-                      sample.caption, sample.json, sample.url)
-            return pixels, values, time.perf_counter() - start
+            values = (sample.key, width, height, len(sample.data), is_grayscale(pixels), sha256(sample.data),
+                      phash(img), sample.caption, sample.json, sample.url)
+            return Decoded(pixels, values, is_near_constant(pixels), time.perf_counter() - start)
         except SampleError as exc:
             failure = {"key": sample.key, "member": sample.member, "error": exc.kind, "message": str(exc)}
         except Exception as exc:  # an unforeseen decoder error is this sample's, not the job's
             failure = {"key": sample.key, "member": sample.member,
                        "error": "decode_error", "message": f"{type(exc).__name__}: {exc}"}
-        return failure, time.perf_counter() - start
+        return Failed(failure, time.perf_counter() - start)
 
     def shard_messages(self, shard: Shard, map_=map) -> Iterator[Batch | ShardDone]:
         """Full batches in sample order (the last may be short), then the ShardDone."""
-        decoded = Decoded(shard.name)
+        decoded = ShardTally(shard.name)
         samples = read_shard(shard, self.read_timeout)
         # Executor.map submits each sample as soon as it is read, so reading overlaps decoding.
         while results := list(map_(self.decode_sample, islice(samples, self.batch_size - len(decoded.images)))):
@@ -107,24 +110,42 @@ class ShardBatches(IterableDataset):
         yield decoded.done
 
 
+@dataclass
 class Decoded:
+    """A sample ready for the model: uint8 CHW pixels and its row values (ROW_FIELDS order)."""
+
+    pixels: np.ndarray
+    values: tuple
+    near_constant: bool
+    seconds: float
+
+
+@dataclass
+class Failed:
+    """A sample that cannot be embedded: its failures row."""
+
+    row: dict
+    seconds: float
+
+
+class ShardTally:
     """Decoded samples of one shard, in sample order, until they are taken as a Batch; and the
-    tally (samples, failures, decode time) that becomes the shard's ShardDone."""
+    tally (samples, failures, near-constant images, decode time) that becomes its ShardDone."""
 
     def __init__(self, shard: str):
         self.done = ShardDone(shard=shard, samples=0)
         self.images: list[np.ndarray] = []
         self.rows: dict[str, list] = {name: [] for name in ROW_FIELDS}
 
-    def add(self, result: tuple) -> None:
-        """One result of ShardBatches.decode_sample."""
+    def add(self, result: Decoded | Failed) -> None:
         self.done.samples += 1
-        self.done.decode_seconds += result[-1]
-        if len(result) == 2:
-            self.done.failures.append(result[0])
+        self.done.decode_seconds += result.seconds
+        if isinstance(result, Failed):
+            self.done.failures.append(result.row)
             return
-        self.images.append(result[0])
-        for name, value in zip(ROW_FIELDS, result[1]):
+        self.done.near_constant += result.near_constant
+        self.images.append(result.pixels)
+        for name, value in zip(ROW_FIELDS, result.values):
             self.rows[name].append(value)
 
     def take_batch(self) -> Batch:

@@ -300,6 +300,24 @@ def read_shard(shard: Shard, timeout: float | None = None) -> Iterator[Sample]:
     return read_tar(shard, timeout) if shard.kind == "tar" else read_files(shard, timeout)
 
 
+def file_url(kind: str, source: str, key: str) -> str | None:
+    """Where a folder or list sample's file is (a URL fsspec opens); None for tar members."""
+    if kind == "folder":
+        return f"{source.rstrip('/')}/{key}"
+    if kind == "list":
+        return list_entry_url(source, key)
+    return None
+
+
+def sample_location(kind: str | None, source: str | None, key: str) -> str | None:
+    """Where a sample lives, as people and shell tools take it: a plain path for local files,
+    `TAR#KEY` for a tar member, the URL for remote objects; None when the source is unknown."""
+    if not source or kind not in ("tar", "folder", "list"):
+        return None
+    where = f"{source}#{key}" if kind == "tar" else file_url(kind, source, key)
+    return where.removeprefix("file://") if where.startswith("file:///") else where
+
+
 def read_images(kind: str, source: str, keys: list[str]) -> dict[str, bytes]:
     """The encoded images of some samples, read back from their source (thumbnails, reviews).
 
@@ -314,7 +332,7 @@ def read_images(kind: str, source: str, keys: list[str]) -> dict[str, bytes]:
                 found[sample.key] = sample.data
         return found
     for key in keys:
-        url = f"{source.rstrip('/')}/{key}" if kind == "folder" else list_entry_url(source, key)
+        url = file_url(kind, source, key)
         try:
             with fsspec.open(url, "rb") as f:
                 found[key] = f.read()

@@ -52,7 +52,12 @@ def test_table_key_query_and_html_page(built):
     assert any("rocket.jpg" in row for row in table_rows) and any("chelsea.png" in row for row in table_rows)
     page = html.read_text()
     assert page.count("<figure") == 2 * (1 + 4)
-    assert page.count("data:image/jpeg;base64,") == 1 + 2 * 4  # a key query has no query image file
+    json_out = run("search.py", "--key", "rocket.jpg", "--image", built / "photos" / "chelsea.png",
+                   "--index", built / "out" / "index", "-k", "4", "--json")
+    hits = {(h["shard"], h["key"]) for line in json_out.stdout.splitlines() for h in json.loads(line)["hits"]}
+    # each distinct image inlined once, however often it is shown; a key query has no query image file
+    assert page.count("data:image/jpeg;base64,") == 1 + len(hits)
+    assert page.count('role="img"') == 2 * (1 + 4) - 1
 
 
 @pytest.mark.parametrize("case", ["no_index", "not_an_image", "missing_image", "other_model", "corrupt", "nothing"])
