@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from imgindex.progress import progress_bar
 from imgindex.indexes.embeddings import EmbeddingsDir, Part
 from imgindex.indexes.factory import FLAT_THRESHOLD, choose_index_key, parse_memory, search_knob
-from imgindex.indexes.index_dir import FORMAT, IDS, IDS_SCHEMA, IndexDir
+from imgindex.indexes.index_dir import FORMAT, IDS, IDS_SCHEMA, IndexDir, faiss_reason
 from imgindex.indexes.recall import exact_neighbors, tune
 from imgindex.pipeline.config import ConfigError
 from imgindex.pipeline.writer import identity_changes
@@ -52,8 +52,7 @@ def _make_index(key: str, dim: int) -> faiss.Index:
     try:
         return faiss.index_factory(dim, key, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
-        reason = str(exc).strip().splitlines()[-1][:150]
-        raise ConfigError(f"--index-key {key!r} is not a valid faiss.index_factory string ({reason})") from None
+        raise ConfigError(f"--index-key {key!r} is not a valid faiss.index_factory string ({faiss_reason(exc)})") from None
 
 
 def _train_size(index: faiss.Index, count: int, options: BuildOptions) -> int:

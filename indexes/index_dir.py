@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import faiss
@@ -20,6 +21,16 @@ IDS = "ids.parquet"
 MANIFEST = "manifest.json"
 FORMAT = "imgindex.index/1"
 IDS_SCHEMA = pa.schema([("shard", pa.string()), ("key", pa.string())])
+
+
+def faiss_reason(exc: BaseException, limit: int = 120) -> str:
+    """faiss's own words from one of its C++ exceptions, without the function signature and
+    source path it starts with, cut at a word boundary."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = text.rsplit("Error: ", 1)[-1] if "Error: " in text else re.sub(r"^Error in .*? at \S+: ", "", text)
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0] + " ..."
+    return text
 
 
 class IndexDir:
@@ -53,8 +64,7 @@ class IndexDir:
         try:
             index = faiss.read_index(str(path), flags)
         except RuntimeError as exc:
-            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-            raise ConfigError(f"{path} is corrupt or truncated ({reason[:120]}): rebuild the index") from None
+            raise ConfigError(f"{path} is corrupt or truncated ({faiss_reason(exc)}): rebuild the index") from None
         if index.ntotal != manifest["count"] or index.d != manifest["dim"]:
             raise ConfigError(f"{path} holds {index.ntotal} vectors of dim {index.d}, the manifest says "
                               f"{manifest['count']} of dim {manifest['dim']} (interrupted update?): rebuild the index")

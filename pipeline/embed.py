@@ -178,7 +178,11 @@ def _embed_shards(todo: list[Shard], store: EmbeddingStore, config: EmbedConfig,
     buffers: dict[str, _ShardBuffer] = {}
     pending: list[Future] = []
     start = time.perf_counter()
-    bar = progress_bar(total=len(todo), unit="shard", desc="embed", progress=progress)
+    # Counted in images (samples), as the plan knows them for folders and lists; a tar's count is
+    # known only once it is read, so with tars the bar counts up without a total.
+    known = all(s.kind != "tar" for s in todo)
+    bar = progress_bar(total=sum(len(s.files) for s in todo) if known else None, unit="img", desc="embed",
+                       progress=progress, smoothing=0.1)
     # closing(): on an error here too, the lanes stop (and are joined) before the writer drains.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-writer") as writer, closing(embedded):
         for message, vectors, model_seconds in embedded:
@@ -188,7 +192,8 @@ def _embed_shards(todo: list[Shard], store: EmbeddingStore, config: EmbedConfig,
                 summary.model_seconds += model_seconds
                 summary.images += len(message.images)
                 elapsed = time.perf_counter() - start
-                bar.set_postfix(images_per_s=f"{summary.images / elapsed:.1f}",
+                bar.update(len(message.images))
+                bar.set_postfix(shards=f"{summary.shards_done}/{len(todo)}",
                                 model_busy=f"{summary.model_seconds / elapsed:.0%}", refresh=False)
                 continue
             buffers.pop(message.shard)
@@ -202,7 +207,7 @@ def _embed_shards(todo: list[Shard], store: EmbeddingStore, config: EmbedConfig,
                                          message.failures, stats))
             pending = _reap(pending)
             summary.shards_done += 1
-            bar.update(1)
+            bar.update(len(message.failures))
         for future in pending:
             future.result()
     bar.close()

@@ -7,9 +7,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import timm
@@ -153,6 +155,39 @@ def _load_checkpoint(model: torch.nn.Module, path: str) -> None:
         )
 
 
+def _offline_weights(name: str) -> dict | None:
+    """Before timm asks the hub: when the hub cannot be reached, the locally cached weights file
+    (as a timm pretrained_cfg overlay), or an error at once, instead of a minute of retries."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    hub_id = cfg.hf_hub_id if cfg is not None else None
+    if not hub_id:
+        return None  # weights by URL: timm's own download, with its own errors
+    cached = next((path for path in (try_to_load_from_cache(hub_id, f) for f in HUB_FILES)
+                   if isinstance(path, str)), None)
+    if not constants.HF_HUB_OFFLINE and _reachable(constants.ENDPOINT):
+        return None
+    if cached:
+        log.warning("the hub is not reachable: using the cached weights %s", cached)
+        return {"file": cached}
+    raise ConfigError(f"the model hub ({constants.ENDPOINT}) cannot be reached and {name!r} has no cached weights: "
+                      "pass --checkpoint FILE with local weights (safetensors or .pth)")
+
+
+HUB_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+
+
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def load_backbone(config: EmbedConfig) -> Backbone:
     """Create the configured model. Never falls back: missing weights are an error."""
     mc = config.model
@@ -166,8 +201,9 @@ def load_backbone(config: EmbedConfig) -> Backbone:
         _load_checkpoint(model, mc.checkpoint)
         weights = {"source": "checkpoint", "path": str(Path(mc.checkpoint).resolve())}
     elif mc.pretrained:
+        overlay = _offline_weights(mc.name)
         try:
-            model = timm.create_model(mc.name, pretrained=True, num_classes=0)
+            model = timm.create_model(mc.name, pretrained=True, num_classes=0, pretrained_cfg_overlay=overlay)
         except Exception as exc:  # hub errors come as many types (OSError, HTTP, offline mode)
             raise ConfigError(
                 f"could not load pretrained weights for {mc.name!r} ({type(exc).__name__}); offline? "
