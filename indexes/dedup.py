@@ -15,6 +15,7 @@ than O(N) memory besides the index and a disk-backed copy of the vectors.
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -179,24 +180,49 @@ def _binary_codes(values: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(values.astype(np.int64)).view(np.uint8).reshape(-1, 8)
 
 
+# Seconds per unit on the 2-core development machine (benchmarks/phash_scale.py): a bucket
+# probed by multi-index hashing, a candidate it compares, a pair the exhaustive scan compares
+# (faiss's SIMD popcount). Only their ratios matter: they choose the faster exact method.
+PROBE_S, CANDIDATE_S, SCAN_S = 1.1e-8, 5.8e-8, 1.8e-10
+
+
+def phash_plan(queries: int, db: int, distance: int) -> tuple[int, float]:
+    """How to find every pair within `distance` bits fastest, exactly: (tables, estimated s),
+    tables 0 meaning the exhaustive scan.
+
+    Multi-index hashing with t tables of 64 // t bits is exact when it probes every bucket
+    within distance // t flips (two hashes within `distance` bits differ in at most that many
+    bits of one table's substring: pigeonhole). Its cost grows with the buckets probed
+    (linear in the queries) and the candidates in them (uniform hashes: t * probes / 2^bits of
+    the database per query); the scan compares every pair. Small distances hash, large ones
+    (from about 10 bits below a few million hashes) scan.
+    """
+    best = (0, queries * db * SCAN_S)
+    for tables in range(1, 9):
+        bits = 64 // tables
+        probes = tables * sum(math.comb(bits, i) for i in range(distance // tables + 1))
+        cost = queries * probes * PROBE_S + queries * db * probes / 2**bits * CANDIDATE_S
+        if cost < best[1]:
+            best = (tables, cost)
+    return best
+
+
 def phash_pairs(db: tuple[np.ndarray, np.ndarray], distance: int,
                 queries: tuple[np.ndarray, np.ndarray] | None = None,
                 progress: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs within `distance` bits: (query row, database row); (values, valid) inputs.
-
-    Multi-index hashing is exact: with t = min(distance + 1, 8) tables of disjoint substrings,
-    two hashes within `distance` bits differ in at most distance // t bits of one substring,
-    and every bucket within that many flips is probed. Null hashes never match.
-    """
+    """Every pair within `distance` bits, exactly: (query row, database row); (values, valid)
+    inputs. Null hashes never match. The method (hash tables or an exhaustive scan) is the
+    faster one by `phash_plan`; both give the same pairs."""
     queries = queries or db
     db_rows, q_rows = np.nonzero(db[1])[0], np.nonzero(queries[1])[0]
     if not len(db_rows) or not len(q_rows):
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    tables = min(distance + 1, 8)
-    index = faiss.IndexBinaryMultiHash(64, tables, 64 // tables)
-    # Two hashes within `distance` bits differ in at most distance // tables bits of one of the
-    # tables' disjoint substrings (pigeonhole), so probing the buckets within that many flips is exact.
-    index.nflip = distance // tables
+    tables, _ = phash_plan(len(q_rows), len(db_rows), distance)
+    if tables:
+        index = faiss.IndexBinaryMultiHash(64, tables, 64 // tables)
+        index.nflip = distance // tables
+    else:
+        index = faiss.IndexBinaryFlat(64)
     index.add(_binary_codes(db[0][db_rows]))
     found_q, found_db = [], []
     codes = _binary_codes(queries[0][q_rows])

@@ -204,29 +204,37 @@ def test_phash_multi_index_hashing_is_exact_up_to_the_distance():
     assert (5, 1005) not in pairs and (6, 1006) not in pairs
 
 
-@pytest.mark.parametrize("distance", [8, 10, 12, 16])
-def test_phash_pairs_are_exact_and_sub_quadratic_at_every_distance(distance):
-    """Pairs equal a brute force at every distance, and the hash tables compare a fraction of all
-    pairs (probing d + 1 - 8 flips, as before, compared 0.97 of all pairs' worth at d=10 and more
-    beyond, the quadratic slowdown users saw)."""
-    import faiss
+POPCOUNT = np.array([bin(i).count("1") for i in range(256)], np.uint8)
+
+
+@pytest.mark.parametrize("distance", [0, 4, 8, 10, 12, 16])
+@pytest.mark.parametrize("tables", [0, 3, 5, 8])
+def test_phash_pairs_are_exact_with_hash_tables_and_with_the_scan(monkeypatch, distance, tables):
+    import imgindex.indexes.dedup as dedup
 
     rng = np.random.default_rng(distance)
-    values = rng.integers(-2**63, 2**63 - 1, 3000, dtype=np.int64)
-    for i in range(40):  # planted neighbours at 0..distance+2 bits
-        bits = i % (distance + 3)
-        mask = sum(1 << int(b) for b in rng.choice(64, bits, replace=False))
-        values[2000 + i] = np.int64(np.uint64(values[i].view(np.uint64) ^ np.uint64(mask)).view(np.int64))
-    stats = faiss.cvar.indexBinaryHash_stats
-    stats.reset()
+    values = rng.integers(-2**63, 2**63 - 1, 1200, dtype=np.int64)
+    unsigned = values.view(np.uint64)
+    for i in range(60):  # planted neighbours at 0..distance+2 bits
+        bits = rng.choice(64, i % (distance + 3), replace=False)
+        unsigned[1000 + i] = unsigned[i] ^ np.uint64(sum(1 << int(b) for b in bits))
+    monkeypatch.setattr(dedup, "phash_plan", lambda q, d, dist: (tables, 0.0))
     q, db = phash_pairs((values, np.ones(len(values), bool)), distance)
-    compared = stats.ndis
     found = {(min(a, b), max(a, b)) for a, b in zip(q, db) if a != b}
-    bits = np.unpackbits((values[:, None] ^ values[None, :]).view(np.uint8).reshape(len(values), len(values), 8),
-                         axis=2).sum(axis=2)
-    i, j = np.nonzero(np.triu(bits <= distance, 1))
-    assert found == set(zip(i.tolist(), j.tolist()))
-    assert compared < 0.26 * len(values) ** 2 if distance < 16 else compared < 0.75 * len(values) ** 2
+    xor = (unsigned[:, None] ^ unsigned[None, :]).view(np.uint8).reshape(len(values), len(values), 8)
+    i, j = np.nonzero(np.triu(POPCOUNT[xor].sum(axis=2, dtype=np.int32) <= distance, 1))
+    assert found == set(zip(i.tolist(), j.tolist())) and len(found) >= 60 * (distance + 1) // (distance + 3)
+
+
+def test_phash_plan_hashes_small_distances_and_scans_large_ones():
+    """Probing d + 1 - 8 flips of 8-bit tables (the old rule) compared 0.97 of all pairs' worth at
+    d=10: slower than comparing all pairs. The plan never estimates above the scan."""
+    from imgindex.indexes.dedup import SCAN_S, phash_plan
+
+    for distance in range(17):
+        tables, cost = phash_plan(100_000, 100_000, distance)
+        assert cost <= 100_000 ** 2 * SCAN_S
+        assert (tables > 0) == (distance <= 8)
 
 
 def test_bad_options_are_clear_errors(planted_index):
