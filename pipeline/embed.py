@@ -249,6 +249,7 @@ def _shard_stats(done: ShardDone, source: Shard, rows: int) -> dict:
                            f"{done.samples} samples")
     return {"shard": done.shard, "kind": source.kind, "source": source.url, "samples": done.samples, "rows": rows,
             "failures": len(done.failures), "failures_by_error": errors, "near_constant": done.near_constant,
+            "skipped_members": done.skipped,
             "seconds": round(seconds, 3), "decode_seconds": round(done.decode_seconds, 3),
             "images_per_s": round(rows / seconds, 2) if seconds > 0 else None,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}

@@ -118,5 +118,7 @@ def _finish(done: ShardDone, future: Future | None,
     done.failures.extend(part.failures)
     done.decode_seconds += part.decode_seconds
     done.near_constant += part.near_constant
+    for reason, count in part.skipped.items():
+        done.skipped[reason] = done.skipped.get(reason, 0) + count
     if batch is not None:
         yield batch, vectors, seconds / lanes

@@ -28,7 +28,7 @@ from imgindex.pipeline.sources import Sample, Shard, read_shard
 # images/s, more than XCiT-L/8 needs on any one GPU, and each process costs ~300 MB.
 MAX_AUTO_WORKERS = 16
 
-ROW_FIELDS = ("key", "width", "height", "bytes", "grayscale", "sha256", "phash", "caption", "json", "url")
+ROW_FIELDS = ("key", "key_bytes", "width", "height", "bytes", "grayscale", "sha256", "phash", "caption", "json", "url")
 
 
 @dataclass
@@ -49,6 +49,7 @@ class ShardDone:
     failures: list[dict] = field(default_factory=list)  # key, member, error, message
     decode_seconds: float = 0.0
     near_constant: int = 0  # embedded images with (almost) one colour: no signal for the model
+    skipped: dict[str, int] = field(default_factory=dict)  # tar members that are no sample, by reason
     started: float = field(default_factory=time.time)  # when its reading began (wall clock)
 
 
@@ -76,8 +77,10 @@ class ShardBatches(IterableDataset):
             for shard in mine:
                 yield from self.shard_messages(shard, pool.map if self.decode_threads > 1 else map)
 
-    def decode_sample(self, sample: Sample) -> Decoded | Failed:
+    def decode_sample(self, sample: Sample) -> Decoded | Failed | Skipped:
         """One sample -> its model input and row values, or its failure row."""
+        if sample.skipped:
+            return Skipped(sample.skipped)
         start = time.perf_counter()
         try:
             if sample.error:
@@ -85,8 +88,8 @@ class ShardBatches(IterableDataset):
             img, width, height = open_upright(sample.data, self.decode.max_pixels, self.decode.alpha_background,
                                               self.draft_side)
             pixels = self.preprocess(img)
-            values = (sample.key, width, height, len(sample.data), is_grayscale(pixels), sha256(sample.data),
-                      phash(img), sample.caption, sample.json, sample.url)
+            values = (sample.key, sample.key_bytes, width, height, len(sample.data), is_grayscale(pixels),
+                      sha256(sample.data), phash(img), sample.caption, sample.json, sample.url)
             return Decoded(pixels, values, is_near_constant(pixels), time.perf_counter() - start)
         except SampleError as exc:
             failure = {"key": sample.key, "member": sample.member, "error": exc.kind, "message": str(exc)}
@@ -128,6 +131,14 @@ class Failed:
     seconds: float
 
 
+@dataclass
+class Skipped:
+    """A tar member that is no sample (a directory, a link...), counted in the stats by reason."""
+
+    reason: str
+    seconds: float = 0.0
+
+
 class ShardTally:
     """Decoded samples of one shard, in sample order, until they are taken as a Batch; and the
     tally (samples, failures, near-constant images, decode time) that becomes its ShardDone."""
@@ -137,7 +148,10 @@ class ShardTally:
         self.images: list[np.ndarray] = []
         self.rows: dict[str, list] = {name: [] for name in ROW_FIELDS}
 
-    def add(self, result: Decoded | Failed) -> None:
+    def add(self, result: Decoded | Failed | Skipped) -> None:
+        if isinstance(result, Skipped):
+            self.done.skipped[result.reason] = self.done.skipped.get(result.reason, 0) + 1
+            return
         self.done.samples += 1
         self.done.decode_seconds += result.seconds
         if isinstance(result, Failed):

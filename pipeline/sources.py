@@ -21,7 +21,7 @@ from pathlib import PurePosixPath
 import braceexpand
 import fsspec
 import pyarrow.parquet as pq
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
+from webdataset.tariterators import base_plus_ext
 
 from imgindex.pipeline.config import ConfigError, SourceConfig
 
@@ -57,6 +57,8 @@ class Sample:
     caption: str | None = None
     json: str | None = None
     url: str | None = None
+    key_bytes: bytes | None = None  # the name's original bytes, when they are not UTF-8 (see text_key)
+    skipped: str | None = None  # a tar member that is no sample (a directory, a link...): counted, not embedded
 
 
 def _is_image_name(name: str) -> bool:
@@ -134,7 +136,7 @@ def _list_shards(fs: fsspec.AbstractFileSystem, path: str, config: SourceConfig)
         captions = table.column("caption").to_pylist() if "caption" in table.column_names else None
         urls = table.column("url").to_pylist() if "url" in table.column_names else None
     else:
-        with fs.open(path, "rt", encoding="utf-8") as f:
+        with fs.open(path, "rt", encoding="utf-8", errors="surrogateescape") as f:  # names as the list has them
             entries = [line.strip() for line in f if line.strip() and not line.startswith("#")]
     if not entries:
         raise ConfigError(f"file list {path!r} lists no images")
@@ -193,9 +195,22 @@ def _dedupe_names(shards: list[Shard]) -> list[Shard]:
     return sorted(renamed, key=lambda s: s.name)
 
 
+def text_key(name: str) -> tuple[str, bytes | None]:
+    """A file or member name as a key: itself when it is UTF-8; otherwise (a Latin-1 name from an
+    old archive, say, decoded by Python with surrogate escapes) each byte that is not UTF-8 as
+    `\\xNN`, and the original bytes, which the part keeps in `key_bytes` so the file can be found."""
+    try:
+        name.encode("utf-8")
+        return name, None
+    except UnicodeEncodeError:
+        raw = name.encode("utf-8", "surrogateescape")
+        return raw.decode("utf-8", "backslashreplace"), raw
+
+
 def _tar_sample(key: str, members: dict[str, tuple[str, bytes]]) -> Sample:
     """A webdataset-style group of members (extension -> (member name, bytes)) -> Sample."""
-    sample = Sample(key=key)
+    text, raw = text_key(key)
+    sample = Sample(key=text, key_bytes=raw)
     for ext in CAPTION_EXTENSIONS:
         if ext in members:
             sample.caption = members[ext][1].decode("utf-8", errors="replace")
@@ -209,12 +224,35 @@ def _tar_sample(key: str, members: dict[str, tuple[str, bytes]]) -> Sample:
         except ValueError:
             pass
     images = [ext for ext in members if ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS]
-    if not images:
-        sample.member = next(iter(members.values()))[0]
-        sample.error = ("no_image", f"no image member for key {key!r} (members: {', '.join(sorted(members))})")
-    else:
+    if images:
         sample.member, sample.data = members[images[0]]
+    elif len(members) == 1 and "" in members:  # one member whose name has no extension: the bytes decide
+        sample.member, sample.data = members[""]
+    else:
+        sample.member = next(iter(members.values()))[0]
+        sample.error = ("no_image", f"no image member for key {text!r} (members: {', '.join(sorted(members))})")
+    sample.member = text_key(sample.member)[0]
     return sample
+
+
+def _member_kind(info: tarfile.TarInfo) -> str | None:
+    """Why a tar member is no part of a sample (None: a regular file, which is)."""
+    if info.isreg():
+        return "webdataset_meta" if re.match(r"__[^/]*__($|/)", info.name) else None
+    for kind, test in (("directory", info.isdir), ("symlink", info.issym), ("hardlink", info.islnk),
+                       ("fifo", info.isfifo), ("device", lambda: info.ischr() or info.isblk())):
+        if test():
+            return kind
+    return "other_member_type"
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """Member name -> (key, extension) by webdataset's rule (key up to the first dot of the base
+    name). A name outside the rule (a hidden file, no extension) is a sample of its own, keyed by
+    the whole name with no extension, so its bytes decide whether it is an image."""
+    name = name.removeprefix("./")
+    prefix, ext = base_plus_ext(name)
+    return (prefix, ext.lower()) if prefix is not None else (name, "")
 
 
 @contextlib.contextmanager
@@ -242,47 +280,77 @@ def deadline(seconds: float | None) -> Iterator[None]:
 def read_tar(shard: Shard, timeout: float | None = None) -> Iterator[Sample]:
     """Samples of a tar shard: consecutive members sharing a key form one sample (webdataset's rule).
 
-    A tar that cannot be opened, or stops being readable part-way (or takes over `timeout`
-    seconds to open or to give its next member), adds one `bad_shard` sample for the
-    unreadable rest, so the loss is recorded rather than silent.
+    Every member is accounted for: part of a sample, or a `skipped` marker saying why it is
+    none (directory, symlink, hardlink, fifo, device, webdataset_meta). A corrupt header is
+    skipped up to the next valid one, as GNU tar does, and recorded as one `bad_shard` failure
+    with its byte offsets. A tar that cannot be opened, or stops being readable part-way (or
+    takes over `timeout` seconds to open or to give its next member), adds one `bad_shard`
+    sample for the unreadable rest, so the loss is recorded rather than silent.
     """
     key, members = None, {}
+    expected = 0  # where the next header should start
     try:
         with deadline(timeout):
             opened = fsspec.open(shard.url, "rb").open()
-        with opened as f:
-            entries = tar_file_iterator(f)
+        with opened as f, tarfile.open(fileobj=f, mode="r|*", ignore_zeros=True) as tar:
+            entries = iter(tar)
             while True:
                 with deadline(timeout):
-                    entry = next(entries, None)
-                if entry is None:
+                    info = next(entries, None)
+                if info is None:
                     break
-                name, data = entry["fname"], entry["data"]
-                prefix, ext = base_plus_ext(name.removeprefix("./"))
-                if prefix is None:
+                if info.offset > expected:
+                    yield Sample(key=f"{text_key(key or '')[0]}#bad-header-at-{expected}", member=shard.url,
+                                 error=("bad_shard", f"bytes {expected} to {info.offset} of the tar hold no valid "
+                                                     f"header: skipped to the next member, {text_key(info.name)[0]!r}"))
+                expected = info.offset_data + (-(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                                               if info.isreg() else 0)
+                skipped = _member_kind(info)
+                if skipped:
+                    yield Sample(key=text_key(info.name)[0], member=text_key(info.name)[0], skipped=skipped)
                     continue
-                if prefix != key and members:
+                with deadline(timeout):
+                    data = tar.extractfile(info).read()
+                prefix, ext = _split_name(info.name)
+                if (prefix != key or ext in members) and members:  # a repeated extension starts a new sample
                     yield _tar_sample(key, members)
                     members = {}
                 key = prefix
-                members.setdefault(ext.lower(), (name, data))
+                members[ext] = (info.name, data)
     except (tarfile.TarError, EOFError, OSError) as exc:
         if members:
             yield _tar_sample(key, members)
             members = {}
-        where = f"after key {key!r}" if key else "from the start"
-        yield Sample(key=f"{key or ''}#unreadable-rest", member=shard.url,
-                     error=("bad_shard", f"tar is unreadable {where}: {type(exc).__name__}: {exc}"))
+        where = f"after key {text_key(key)[0]!r}" if key else "from the start"
+        yield Sample(key=f"{text_key(key or '')[0]}#unreadable-rest", member=shard.url,
+                     error=("bad_shard", f"tar is unreadable {where}: {type(exc).__name__}: {exc} "
+                                         f"(from byte {expected})"))
     if members:
         yield _tar_sample(key, members)
+
+
+def unique_keys(samples: Iterator[Sample]) -> Iterator[Sample]:
+    """(shard, key) is unique in the output: a sample whose key came earlier in the same shard
+    is a `duplicate_key` failure (webdataset itself raises on them)."""
+    seen: set[str] = set()
+    for sample in samples:
+        if sample.skipped is None and sample.error is None:
+            if sample.key in seen:
+                sample = Sample(key=sample.key, member=sample.member,
+                                error=("duplicate_key", f"key {sample.key!r} appears again in this shard: "
+                                                        "the first one is kept"))
+            else:
+                seen.add(sample.key)
+        yield sample
 
 
 def read_files(shard: Shard, timeout: float | None = None) -> Iterator[Sample]:
     """Samples of a folder or list shard; a file that cannot be read in `timeout` seconds is a
     `timeout` failure, one that cannot be read at all is `unreadable`."""
     for i, (url, key) in enumerate(zip(shard.files, shard.keys)):
+        text, raw = text_key(key)
         sample = Sample(
-            key=key, member=url,
+            key=text, member=text_key(url)[0], key_bytes=raw,
             caption=shard.captions[i] if shard.captions else None,
             url=shard.urls[i] if shard.urls else None,
         )
@@ -297,7 +365,8 @@ def read_files(shard: Shard, timeout: float | None = None) -> Iterator[Sample]:
 
 
 def read_shard(shard: Shard, timeout: float | None = None) -> Iterator[Sample]:
-    return read_tar(shard, timeout) if shard.kind == "tar" else read_files(shard, timeout)
+    """A shard's samples (and skipped tar members), each key once."""
+    return unique_keys(read_tar(shard, timeout) if shard.kind == "tar" else read_files(shard, timeout))
 
 
 def file_url(kind: str, source: str, key: str) -> str | None:

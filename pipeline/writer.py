@@ -37,7 +37,7 @@ FAILURE_SCHEMA = pa.schema([
 def part_schema(dim: int) -> pa.Schema:
     return pa.schema([
         ("key", pa.string()), ("shard", pa.string()),
-        ("embedding", pa.list_(pa.float32(), dim)),
+        ("embedding", pa.list_(pa.float32(), dim)), ("key_bytes", pa.binary()),
         ("width", pa.int32()), ("height", pa.int32()), ("bytes", pa.int64()), ("grayscale", pa.bool_()),
         ("sha256", pa.string()), ("phash", pa.int64()),
         ("caption", pa.string()), ("json", pa.string()), ("url", pa.string()),
