@@ -152,8 +152,16 @@ def _print_index(manifest: dict, out: str) -> None:
 def cmd_index(args: argparse.Namespace) -> int:
     from imgindex.indexes.build import add_parts, build_index
 
+    if args.verify:
+        from imgindex.indexes.build import verify_index
+
+        checked = verify_index(args.verify)
+        print(f"{args.verify}: {checked['files']} index files and {checked['parts']} parts match their digests")
+        return 0
     if bool(args.emb_dir) == bool(args.add):
         raise ConfigError("give EMB_DIR to build a new index, or --add EMB_DIR to extend the one at --out")
+    if not args.out:
+        raise ConfigError("--out IDX is needed: the index directory to write")
     progress = False if args.no_progress else None
     if args.add:
         manifest, added = add_parts(args.add, args.out, target_recall=args.target_recall, progress=progress)
@@ -427,7 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "manifest.json). The index type is chosen from the vector count and --max-memory unless "
                     "--index-key is given; recall@10 vs exact search is measured and written to the manifest.")
     index.add_argument("emb_dir", nargs="?", metavar="EMB_DIR", help="embeddings directory (imgindex embed --out)")
-    index.add_argument("--out", required=True, metavar="IDX", help="index directory")
+    index.add_argument("--out", metavar="IDX", help="index directory")
+    index.add_argument("--verify", metavar="IDX",
+                       help="check every byte of the index at IDX and every part it was built from against the "
+                            "digests its manifest records (loading checks the sizes and a sample of the bytes)")
     index.add_argument("--add", metavar="EMB_DIR",
                        help="add the parts of EMB_DIR not yet in the index at --out, without retraining")
     index.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")

@@ -169,7 +169,7 @@ def build_index(emb_dir: str, out: str, options: BuildOptions | None = None, ove
         "count": int(index.ntotal),
         "dim": emb.dim,
         "build": {**asdict(options), "train_size": train_size},
-        "parts": [{"shard": p.shard, "rows": p.rows, "dir": emb.location} for p in parts],
+        "parts": [{"shard": p.shard, "rows": p.rows, "dir": emb.location, "file": emb.digest(p)} for p in parts],
         f"recall_at_{K}": round(recall, 4),
         "recall_queries": int(len(query_ids)),
         "search_params": {knob: value} if knob else {},
@@ -185,6 +185,7 @@ def build_index(emb_dir: str, out: str, options: BuildOptions | None = None, ove
     target.write_data(index, ids_tmp)
     timings["write_s"] = round(time.time() - t, 3)
     timings["total_s"] = round(time.time() - started, 3)
+    target.record_files(manifest)
     target.write_manifest(manifest)
     return manifest
 
@@ -256,7 +257,7 @@ def add_parts(emb_dir: str, index_dir: str, target_recall: float | None = None,
     knob = search_knob(index)
     value, recall, curve = tune(index, knob, queries, query_ids, exact,
                                 target_recall or manifest["build"]["target_recall"], K)
-    manifest["parts"] += [{"shard": p.shard, "rows": p.rows, "dir": emb.location} for p in new]
+    manifest["parts"] += [{"shard": p.shard, "rows": p.rows, "dir": emb.location, "file": emb.digest(p)} for p in new]
     manifest["count"] = int(index.ntotal)
     manifest[f"recall_at_{K}"] = round(recall, 4)
     manifest["recall_queries"] = int(len(query_ids))
@@ -266,6 +267,7 @@ def add_parts(emb_dir: str, index_dir: str, target_recall: float | None = None,
                              f"recall_at_{K}_on_new": round(recall, 4), "seconds": round(time.time() - started, 3),
                              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     target.write_data(index, ids_tmp)
+    target.record_files(manifest)
     target.write_manifest(manifest)
     return manifest, added
 
@@ -280,3 +282,22 @@ def _by_dir(manifest: dict) -> list[tuple[str, list[dict]]]:
         else:
             groups.append((where, [part]))
     return groups
+
+
+def verify_index(index_dir: str) -> dict:
+    """Every byte of the index's files, and every part it was built from, against the digests its
+    manifest records (`imgindex index --verify`); raises ConfigError naming the first mismatch."""
+    target = IndexDir(index_dir)
+    manifest = target.read_manifest()
+    target.verify(manifest, full=True)
+    checked = 0
+    for where, group in _by_dir(manifest):
+        emb = EmbeddingsDir(where)
+        for recorded in group:
+            part = emb.part(recorded["shard"], recorded["rows"])
+            found = emb.digest(part)
+            if recorded.get("file") and found and found["sha256"] != recorded["file"]["sha256"]:
+                raise ConfigError(f"the part of shard {part.shard} in {where} changed since it was indexed: "
+                                  "rebuild the index")
+            checked += 1
+    return {"files": len(manifest.get("files") or {}), "parts": checked}

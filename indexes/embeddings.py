@@ -44,9 +44,15 @@ class EmbeddingsDir:
         manifest_path = str(PurePosixPath(self.root, MANIFEST))
         if not self.fs.exists(manifest_path):
             raise ConfigError(f"{url} is not an embeddings directory (no {MANIFEST}): run `imgindex embed` first")
-        with self.fs.open(manifest_path, "rt") as f:
-            self.manifest = json.load(f)
-        self.dim = int(self.manifest["dim"])
+        try:
+            with self.fs.open(manifest_path, "rt") as f:
+                self.manifest = json.load(f)
+        except ValueError as exc:
+            raise ConfigError(f"{url}/{MANIFEST} is not valid JSON ({exc}): re-embed into a new --out") from None
+        dim = self.manifest.get("dim") if isinstance(self.manifest, dict) else None
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+            raise ConfigError(f"{url}/{MANIFEST} is damaged (no dimension recorded): re-embed into a new --out")
+        self.dim = dim
         self.normalized = bool(self.manifest.get("normalized"))
 
     def parts(self) -> list[Part]:
@@ -107,11 +113,17 @@ class EmbeddingsDir:
             out[stats["shard"]] = stats
         return out
 
-    def rows_for(self, shard: str, keys: list[str], columns: list[str]) -> dict[str, dict]:
-        """key -> the requested columns of that key's row in `shard`'s part."""
+    def digest(self, part: Part) -> dict | None:
+        """Size and digests of a part's file (local directories; None for remote ones)."""
+        from imgindex.indexes.index_dir import file_digest
+
+        return file_digest(Path(part.path)) if self.location == str(Path(self.url).resolve()) else None
+
+    def rows_for(self, shard: str, keys: list[str], columns: list[str]) -> dict[str, dict] | None:
+        """key -> the requested columns of that key's row in `shard`'s part; None if the part is gone."""
         path = str(PurePosixPath(self.root, EMBEDDINGS, f"part-{shard}.parquet"))
         if not self.fs.exists(path):
-            return {}
+            return None
         table = pq.read_table(path, filesystem=self.fs, columns=["key", *columns], filters=[("key", "in", list(keys))])
         return {row["key"]: row for row in table.to_pylist()}
 

@@ -5,6 +5,7 @@ Loading checks that the three agree, and turns every way a directory can be wron
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -33,6 +34,31 @@ def faiss_reason(exc: BaseException, limit: int = 120) -> str:
     return text
 
 
+REQUIRED = {"embeddings": dict, "embeddings_dir": str, "count": int, "dim": int, "parts": list, "factory": str}
+SAMPLE_BLOCK = 64 * 1024
+SAMPLE_BLOCKS = 64  # besides the first and last blocks; files up to 66 blocks are read whole
+
+
+def file_digest(path: Path, full: bool = True) -> dict:
+    """{"bytes", "sampled_sha256"} (and "sha256" with `full`). The sampled digest reads the first,
+    last and 64 evenly spaced 64 KB blocks, so checking it costs a few MB whatever the size;
+    small files are sampled whole."""
+    size = path.stat().st_size
+    sampled, whole = hashlib.sha256(), hashlib.sha256()
+    with open(path, "rb") as f:
+        if full:
+            while block := f.read(1 << 22):
+                whole.update(block)
+        step = max(SAMPLE_BLOCK, (size - SAMPLE_BLOCK) // (SAMPLE_BLOCKS + 1))
+        for offset in sorted({*range(0, max(size - SAMPLE_BLOCK, 0) + 1, step), max(size - SAMPLE_BLOCK, 0)}):
+            f.seek(offset)
+            sampled.update(f.read(SAMPLE_BLOCK))
+    digest = {"bytes": size, "sampled_sha256": sampled.hexdigest()}
+    if full:
+        digest["sha256"] = whole.hexdigest()
+    return digest
+
+
 class IndexDir:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -51,15 +77,41 @@ class IndexDir:
             manifest = json.loads((self.path / MANIFEST).read_text())
         except ValueError as exc:
             raise ConfigError(f"{self.path / MANIFEST} is not valid JSON ({exc}): rebuild the index") from None
-        if manifest.get("format") != FORMAT:
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise ConfigError(f"{self.path / MANIFEST} is not an imgindex index manifest: rebuild the index")
+        for key, kind in REQUIRED.items():
+            if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool):
+                raise ConfigError(f"{self.path / MANIFEST} is damaged ({key!r} is missing or not a "
+                                  f"{kind.__name__}): rebuild the index")
+        if not isinstance((manifest["embeddings"].get("model") or {}).get("name"), str) or not all(
+                isinstance(p, dict) and isinstance(p.get("shard"), str) for p in manifest["parts"]):
+            raise ConfigError(f"{self.path / MANIFEST} is damaged (its model or parts): rebuild the index")
         return manifest
+
+    def verify(self, manifest: dict, full: bool = False) -> None:
+        """Check the index's files against the digests its manifest records: size and a sampled
+        digest (cheap: a few MB read whatever the size), or with `full` every byte."""
+        for name, recorded in (manifest.get("files") or {}).items():
+            path = self.path / name
+            if not path.is_file():
+                raise ConfigError(f"{path} is missing: rebuild the index")
+            found = file_digest(path, full=full)
+            keys = ("bytes", "sha256") if full else ("bytes", "sampled_sha256")
+            if any(found[k] != recorded.get(k) for k in keys):
+                what = "size" if found["bytes"] != recorded.get("bytes") else "content"
+                raise ConfigError(f"{path} is corrupt or truncated: it does not match the digest in its manifest "
+                                  f"({what} changed): rebuild the index")
+
+    def record_files(self, manifest: dict) -> None:
+        """Digests of the index's data files, into the manifest (before it is written)."""
+        manifest["files"] = {name: file_digest(self.path / name, full=True) for name in (INDEX, IDS)}
 
     def load_index(self, manifest: dict, mmap: bool = True) -> faiss.Index:
         """Read the index (memory-mapped where the type allows) and check it against the manifest."""
         path = self.path / INDEX
         if not path.is_file():
             raise ConfigError(f"{path} is missing: rebuild the index")
+        self.verify(manifest)
         flags = (faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY) if mmap else 0
         try:
             index = faiss.read_index(str(path), flags)

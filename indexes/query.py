@@ -57,6 +57,7 @@ class Searcher:
         self._dirs: dict[str, EmbeddingsDir | None] = {}
         self._sources: dict[str, dict] | None = None
         self._embedder = None
+        self._missing: set[str] = set()  # shards whose part is gone (warned once each)
 
     def embeddings_for(self, shard: str) -> EmbeddingsDir | None:
         """The embeddings directory holding a shard's part, if it is still there."""
@@ -116,6 +117,12 @@ class Searcher:
             if emb is None:
                 continue
             rows = emb.rows_for(shard, [h.key for h in shard_hits], ["caption", "url"])
+            if rows is None:
+                if shard not in self._missing:
+                    self._missing.add(shard)
+                    log.warning("the part of shard %s is missing from %s: its hits carry no caption, url or path",
+                                shard, emb.url)
+                continue
             stats = self.sources().get(shard, {})
             for hit in shard_hits:
                 row = rows.get(hit.key, {})

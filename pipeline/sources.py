@@ -369,12 +369,23 @@ def read_shard(shard: Shard, timeout: float | None = None) -> Iterator[Sample]:
     return unique_keys(read_tar(shard, timeout) if shard.kind == "tar" else read_files(shard, timeout))
 
 
+def raw_name(key: str) -> str:
+    """The file name a key came from: text_key undone (`\\xNN` escapes of bytes 0x80-0xff back to
+    those bytes, as Python's surrogate escapes); any other key is its own name."""
+    if not _ESCAPED.search(key):
+        return key
+    return _ESCAPED.sub(lambda m: chr(0xDC00 + int(m.group(1), 16)), key)
+
+
+_ESCAPED = re.compile(r"\\x([89a-f][0-9a-f])")
+
+
 def file_url(kind: str, source: str, key: str) -> str | None:
     """Where a folder or list sample's file is (a URL fsspec opens); None for tar members."""
     if kind == "folder":
-        return f"{source.rstrip('/')}/{key}"
+        return f"{source.rstrip('/')}/{raw_name(key)}"
     if kind == "list":
-        return list_entry_url(source, key)
+        return list_entry_url(source, raw_name(key))
     return None
 
 

@@ -169,3 +169,64 @@ def test_recall_counts_tied_neighbours_as_correct_and_wrong_ones_as_misses():
     for third in (3, 4):
         assert recall_at_k(np.array([[0, 1, 2, third]]), exact, query, k=3) == 1.0
     assert recall_at_k(np.array([[0, 1, 2, 5]]), exact, query, k=3) == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("damage", ["list", "no_embeddings_dir", "count_text", "parts_scalar"])
+def test_a_damaged_manifest_is_one_line(tmp_path, corpus, damage):
+    import json
+    import subprocess
+    import sys
+
+    write_embeddings_dir(str(tmp_path / "emb"), corpus[:400], shard_size=400)
+    build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), progress=False)
+    path = tmp_path / "idx" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    if damage == "list":
+        manifest = []
+    elif damage == "no_embeddings_dir":
+        del manifest["embeddings_dir"]
+    elif damage == "count_text":
+        manifest["count"] = "400"
+    else:
+        manifest["parts"] = 3
+    path.write_text(json.dumps(manifest))
+    for command in (["search", "--key", "syn1"], ["dedup", "--dry-run"]):
+        result = subprocess.run([sys.executable, "-m", "imgindex", *command, "--index", str(tmp_path / "idx")],
+                                capture_output=True, text=True)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 2 and len(lines) == 1 and "rebuild the index" in lines[0], result.stderr
+
+
+def test_a_bit_flipped_index_is_refused_and_verify_checks_every_byte(tmp_path, corpus):
+    import subprocess
+    import sys
+
+    write_embeddings_dir(str(tmp_path / "emb"), corpus[:3000], shard_size=1500)
+    build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), BuildOptions(flat_threshold=100, eval_queries=100),
+                progress=False)
+    ok = subprocess.run([sys.executable, "-m", "imgindex", "index", "--verify", str(tmp_path / "idx")],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and "2 index files and 2 parts match" in ok.stdout, ok.stderr
+    path = tmp_path / "idx" / "index.faiss"
+    raw = bytearray(path.read_bytes())
+    rng = np.random.default_rng(0)
+    for offset in rng.choice(np.arange(200, len(raw)), 2000, replace=False):
+        raw[offset] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ConfigError, match="does not match the digest in its manifest"):
+        Searcher(tmp_path / "idx")
+    bad = subprocess.run([sys.executable, "-m", "imgindex", "index", "--verify", str(tmp_path / "idx")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "does not match the digest" in bad.stderr
+
+
+def test_a_deleted_part_is_warned_about_once(tmp_path, corpus, caplog):
+    write_embeddings_dir(str(tmp_path / "emb"), corpus[:600], shard_size=300)
+    build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), progress=False)
+    (tmp_path / "emb" / "embeddings" / "part-syn-00000.parquet").unlink()
+    searcher = Searcher(tmp_path / "idx")
+    with caplog.at_level("WARNING"):
+        searcher.search_vectors(corpus[:5], k=10)
+        searcher.search_vectors(corpus[:5], k=10)
+    warnings = [r.getMessage() for r in caplog.records if "is missing" in r.getMessage()]
+    assert len(warnings) == 1 and "syn-00000" in warnings[0]

@@ -1,0 +1,170 @@
+"""Inputs nobody here wrote: names in other encodings, members that are no files, duplicate
+keys, corrupt headers, degenerate and unsupported images. Nothing crashes the job, nothing
+vanishes, nothing is counted twice."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from imgindex.pipeline.demo_corpus import jpeg_bytes
+from imgindex.pipeline.embed import run_embed
+
+
+def member(name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.size, info.linkname, info.mode = kind, len(data) if kind == tarfile.REGTYPE else 0, link, 0o644
+    return info
+
+
+def write_members(path: Path, members: list[tuple[tarfile.TarInfo, bytes]], encoding: str = "utf-8") -> Path:
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT, encoding=encoding) as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    return path
+
+
+def outputs(out: Path) -> tuple[list[dict], list[dict], list[dict]]:
+    rows = pq.read_table(out / "embeddings").to_pylist() if list((out / "embeddings").glob("*.parquet")) else []
+    failures = pq.read_table(out / "failures").to_pylist() if list((out / "failures").glob("*.parquet")) else []
+    stats = [json.loads(p.read_text()) for p in sorted((out / "_stats").glob("*.json"))]
+    return rows, failures, stats
+
+
+@pytest.fixture
+def jpeg(photos) -> bytes:
+    return jpeg_bytes(photos["coffee"].resize((64, 48)))
+
+
+def test_names_that_are_not_utf8_are_escaped_keys_with_their_bytes_kept(tmp_path, jpeg, config_for):
+    tar = write_members(tmp_path / "latin-00000.tar", [(member("café.jpg", jpeg), jpeg), (member("ok.jpg", jpeg), jpeg)],
+                        encoding="latin-1")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / os.fsdecode(b"caf\xe9.jpg")).write_bytes(jpeg)
+    summary = run_embed([str(tar), str(folder)], str(tmp_path / "out"), config_for(), progress=False)
+    rows, failures, _ = outputs(tmp_path / "out")
+    assert summary.images == 3 and not failures
+    by_key = {r["key"]: r for r in rows}
+    assert by_key["caf\\xe9"]["key_bytes"] == b"caf\xe9" and by_key["ok"]["key_bytes"] is None
+    assert by_key["caf\\xe9.jpg"]["key_bytes"] == b"caf\xe9.jpg"
+    assert (folder.parent / "folder" / os.fsdecode(by_key["caf\\xe9.jpg"]["key_bytes"])).is_file()
+    from imgindex.pipeline.sources import read_images
+
+    source = next(json.loads(p.read_text()) for p in (tmp_path / "out" / "_stats").glob("*folder*.json"))
+    assert read_images("folder", source["source"], ["caf\\xe9.jpg"]) == {"caf\\xe9.jpg": jpeg}
+
+
+def test_every_tar_member_is_a_sample_or_a_counted_skip(tmp_path, jpeg, config_for):
+    members = [
+        (member("a.jpg", jpeg), jpeg),
+        (member(".hidden.jpg", jpeg), jpeg),  # outside webdataset's key rule: a sample of its own
+        (member("noextension", jpeg), jpeg),  # holds a JPEG: embedded
+        (member("notes", b"plain text"), b"plain text"),  # no extension, not an image: a failure
+        (member("folder", kind=tarfile.DIRTYPE), b""),
+        (member("trailing.jpg/", kind=tarfile.DIRTYPE), b""),
+        (member("link.jpg", kind=tarfile.SYMTYPE, link="a.jpg"), b""),
+        (member("hard.jpg", kind=tarfile.LNKTYPE, link="a.jpg"), b""),
+        (member("pipe", kind=tarfile.FIFOTYPE), b""),
+        (member("dev", kind=tarfile.CHRTYPE), b""),
+        (member("__meta__", b"{}"), b"{}"),
+        (member("b.jpg", jpeg), jpeg),
+    ]
+    write_members(tmp_path / "odd-00000.tar", members)
+    run_embed([str(tmp_path / "odd-00000.tar")], str(tmp_path / "out"), config_for(), progress=False)
+    rows, failures, (stats,) = outputs(tmp_path / "out")
+    assert sorted(r["key"] for r in rows) == [".hidden.jpg", "a", "b", "noextension"]
+    assert [(f["key"], f["error"]) for f in failures] == [("notes", "not_an_image")]
+    assert stats["skipped_members"] == {"directory": 2, "symlink": 1, "hardlink": 1, "fifo": 1, "device": 1,
+                                        "webdataset_meta": 1}
+    assert stats["samples"] == stats["rows"] + stats["failures"] == 5
+    assert stats["samples"] + sum(stats["skipped_members"].values()) == len(members)
+
+
+def test_duplicate_keys_are_failures_not_second_rows(tmp_path, jpeg, config_for):
+    other = jpeg_bytes(Image.new("RGB", (32, 32), (10, 200, 30)))
+    write_members(tmp_path / "names-00000.tar", [(member("dup.jpg", jpeg), jpeg), (member("other.jpg", other), other),
+                                                (member("dup.jpg", other), other), (member("x.jpg", jpeg), jpeg),
+                                                (member("x.jpg", other), other)])
+    run_embed([str(tmp_path / "names-00000.tar")], str(tmp_path / "out"), config_for(), progress=False)
+    rows, failures, (stats,) = outputs(tmp_path / "out")
+    assert sorted(r["key"] for r in rows) == ["dup", "other", "x"]
+    assert sorted((f["key"], f["error"]) for f in failures) == [("dup", "duplicate_key"), ("x", "duplicate_key")]
+    assert stats["samples"] == 5
+
+
+def test_a_corrupt_header_is_recorded_and_reading_resumes_at_the_next(tmp_path, jpeg, config_for):
+    path = write_members(tmp_path / "hurt-00000.tar", [(member(f"{i}.jpg", jpeg), jpeg) for i in range(4)])
+    raw = bytearray(path.read_bytes())
+    second = 512 + -(-len(jpeg) // 512) * 512  # the second member's header
+    raw[second:second + 512] = b"\x5a" * 512
+    path.write_bytes(bytes(raw))
+    run_embed([str(path)], str(tmp_path / "out"), config_for(), progress=False)
+    rows, failures, _ = outputs(tmp_path / "out")
+    assert sorted(r["key"] for r in rows) == ["0", "2", "3"]
+    (bad,) = failures
+    assert bad["error"] == "bad_shard" and f"bytes {second} to" in bad["message"]
+
+
+def test_a_tar_cut_short_keeps_what_it_read_and_records_the_rest(tmp_path, jpeg, config_for):
+    path = write_members(tmp_path / "cut-00000.tar", [(member(f"{i}.jpg", jpeg), jpeg) for i in range(3)])
+    path.write_bytes(path.read_bytes()[: 512 * 3 + len(jpeg) // 2 + 1024])
+    run_embed([str(path)], str(tmp_path / "out"), config_for(), progress=False)
+    rows, failures, (stats,) = outputs(tmp_path / "out")
+    assert [r["key"] for r in rows] and all(f["error"] == "bad_shard" for f in failures) and failures
+    assert stats["rows"] + stats["failures"] == stats["samples"]
+
+
+def _tiff(array: np.ndarray, mode: str) -> bytes:
+    buf = io.BytesIO()
+    img = Image.fromarray(array)
+    assert img.mode == mode
+    img.save(buf, "TIFF")
+    return buf.getvalue()
+
+
+def test_high_bit_depth_and_float_images_keep_their_signal():
+    from imgindex.pipeline.decode import open_upright
+
+    ramp = np.tile(np.arange(256, dtype=np.uint16) * 16, (32, 1))  # 12-bit data in a 16-bit file
+    twelve = np.asarray(open_upright(_tiff(ramp, "I;16"), 10**8).image.convert("L"))
+    assert twelve.max() >= 250 and twelve.min() <= 5  # the whole range, not near-black
+    floats = np.tile(np.linspace(0, 1, 256, dtype=np.float32), (32, 1))
+    shown = np.asarray(open_upright(_tiff(floats, "F"), 10**8).image.convert("L"))
+    assert shown.max() >= 250 and shown.min() <= 5
+
+
+def test_near_constant_images_are_embedded_and_counted(tmp_path, jpeg, config_for):
+    blank = Image.new("RGBA", (40, 40), (0, 0, 0, 0))  # all transparent: white on the background
+    buf = io.BytesIO()
+    blank.save(buf, "PNG")
+    write_members(tmp_path / "flat-00000.tar", [(member("blank.png", buf.getvalue()), buf.getvalue()),
+                                                (member("photo.jpg", jpeg), jpeg)])
+    summary = run_embed([str(tmp_path / "flat-00000.tar")], str(tmp_path / "out"), config_for(), progress=False)
+    _, _, (stats,) = outputs(tmp_path / "out")
+    assert stats["rows"] == 2 and stats["near_constant"] == 1 and summary.near_constant == 1
+    assert "1 near-constant images" in summary.line()
+
+
+def test_real_but_unsupported_images_are_named_so(jpeg):
+    from imgindex.pipeline.decode import SampleError, open_upright
+
+    twelve_bit = bytearray(jpeg)
+    sof = twelve_bit.find(b"\xff\xc0")
+    twelve_bit[sof + 4] = 12  # the frame's sample precision: a 12-bit JPEG
+    with pytest.raises(SampleError) as caught:
+        open_upright(bytes(twelve_bit), 10**8)
+    assert caught.value.kind == "unsupported" and "12-bit" in str(caught.value)
+    with pytest.raises(SampleError) as caught:
+        open_upright(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, 10**8)
+    assert caught.value.kind == "unsupported"
+    with pytest.raises(SampleError) as caught:
+        open_upright(os.urandom(200).replace(b"\xff", b"\x00"), 10**8)
+    assert caught.value.kind == "not_an_image"
