@@ -74,6 +74,10 @@ def fraction(text: str) -> float:
     return value
 
 
+def _count_or_auto(text: str) -> int | str:
+    return text if text == "auto" else whole(1, 100_000)(text)
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors in one line, like every other error of the command."""
 
@@ -103,37 +107,32 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from imgindex.pipeline.embed import run_embed
 
     config = _config_from(args)
-    if args.ray is not None:
-        from imgindex.pipeline.ray_executor import run_ray
+    if sum(bool(x) for x in (args.ray, args.procs > 1, args.slice)) > 1:
+        raise ConfigError("--ray, --procs and --slice do not mix: each runs the shards its own way")
+    progress = False if args.no_progress else None
+    if args.ray or args.procs > 1:
+        if args.ray:
+            from imgindex.pipeline.ray_executor import run_ray
 
-        if args.procs > 1 or args.slice:
-            raise ConfigError("--ray runs the slices itself: it does not mix with --procs or --slice")
-        return 1 if run_ray(args.sources, args.out, config, args.ray, args.overwrite) else 0
-    if args.procs > 1:
-        from imgindex.pipeline.processes import run_processes
+            summary, outcome = run_ray(args.sources, args.out, config, args.ray, args.overwrite, args.retries,
+                                       progress)
+        else:
+            from imgindex.pipeline.processes import run_processes
 
-        if args.slice:
-            raise ConfigError("--procs and --slice do not mix: --procs runs the slices itself")
-        argv = [a for a in (args.argv or []) if a != "--overwrite"]
-        return 1 if run_processes(_without_procs(argv), args.sources, args.out, config, args.procs,
-                                  args.overwrite) else 0
+            summary, outcome = run_processes(args.sources, args.out, config, args.procs, args.overwrite,
+                                             args.retries, progress)
+        print(summary.line() + (f"; {outcome.retried} shards retried" if outcome.retried else ""))
+        for shard, error in sorted(outcome.failed.items()):
+            print(f"imgindex: error: shard {shard} failed {args.retries + 1} times: {error}", file=sys.stderr)
+        if outcome.failed:
+            print(f"imgindex: {len(outcome.failed)} shards not done; rerun the same command to finish them",
+                  file=sys.stderr)
+        return 1 if outcome.failed else 0
     _warn_if_cpu_by_default(config)
     summary = run_embed(args.sources, args.out, config, overwrite=args.overwrite, slice_=args.slice,
-                        progress=False if args.no_progress else None)
+                        progress=progress)
     print(summary.line())
     return 0
-
-
-def _without_procs(argv: list[str]) -> list[str]:
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--procs":
-            skip = True
-        elif not arg.startswith("--procs="):
-            out.append(arg)
-    return out
 
 
 def _build_options(args: argparse.Namespace):
@@ -418,13 +417,19 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--out", required=True, metavar="DIR", help="embeddings directory (local path or URL)")
     embed.add_argument("--overwrite", action="store_true",
                        help="delete existing parts in DIR and start again (needed to change model or preprocessing)")
-    embed.add_argument("--slice", metavar="I/N", help="take only shards I, I+N, ... (SLURM arrays, clusters)")
+    embed.add_argument("--slice", metavar="I/N", help="take only shards I, I+N, ... (SLURM arrays, one task per "
+                       "slice, all with the same --out; not with --overwrite: clear DIR once first)")
     embed.add_argument("--procs", type=whole(1, 1024), default=1, metavar="N",
-                       help="run N processes over disjoint shards on this machine: one per GPU "
-                            "(process k sees GPU k), each pinned to its own share of the CPU cores")
-    embed.add_argument("--ray", type=whole(1, 100_000), metavar="N",
-                       help="run N Ray tasks over disjoint shards on the Ray cluster at RAY_ADDRESS (else a "
-                            "local Ray), one GPU each on CUDA; DIR must be reachable from every node")
+                       help="a pool of N worker processes on this machine, each holding the model and taking the "
+                            "next shard when free: one per GPU (process k sees GPU k), each on its own share of "
+                            "the CPU cores")
+    embed.add_argument("--ray", type=_count_or_auto, metavar="N",
+                       help="a pool of N Ray actors on the cluster at RAY_ADDRESS (else a local Ray), each holding "
+                            "the model and taking the next shard when free; auto: one per GPU of the cluster (one "
+                            "per node's cores on CPU nodes); DIR must be reachable from every node")
+    embed.add_argument("--retries", type=whole(0, 100), default=2, metavar="K",
+                       help="with --procs or --ray: a shard whose worker died or failed is handed out again up "
+                            "to K times (default 2)")
     embed.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_model_flags(embed)
     embed.set_defaults(func=cmd_embed)

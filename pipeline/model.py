@@ -11,6 +11,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -19,6 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from imgindex.pipeline.config import ConfigError, EmbedConfig
+
+if TYPE_CHECKING:
+    from imgindex.pipeline.schedule import Schedule
 
 log = logging.getLogger(__name__)
 
@@ -188,12 +192,14 @@ def _reachable(url: str, timeout: float = 3.0) -> bool:
         return False
 
 
-def load_backbone(config: EmbedConfig) -> Backbone:
-    """Create the configured model. Never falls back: missing weights are an error."""
+def load_backbone(config: EmbedConfig, schedule: "Schedule | None" = None) -> Backbone:
+    """Create the configured model, on the schedule's device and precision (else the config's,
+    resolved here). Never falls back: missing weights are an error."""
     mc = config.model
     _check_model_name(mc.name)
-    device = resolve_device(config.runtime.device)
-    precision = resolve_precision(config.runtime.precision, device)
+    device = resolve_device(schedule.device if schedule else config.runtime.device)
+    precision = resolve_precision(schedule.precision if schedule else config.runtime.precision, device)
+    compile_ = schedule.compile if schedule else config.runtime.compile
     if precision == "fp16" and device.type == "cpu":
         raise ConfigError("fp16 is not supported on CPU: use --precision fp32 or bf16")
     if mc.checkpoint:
@@ -221,7 +227,7 @@ def load_backbone(config: EmbedConfig) -> Backbone:
     data_config = dict(timm.data.resolve_model_data_config(model))
     dim = int(model.num_features)
     model.to(device)
-    if config.runtime.compile:
+    if compile_:
         model = torch.compile(model)
     return Backbone(model=model, name=mc.name, data_config=data_config, dim=dim, device=device,
                     precision=precision, normalize=mc.normalize, weights=weights)

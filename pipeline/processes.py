@@ -1,28 +1,24 @@
-"""Run the embedding job as N processes on one machine, each over a disjoint slice of the
-shards (`--slice k/N`): one process per GPU, with no cluster scheduler.
+"""`--procs N`: the job as a pool of N local worker processes (no cluster needed).
 
-Process k sees only GPU k (CUDA_VISIBLE_DEVICES), so each runs the ordinary single-device
-job, and runs on its own share of the cores (its affinity), which its decode workers inherit
-and `workers: auto` counts; on a CPU-only machine the share also sets its thread count.
+The driver plans, decides the schedule and prepares OUT once; each process holds a Worker
+(the model, loaded once) and is handed the next shard when it is free (pipeline.handout). On
+a GPU box process k sees only GPU k (CUDA_VISIBLE_DEVICES); each runs on its own share of the
+cores (its affinity, which its decode processes inherit). A process that dies is replaced and
+its shard handed out again, up to `--retries` times.
 """
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
-import subprocess
+import queue
 import sys
-import time
-
-import torch
+from dataclasses import replace
 
 from imgindex.pipeline.config import ConfigError, EmbedConfig
-from imgindex.pipeline.loader import available_cores, own_cores
-from imgindex.pipeline.sources import plan_shards
-from imgindex.pipeline.writer import EmbeddingStore
-
-
-def wants_gpu(config: EmbedConfig) -> bool:
-    return config.runtime.device.startswith("cuda") or (config.runtime.device == "auto" and torch.cuda.is_available())
+from imgindex.pipeline.handout import Event, Outcome, hand_out
+from imgindex.pipeline.schedule import Machine, Schedule, machine_facts, worker_share
+from imgindex.pipeline.sources import Shard
 
 
 def core_shares(cores: list[int], count: int) -> list[list[int]]:
@@ -33,69 +29,142 @@ def core_shares(cores: list[int], count: int) -> list[list[int]]:
     return [cores[k * len(cores) // count:(k + 1) * len(cores) // count] for k in range(count)]
 
 
-def _child_env(rank: int, count: int, config: EmbedConfig, share: list[int]) -> dict[str, str]:
-    env = dict(os.environ)
-    if wants_gpu(config):
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
-        if count > len(gpus):
-            raise ConfigError(f"--procs {count} asks for more processes than the {len(gpus)} visible GPUs")
-        env["CUDA_VISIBLE_DEVICES"] = gpus[rank]
-    else:
-        threads = len(share) or max(1, available_cores() // count)
-        env["OMP_NUM_THREADS"] = str(threads)
-    return env
+def visible_gpus(machine: Machine) -> list[str]:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return visible.split(",") if visible else [str(i) for i in range(machine.gpus)]
 
 
-def prepare_slices(sources: list[str], out: str, config: EmbedConfig, count: int, overwrite: bool,
-                   flag: str) -> tuple[list, EmbeddingStore]:
-    """Before any slice starts: plan the shards and check OUT once, and clear it once if asked."""
+def _serve(rank: int, out: str, config: EmbedConfig, schedule: Schedule, cores: list[int],
+           tasks: multiprocessing.Queue, events: multiprocessing.Queue) -> None:
+    """A worker process: its cores, its Worker, then shards until told to stop."""
+    if cores:
+        os.sched_setaffinity(0, cores)
+    from imgindex.pipeline.shard_job import Worker
+
+    name = f"proc-{rank}-{os.getpid()}"
+    with Worker(out, config, schedule, name=name) as worker:
+        while (shard := tasks.get()) is not None:
+            try:
+                events.put(Event("done", rank, shard.name, stats=worker.embed_shard(shard)))
+            except Exception as exc:  # the shard's error, handed to the driver (which may retry it)
+                events.put(Event("failed", rank, shard.name, error=f"{type(exc).__name__}: {exc}"))
+
+
+class ProcessPool:
+    """Worker slots as spawned processes; a slot whose process exited abnormally is reported dead."""
+
+    def __init__(self, out: str, config: EmbedConfig, schedule: Schedule, count: int, machine: Machine):
+        self.out, self.config, self.schedule, self.count = out, config, schedule, count
+        self.context = multiprocessing.get_context("spawn")
+        self.events = self.context.Queue()
+        self.tasks: dict[int, multiprocessing.Queue] = {}
+        self.processes: dict[int, multiprocessing.Process] = {}
+        self.shares = core_shares(_own_cores(), count)
+        self.gpus = visible_gpus(machine) if schedule.device.startswith("cuda") else []
+
+    def start(self, worker: int) -> None:
+        self.tasks[worker] = self.context.Queue()
+        env = {"CUDA_VISIBLE_DEVICES": self.gpus[worker]} if self.gpus else {"OMP_NUM_THREADS": str(
+            self.schedule.threads)}
+        with _environment(env):  # a spawned process starts with the parent's environment of the moment
+            process = self.context.Process(target=_serve, name=f"imgindex-worker-{worker}", daemon=True, args=(
+                worker, self.out, self.config, self.schedule, self.shares[worker], self.tasks[worker], self.events))
+            process.start()
+        self.processes[worker] = process
+
+    def submit(self, worker: int, shard: Shard) -> None:
+        self.tasks[worker].put(shard)
+
+    def wait(self) -> list[Event]:
+        while True:
+            try:
+                return [self.events.get(timeout=0.5)]
+            except queue.Empty:
+                died = []
+                for worker in [w for w, p in self.processes.items() if not p.is_alive()]:
+                    code = self.processes.pop(worker).exitcode
+                    self.tasks.pop(worker).close()
+                    died.append(Event("died", worker, error=f"worker process exited with code {code}"))
+                if died:
+                    return died
+
+    def stop(self) -> None:
+        for worker, tasks in self.tasks.items():
+            with contextlib.suppress(Exception):
+                tasks.put(None)
+        for process in self.processes.values():
+            process.join(timeout=60)
+            if process.is_alive():
+                process.kill()
+
+
+def run_processes(sources: list[str], out: str, config: EmbedConfig, count: int, overwrite: bool,
+                  retries: int = 2, progress: bool | None = None):
+    """Plan once, prepare OUT once, then `count` worker processes take the shards as they free up."""
+    from imgindex.pipeline.embed import plan_job
+
+    machine = machine_facts()
     if config.runtime.device.startswith("cuda:"):
-        raise ConfigError(f"{flag} gives each process its own GPU, so --device {config.runtime.device} cannot hold "
+        raise ConfigError(f"--procs gives each process its own GPU, so --device {config.runtime.device} cannot hold "
                           "in all of them: use --device cuda (or auto), and CUDA_VISIBLE_DEVICES to choose the GPUs")
-    shards = plan_shards(sources, config.source)
-    if count > len(shards):
-        raise ConfigError(f"{flag} {count} is more than the {len(shards)} shards to share out")
-    store = EmbeddingStore(out)
-    store.check_writable()
-    if overwrite:
-        store.clear()
-    return shards, store
+    share = worker_share(machine, count)
+    job = plan_job(sources, out, config, overwrite, machine=share)
+    if job.schedule.device.startswith("cuda") and count > len(visible_gpus(machine)):
+        raise ConfigError(f"--procs {count} asks for more processes than the {len(visible_gpus(machine))} visible GPUs")
+    return run_pool(job, lambda: ProcessPool(out, job.config, job.schedule, count, machine), count, retries,
+                    "processes", progress)
 
 
-def report(store: EmbeddingStore, shards: list, count: int, what: str, seconds: float, failed: int) -> None:
-    """One line over all slices, from the stats markers they wrote."""
-    stats = store.read_stats()
-    rows = sum(s["rows"] for s in stats)
-    bad = sum(s["failures"] for s in stats)
-    print(f"{count} {what}: {len(stats)} of {len(shards)} shards done in {store.url}, {rows} images "
-          f"({bad} failed), {seconds:.1f} s" + (f"; {failed} {what} FAILED (rerun to finish)" if failed else ""))
+def run_pool(job, make_pool, count: int, retries: int, what: str, progress: bool | None):
+    """The driver's part for any pool: the manifest (from the model loaded on the CPU), the
+    handout, one bar over all shards, and the summary. Returns (Summary, Outcome)."""
+    import time
+
+    from imgindex.pipeline.embed import Summary, image_bar, prepare_output
+    from imgindex.pipeline.model import load_backbone
+
+    backbone = load_backbone(job.config, replace(job.schedule, device="cpu", precision="fp32", compile=False))
+    todo = prepare_output(job, backbone)
+    summary = Summary(out=job.store.url, shards_total=len(job.shards), shards_skipped=len(job.shards) - len(todo),
+                      random_weights=backbone.weights.get("source") == "random")
+    del backbone
+    if not todo:
+        return summary, Outcome()
+    if count > len(todo):
+        count = len(todo)
+    start = time.perf_counter()
+    with image_bar(todo, progress) as bar:
+        def on_event(event: Event, outcome: Outcome) -> None:
+            if event.kind == "done":
+                summary.add(event.stats)
+                bar.update(event.stats["samples"])
+            elif event.kind in ("died", "failed"):
+                print(f"imgindex: warning: {what[:-2] if what.endswith('es') else what} {event.worker}: shard "
+                      f"{event.shard or '(none)'}: {event.error}", file=sys.stderr)
+            bar.set_postfix(shards=f"{summary.shards_done}/{len(todo)}", retries=outcome.retried, refresh=False)
+
+        outcome = hand_out(make_pool(), todo, count, retries, on_event)
+    summary.seconds = time.perf_counter() - start
+    summary.model_seconds = sum(s.get("model_seconds", 0.0) for s in outcome.done) / count  # the workers' mean
+    return summary, outcome
 
 
-def run_processes(argv: list[str], sources: list[str], out: str, config: EmbedConfig, count: int,
-                  overwrite: bool) -> int:
-    """Check the inputs once, clear OUT once if asked, then run `count` slices and wait for all.
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
-    `argv` is the embed command line without --procs/--overwrite; each child gets --slice k/N.
-    Returns the number of processes that failed.
-    """
-    shards, store = prepare_slices(sources, out, config, count, overwrite, "--procs")
-    started = time.time()
-    children = []
-    shares = core_shares(own_cores(), count)
-    for rank, share in enumerate(shares):
-        cmd = [sys.executable, "-m", "imgindex", *argv, "--slice", f"{rank}/{count}", "--no-progress"]
-        child = subprocess.Popen(cmd, env=_child_env(rank, count, config, share), stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True)
-        if share:  # set at once, before the new interpreter starts any thread or worker
-            with contextlib.suppress(ProcessLookupError):  # it already exited: its error is reported below
-                os.sched_setaffinity(child.pid, share)
-        children.append(child)
-    failed = 0
-    for rank, child in enumerate(children):
-        stdout, stderr = child.communicate()
-        for line in (stdout + stderr).splitlines():
-            print(f"[{rank}/{count}] {line}", file=sys.stdout if child.returncode == 0 else sys.stderr)
-        failed += child.returncode != 0
-    report(store, shards, count, "processes", time.time() - started, failed)
-    return failed
+
+def _own_cores() -> list[int]:
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        return []

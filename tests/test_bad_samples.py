@@ -132,28 +132,28 @@ def test_reduced_size_jpeg_decoding_is_opt_in_close_and_keeps_the_original_size(
 
 
 def test_decode_threads_give_the_same_full_batches_in_sample_order(bad_shard, config_for):
-    import timm
+    from dataclasses import replace
 
-    from imgindex.pipeline.decode import build_preprocess
-    from imgindex.pipeline.loader import Batch, ShardBatches, ShardDone
+    from imgindex.pipeline.schedule import Machine, decide
+    from imgindex.pipeline.shard_job import Worker
     from imgindex.pipeline.sources import plan_shards
 
     tar, samples = bad_shard
-    config = config_for()
-    data_config = timm.data.resolve_data_config({}, model=timm.create_model("xcit_nano_12_p16_224", num_classes=0))
+    config = config_for(**{"runtime.lanes": 1, "runtime.batch_size": 4})
+    (shard,) = plan_shards([str(tar)], config.source)
     runs = []
     for threads in (1, 3):
-        dataset = ShardBatches(plan_shards([str(tar)], config.source), build_preprocess(data_config), config.decode,
-                               batch_size=4, decode_threads=threads)
-        runs.append(list(dataset))
-    (one, *_), (three, *_) = [[m for m in run if isinstance(m, ShardDone)] for run in runs]
-    assert one.failures == three.failures and one.samples == three.samples == len(samples) + 1
-    batches = [[m for m in run if isinstance(m, Batch)] for run in runs]
+        schedule = replace(decide(config.runtime, Machine(cores=threads, gpus=0)), threads=threads)
+        assert schedule.decode == "threads"
+        with Worker("unused-out", config, schedule) as worker:
+            runs.append(list(worker._batches(shard)))
+    tallies = [[part for part, _, _ in run] for run in runs]
+    assert [t.failures for t in tallies[0]] == [t.failures for t in tallies[1]]
+    assert sum(t.samples for t in tallies[0]) == sum(t.samples for t in tallies[1]) == len(samples) + 1
+    batches = [[batch for _, batch, _ in run if batch is not None] for run in runs]
     assert [b.rows for b in batches[0]] == [b.rows for b in batches[1]]
     assert all(a.images.equal(b.images) for a, b in zip(*batches))
-    sizes = [len(b.images) for b in batches[1]]
-    assert sizes[:-1] == [4] * (len(sizes) - 1) and sum(sizes) == one.samples - len(one.failures)
-    assert isinstance(runs[1][-1], ShardDone)
+    assert sum(len(b.images) for b in batches[1]) == sum(t.samples - len(t.failures) for t in tallies[1])
 
 
 @contextlib.contextmanager

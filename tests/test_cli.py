@@ -131,7 +131,7 @@ def test_shard_seconds_run_from_the_first_read(tmp_path, photos, config_for, mon
         time.sleep(0.5)  # a slow mount
         yield from slow_read(shard, timeout)
 
-    for module in ("imgindex.pipeline.sources", "imgindex.pipeline.loader", "imgindex.pipeline.lanes"):
+    for module in ("imgindex.pipeline.sources", "imgindex.pipeline.shard_job"):
         monkeypatch.setattr(f"{module}.read_shard", lambda shard, timeout=None: read_files(shard, timeout),
                             raising=False)
     embed_module.run_embed([str(folder)], str(tmp_path / "out"), config_for(), progress=False)

@@ -10,7 +10,7 @@ import torch
 from imgindex.pipeline.config import ConfigError
 from imgindex.pipeline.demo_corpus import jpeg_bytes, write_tar
 from imgindex.pipeline.embed import run_embed
-from imgindex.pipeline.lanes import MAX_AUTO_LANES, auto_lanes
+from imgindex.pipeline.schedule import MAX_AUTO_LANES, auto_lanes
 from imgindex.pipeline.model import Backbone
 
 from conftest import bad_and_odd_samples

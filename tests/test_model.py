@@ -74,7 +74,7 @@ def test_auto_precision_is_fp32_on_cpu_and_bf16_on_cuda():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_path_pins_and_matches_cpu(photos, config_for):
-    from imgindex.pipeline.loader import Batch
+    from imgindex.pipeline.batches import Batch
 
     cpu = load_backbone(config_for())
     gpu = load_backbone(config_for(**{"runtime.device": "cuda", "runtime.precision": "fp32"}))
@@ -107,7 +107,7 @@ def test_auto_batch_size_and_workers_are_resolved_and_recorded(tmp_path, photo_t
 
 
 def test_auto_workers_use_the_cores_of_this_process_and_leave_one_for_it():
-    from imgindex.pipeline.loader import MAX_AUTO_WORKERS, auto_workers
+    from imgindex.pipeline.schedule import MAX_AUTO_WORKERS, auto_workers
 
     assert auto_workers("cpu", 64) == 0
     assert auto_workers("cuda", 16) == 15
