@@ -46,12 +46,12 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 
 from imgindex.pipeline.config import load_config  # noqa: E402
-from imgindex.pipeline.decode import build_preprocess, draft_side  # noqa: E402
-from imgindex.pipeline.loader import ShardBatches, ShardDone  # noqa: E402
-from imgindex.pipeline.sources import plan_shards  # noqa: E402
+from imgindex.pipeline.batches import SampleDecoder, ShardTally  # noqa: E402
+from imgindex.pipeline.sources import plan_shards, read_shard  # noqa: E402
 from imgindex.pipeline.demo_corpus import jpeg_bytes, photo_files, write_tar  # noqa: E402
-from imgindex.pipeline.embed import resolve_auto, run_embed  # noqa: E402
-from imgindex.pipeline.model import _DTYPES, load_backbone  # noqa: E402
+from imgindex.pipeline.embed import run_embed  # noqa: E402
+from imgindex.pipeline.model import _DTYPES, auto_batch_size, load_backbone  # noqa: E402
+from imgindex.pipeline.schedule import decide, machine_facts  # noqa: E402
 from imgindex.cli import number_or_auto  # noqa: E402
 from results import append_result  # noqa: E402
 
@@ -129,10 +129,13 @@ def model_card_rate(backbone, data: list[bytes], batch: int) -> float:
 
 def decode_ms_per_image(tars: list[str], backbone, config) -> float:
     """Core-milliseconds per image of the loader alone (read, decode, resize, hashes), one thread."""
-    dataset = ShardBatches(plan_shards(tars, config.source), build_preprocess(backbone.data_config), config.decode,
-                           config.runtime.batch_size, draft_side(config.decode, backbone.data_config))
-    done = [m for m in dataset if isinstance(m, ShardDone)]
-    return 1000 * sum(d.decode_seconds for d in done) / sum(d.samples for d in done)
+    decoder = SampleDecoder(backbone.data_config, config.decode)
+    tally = ShardTally("bench")
+    for shard in plan_shards(tars, config.source):
+        for sample in read_shard(shard):
+            tally.add(decoder(sample))
+        tally.images.clear()
+    return 1000 * tally.done.decode_seconds / tally.done.samples
 
 
 def peak_rss_mb(tars: list[str], out: Path, args, config) -> float:
@@ -174,11 +177,12 @@ def main() -> None:
                                  "runtime.lanes": args.lanes,
                                  "runtime.device": args.device, "runtime.precision": args.precision,
                                  "runtime.compile": args.compile, "decode.draft": args.draft})
-    backbone = load_backbone(config)
-    resolve_auto(config, backbone)
-    batch = config.runtime.batch_size
+    schedule = decide(config.runtime, machine_facts())  # the job's own decision, as run_embed makes it
+    backbone = load_backbone(config, schedule)
+    batch = auto_batch_size(backbone) if schedule.batch_size == "auto" else schedule.batch_size
+    config.runtime.batch_size, config.runtime.workers = batch, schedule.workers
     threads = torch.get_num_threads()
-    lanes = config.runtime.lanes
+    lanes = config.runtime.lanes = schedule.lanes
     forwards, lane_forwards, e2es, cards, decodes = [], [], [], [], []
     for attempt in range(args.repeat):  # interleaved and paired: the machine is shared and drifts
         forwards.append(forward_rate(backbone, batch, max(2, args.count // batch)))

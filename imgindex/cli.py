@@ -144,7 +144,9 @@ def _build_options(args: argparse.Namespace):
 def _print_index(manifest: dict, out: str) -> None:
     params = ", ".join(f"{k}={v}" for k, v in manifest["search_params"].items()) or "exact"
     print(f"index {manifest['factory']} of {manifest['count']} vectors ({manifest['selection']}) -> {out}")
-    print(f"recall@10 vs exact search: {manifest['recall_at_10']:.4f} on {manifest['recall_queries']} "
+    from imgindex.indexes.build import K
+
+    print(f"recall@{K} vs exact search: {manifest[f'recall_at_{K}']:.4f} on {manifest['recall_queries']} "
           f"held-out queries with {params}")
 
 
