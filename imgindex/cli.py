@@ -107,10 +107,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from imgindex.pipeline.embed import run_embed
 
     config = _config_from(args)
-    if sum(bool(x) for x in (args.ray, args.procs > 1, args.slice)) > 1:
+    if sum(bool(x) for x in (args.ray, args.procs, args.slice)) > 1:
         raise ConfigError("--ray, --procs and --slice do not mix: each runs the shards its own way")
     progress = False if args.no_progress else None
-    if args.ray or args.procs > 1:
+    if args.ray or args.procs:
         if args.ray:
             from imgindex.pipeline.ray_executor import run_ray
 
@@ -421,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="delete existing parts in DIR and start again (needed to change model or preprocessing)")
     embed.add_argument("--slice", metavar="I/N", help="take only shards I, I+N, ... (SLURM arrays, one task per "
                        "slice, all with the same --out; not with --overwrite: clear DIR once first)")
-    embed.add_argument("--procs", type=whole(1, 1024), default=1, metavar="N",
+    embed.add_argument("--procs", type=whole(1, 1024), metavar="N",
                        help="a pool of N worker processes on this machine, each holding the model and taking the "
                             "next shard when free: one per GPU (process k sees GPU k), each on its own share of "
                             "the CPU cores")
