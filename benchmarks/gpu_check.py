@@ -37,7 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WHEELS = ROOT / "benchmarks" / "wheels"
-NEEDS = ("webdataset", "braceexpand", "faiss-cpu")
+NEEDS = ("webdataset", "braceexpand", "faiss-cpu", "packaging")
 MAX_WHEELS_MB = 60  # what travels with the working tree is limited to 64 MiB in all
 
 
