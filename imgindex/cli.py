@@ -336,6 +336,15 @@ def search_main(argv: list[str] | None = None) -> int:
     return _run(parser, argv, cmd_search)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from imgindex.indexes.factory import parse_memory
+    from imgindex.serve import serve
+
+    serve(args.index, host=args.host, port=args.port, token=args.token, max_upload=parse_memory(args.max_upload, "--max-upload"),
+          device=args.device)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from imgindex.pipeline.demo_corpus import write_demo_corpus
     from imgindex.pipeline.embed import run_embed
@@ -497,6 +506,21 @@ def build_parser() -> argparse.ArgumentParser:
     dedup.add_argument("--dry-run", action="store_true", help="print what was found, write nothing")
     dedup.add_argument("--no-progress", action="store_true", help="no progress bar")
     dedup.set_defaults(func=cmd_dedup)
+
+    serve = sub.add_parser(
+        "serve", help="answer an index over HTTP: a JSON API and a web page",
+        description="Load the index, its ids and the recorded model once, and answer queries by image, key or "
+                    "vector as JSON (documented at /docs) and on a self-contained page at /. Queries that arrive "
+                    "together are embedded in one forward pass and searched in one faiss call. Ctrl-C stops it.")
+    serve.add_argument("--index", default="index", metavar="IDX", help="index directory (default ./index)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default 127.0.0.1: this machine only); another needs --token")
+    serve.add_argument("--port", type=whole(0, 65535), default=8000, help="port (default 8000)")
+    serve.add_argument("--token", help="require this bearer token on every request (Authorization: Bearer TOKEN, "
+                                       "or ?token=TOKEN on the page)")
+    serve.add_argument("--max-upload", default="20M", metavar="SIZE", help="largest image upload (default 20M)")
+    serve.add_argument("--device", metavar="DEV", help="where to embed query images (default auto)")
+    serve.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser(
         "demo", help="build a small corpus of real photos and run the pipeline on it",

@@ -19,11 +19,11 @@ FLAT_THRESHOLD = 50_000
 OVERHEAD = 1.1  # ids and list bookkeeping on top of the codes
 
 
-def parse_memory(text: str) -> int:
+def parse_memory(text: str, flag: str = "--max-memory") -> int:
     """'16G', '512MB', '1.5GiB', '1000000' -> bytes."""
     match = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?)(i?b)?\s*", str(text).lower())
     if not match:
-        raise ConfigError(f"--max-memory {text!r} is not a size: use e.g. 16G or 512M")
+        raise ConfigError(f"{flag} {text!r} is not a size: use e.g. 16G or 512M")
     scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[match.group(2)]
     return int(float(match.group(1)) * scale)
 

@@ -17,6 +17,12 @@ THUMB = 160
 
 def thumbnail_uri(data: bytes | None, size: int = THUMB) -> str | None:
     """A small upright JPEG of the image as a data: URI, or None when it cannot be decoded."""
+    jpeg = thumbnail_jpeg(data, size)
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode() if jpeg else None
+
+
+def thumbnail_jpeg(data: bytes | None, size: int = THUMB) -> bytes | None:
+    """A small upright JPEG of the image, or None when it cannot be decoded."""
     if not data:
         return None
     try:
@@ -28,7 +34,7 @@ def thumbnail_uri(data: bytes | None, size: int = THUMB) -> str | None:
         return None
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=80)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    return buf.getvalue()
 
 
 def fetch_images(sources: dict[str, dict], wanted: Iterable[tuple[str, str]]) -> dict[tuple[str, str], bytes]:

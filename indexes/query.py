@@ -10,6 +10,7 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -82,12 +83,33 @@ class Searcher:
                     self._sources.update(emb.shard_sources())
         return self._sources
 
-    def search(self, vectors: np.ndarray, k: int = 10) -> pa.Table:
-        """Batch API: one row per hit (query, rank, score, shard, key), built without Python loops."""
+    def shard_rows(self, shard: str) -> tuple[int, int]:
+        """The index rows of one shard: [start, end) (parts are added whole, so they are contiguous)."""
+        rows = np.nonzero(pc.equal(self.ids["shard"], shard).to_numpy(zero_copy_only=False))[0]
+        if not len(rows):
+            raise ConfigError(f"shard {shard!r} is not in the index")
+        return int(rows[0]), int(rows[-1]) + 1
+
+    def _params(self, rows: tuple[int, int]) -> faiss.SearchParameters:
+        """Search parameters that keep only `rows`, with the index's own search knob."""
+        selector = faiss.IDSelectorRange(*rows)
+        ivf = faiss.try_extract_index_ivf(self.index)
+        if ivf is not None:
+            return faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe)
+        if isinstance(faiss.downcast_index(self.index), faiss.IndexHNSW):
+            return faiss.SearchParametersHNSW(sel=selector, efSearch=faiss.downcast_index(self.index).hnsw.efSearch)
+        return faiss.SearchParameters(sel=selector)
+
+    def search(self, vectors: np.ndarray, k: int = 10, shard: str | None = None) -> pa.Table:
+        """Batch API: one row per hit (query, rank, score, shard, key), built without Python loops;
+        with `shard`, only that shard's images are searched."""
         vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
         if vectors.ndim != 2 or vectors.shape[1] != self.index.d:
             raise ConfigError(f"query vectors have dim {vectors.shape[-1]}, the index has {self.index.d}")
-        scores, rows = self.index.search(normalize_rows(vectors), k)
+        if shard is None:
+            scores, rows = self.index.search(normalize_rows(vectors), k)
+        else:
+            scores, rows = self.index.search(normalize_rows(vectors), k, params=self._params(self.shard_rows(shard)))
         valid = rows >= 0
         ranks = np.cumsum(valid, axis=1)
         picked = self.ids.take(rows[valid])
@@ -96,10 +118,11 @@ class Searcher:
             "score": scores[valid], "shard": picked["shard"], "key": picked["key"],
         })
 
-    def search_vectors(self, vectors: np.ndarray, k: int = 10, with_metadata: bool = True) -> list[list[Hit]]:
+    def search_vectors(self, vectors: np.ndarray, k: int = 10, with_metadata: bool = True,
+                       shard: str | None = None) -> list[list[Hit]]:
         """Top-k Hits per query vector; with_metadata adds caption, url and path (one read per shard)."""
         vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
-        table = self.search(vectors, k).to_pydict()
+        table = self.search(vectors, k, shard=shard).to_pydict()
         results: list[list[Hit]] = [[] for _ in range(len(vectors))]
         for q, rank, score, shard, key in zip(table["query"], table["rank"], table["score"], table["shard"],
                                               table["key"]):
@@ -141,22 +164,27 @@ class Searcher:
             raise ConfigError(f"key {key!r} is in several shards ({', '.join(sorted(set(shards)))}): pass --shard")
         return shards[0], key
 
+    def key_vector(self, key: str, shard: str | None = None) -> np.ndarray:
+        """The stored full-precision vector of an indexed key."""
+        found_shard, found_key = self.locate(key, shard)
+        emb = self.embeddings_for(found_shard)
+        if emb is None:
+            raise ConfigError("searching by key needs the embeddings directory the index was built from")
+        return emb.vector_of(found_shard, found_key)
+
     def search_keys(self, keys: list[str], k: int = 10, shard: str | None = None) -> list[list[Hit]]:
         """"More like this one": the stored full-precision vector of each key is the query."""
-        vectors = []
-        for key in keys:
-            found_shard, found_key = self.locate(key, shard)
-            emb = self.embeddings_for(found_shard)
-            if emb is None:
-                raise ConfigError("searching by key needs the embeddings directory the index was built from")
-            vectors.append(emb.vector_of(found_shard, found_key))
-        return self.search_vectors(np.stack(vectors), k)
+        return self.search_vectors(np.stack([self.key_vector(key, shard) for key in keys]), k)
 
-    def search_images(self, paths: list[str | Path], k: int = 10, device: str | None = None,
-                      checkpoint: str | None = None) -> list[list[Hit]]:
-        """Embed image files with the recorded model and preprocessing, then search."""
+    def embedder(self, device: str | None = None, checkpoint: str | None = None):
+        """The recorded model and preprocessing, loaded once (pipeline.embedder.ImageEmbedder)."""
         if self._embedder is None:
             from imgindex.pipeline.embedder import ImageEmbedder
 
             self._embedder = ImageEmbedder(self.manifest["embeddings"], device=device, checkpoint=checkpoint)
-        return self.search_vectors(self._embedder.embed_files(paths), k)
+        return self._embedder
+
+    def search_images(self, paths: list[str | Path], k: int = 10, device: str | None = None,
+                      checkpoint: str | None = None) -> list[list[Hit]]:
+        """Embed image files with the recorded model and preprocessing, then search."""
+        return self.search_vectors(self.embedder(device, checkpoint).embed_files(paths), k)

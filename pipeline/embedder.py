@@ -45,20 +45,28 @@ class ImageEmbedder:
 
     def embed_files(self, paths: list[str | Path], batch_size: int = 32) -> np.ndarray:
         """L2-normalized float32 vectors, one per file; an unreadable image is a ConfigError."""
-        pixels = [self._pixels(path) for path in paths]
-        out = []
-        for start in range(0, len(pixels), batch_size):
-            out.append(self.backbone.embed(stack_nchw(pixels[start:start + batch_size])))
+        pixels = []
+        for path in paths:
+            try:
+                data = Path(path).read_bytes()
+            except OSError as exc:
+                raise ConfigError(f"cannot read query image {path}: {exc.strerror or exc}") from None
+            try:
+                pixels.append(self.pixels(data))
+            except SampleError as exc:
+                raise ConfigError(f"query image {path} is unusable ({exc.kind}: {exc})") from None
+        return self.embed_pixels(pixels, batch_size)
+
+    def pixels(self, data: bytes) -> np.ndarray:
+        """Encoded bytes -> the model's uint8 input, exactly as the job prepares it; SampleError if
+        the bytes are no usable image."""
+        img = open_upright(data, self.decode.max_pixels, tuple(self.decode.alpha_background),
+                           draft_side(self.decode, self.backbone.data_config)).image
+        return self.preprocess(img)
+
+    def embed_pixels(self, pixels: list[np.ndarray], batch_size: int = 32) -> np.ndarray:
+        """Model inputs -> L2-normalized vectors, `batch_size` at a time."""
+        out = [self.backbone.embed(stack_nchw(pixels[start:start + batch_size]))
+               for start in range(0, len(pixels), batch_size)]
         vectors = np.concatenate(out)
         return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-
-    def _pixels(self, path: str | Path) -> np.ndarray:
-        try:
-            data = Path(path).read_bytes()
-            img = open_upright(data, self.decode.max_pixels, tuple(self.decode.alpha_background),
-                               draft_side(self.decode, self.backbone.data_config)).image
-        except OSError as exc:
-            raise ConfigError(f"cannot read query image {path}: {exc.strerror or exc}") from None
-        except SampleError as exc:
-            raise ConfigError(f"query image {path} is unusable ({exc.kind}: {exc})") from None
-        return self.preprocess(img)
