@@ -32,7 +32,7 @@ MAX_BATCH = 64  # queries answered by one forward and one search
 class Query:
     k: int
     shard: str | None
-    pixels: np.ndarray | None = None  # an uploaded image's model input
+    image: bytes | None = None  # an uploaded image
     vector: np.ndarray | None = None  # a given or stored vector
     future: asyncio.Future = field(default=None, repr=False)
 
@@ -73,18 +73,33 @@ class QueryBatcher:
             self.batches += 1
             self.queries += len(batch)
             for query, hits in zip(batch, answers):
-                if not query.future.done():
+                if query.future.done():
+                    continue
+                if isinstance(hits, Exception):
+                    query.future.set_exception(hits)
+                else:
                     query.future.set_result(hits)
 
-    def _answer(self, batch: list[Query]) -> list[list[dict]]:
-        images = [q for q in batch if q.pixels is not None]
-        if images:
-            vectors = self.searcher.embedder(self.device).embed_pixels([q.pixels for q in images], MAX_BATCH)
-            for query, vector in zip(images, vectors):
-                query.vector = vector
-        answers: list[list[dict] | None] = [None] * len(batch)
+    def _answer(self, batch: list[Query]) -> list[list[dict] | Exception]:
+        """Decode the batch's images here too, in the one thread that runs the forward: decode
+        threads beside it would take the cores the forward's threads wait on."""
+        answers: list[list[dict] | Exception | None] = [None] * len(batch)
+        embedder = self.searcher.embedder(self.device) if any(q.image is not None for q in batch) else None
+        decoded = []
+        for i, query in enumerate(batch):
+            if query.image is not None:
+                try:
+                    decoded.append((i, embedder.pixels(query.image)))
+                except SampleError as exc:
+                    answers[i] = exc
+        if decoded:
+            vectors = embedder.embed_pixels([pixels for _, pixels in decoded], MAX_BATCH)
+            for (i, _), vector in zip(decoded, vectors):
+                batch[i].vector = vector
         for shard in dict.fromkeys(q.shard for q in batch):
-            members = [i for i, q in enumerate(batch) if q.shard == shard]
+            members = [i for i, q in enumerate(batch) if q.shard == shard and answers[i] is None]
+            if not members:
+                continue
             k = max(batch[i].k for i in members)
             hits = self.searcher.search_vectors(np.stack([batch[i].vector for i in members]), k, shard=shard)
             for i, found in zip(members, hits):
@@ -166,11 +181,9 @@ def create_app(index_dir: str | Path, token: str | None = None, max_upload: int 
             raise HTTPException(400, no_model)
         data = await _upload(request, max_upload, HTTPException)
         try:
-            pixels = await asyncio.get_running_loop().run_in_executor(
-                None, searcher.embedder(device).pixels, data)
+            return await answer(Query(k=k, shard=shard, image=data))
         except SampleError as exc:
             raise HTTPException(413 if exc.kind == "too_large" else 422, f"{exc.kind}: {exc}") from None
-        return await answer(Query(k=k, shard=shard, pixels=pixels))
 
     @app.get("/api/search/key")
     async def search_key(key: str, k: int = 10, shard: str | None = None, within: str | None = None) -> dict:
