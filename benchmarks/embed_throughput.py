@@ -49,7 +49,7 @@ from imgindex.pipeline.config import load_config  # noqa: E402
 from imgindex.pipeline.batches import SampleDecoder, ShardTally  # noqa: E402
 from imgindex.pipeline.sources import plan_shards, read_shard  # noqa: E402
 from imgindex.pipeline.demo_corpus import jpeg_bytes, photo_files, write_tar  # noqa: E402
-from imgindex.pipeline.embed import run_embed  # noqa: E402
+from imgindex.pipeline.job import run_embed  # noqa: E402
 from imgindex.pipeline.model import _DTYPES, auto_batch_size, load_backbone  # noqa: E402
 from imgindex.pipeline.schedule import decide, machine_facts  # noqa: E402
 from imgindex.cli import number_or_auto  # noqa: E402

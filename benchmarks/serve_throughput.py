@@ -28,7 +28,7 @@ from imgindex.indexes.build import build_index
 from imgindex.indexes.query import Searcher
 from imgindex.pipeline.config import load_config
 from imgindex.pipeline.demo_corpus import jpeg_bytes, photo_files, write_tar
-from imgindex.pipeline.embed import run_embed
+from imgindex.pipeline.job import run_embed
 from results import append_result
 
 ROOT = Path(__file__).resolve().parent.parent

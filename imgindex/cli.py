@@ -12,7 +12,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from imgindex.pipeline.config import ConfigError, EmbedConfig, load_config
+from imgindex.errors import ConfigError
+from imgindex.pipeline.config import EmbedConfig, load_config
 
 log = logging.getLogger("imgindex")
 
@@ -104,7 +105,7 @@ def _warn_if_cpu_by_default(config: EmbedConfig) -> None:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from imgindex.pipeline.embed import run_embed
+    from imgindex.pipeline.job import run_embed
 
     config = _config_from(args)
     if sum(bool(x) for x in (args.ray, args.procs, args.slice)) > 1:
@@ -181,7 +182,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 def cmd_build(args: argparse.Namespace) -> int:
     from imgindex.indexes.build import build_index
-    from imgindex.pipeline.embed import run_embed
+    from imgindex.pipeline.job import run_embed
 
     config = _config_from(args)
     _warn_if_cpu_by_default(config)
@@ -347,7 +348,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from imgindex.pipeline.demo_corpus import write_demo_corpus
-    from imgindex.pipeline.embed import run_embed
+    from imgindex.pipeline.job import run_embed
 
     out = Path(args.out)
     config = _config_from(args, base="cpu")

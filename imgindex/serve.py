@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from imgindex.indexes.query import Searcher
-from imgindex.pipeline.config import ConfigError
+from imgindex.errors import ConfigError
 from imgindex.pipeline.decode import SampleError
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from PIL import Image, ImageOps
 from imgindex.indexes.dedup import hamming, hashes, phash_pairs
 from imgindex.indexes.gallery import fetch_images
 from imgindex.indexes.query import Searcher
-from imgindex.pipeline.config import ConfigError
+from imgindex.errors import ConfigError
 
 THRESHOLDS = (0.80, 0.85, 0.90, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99)
 DISTANCES = (0, 2, 4, 6, 8, 10, 12)
@@ -52,7 +52,7 @@ def calibrate(index_dir: str, sample: int = 100, seed: int = 0, device: str | No
     from pathlib import Path
 
     from imgindex.pipeline.decode import SampleError, open_upright, phash
-    from imgindex.pipeline.embedder import ImageEmbedder
+    from imgindex.pipeline.query_embedder import ImageEmbedder
 
     searcher = Searcher(index_dir)
     rows = np.sort(np.random.default_rng(seed).choice(searcher.index.ntotal,
@@ -86,8 +86,9 @@ def calibrate(index_dir: str, sample: int = 100, seed: int = 0, device: str | No
     stored = np.stack([_stored_vector(searcher, int(r)) for r in origin_rows])
     to_original = np.einsum("ij,ij->i", vectors, stored)
     names = np.asarray([name for _, name, _ in copies])
-    distances = np.asarray([bin((phash(open_upright(data, embedder.decode.max_pixels).image) ^ originals[o][1])
-                                & (2**64 - 1)).count("1") for o, _, data in copies])
+    copy_hashes = np.asarray([phash(open_upright(data, embedder.decode.max_pixels).image) for _, _, data in copies],
+                             dtype=np.int64)  # each planted copy decoded and hashed once
+    distances = hamming(copy_hashes, np.asarray([originals[o][1] for o, _, _ in copies], dtype=np.int64))
 
     embedding = []
     for t in THRESHOLDS:
@@ -97,8 +98,6 @@ def calibrate(index_dir: str, sample: int = 100, seed: int = 0, device: str | No
                  "precision": round(float(hits.sum() / max(1, hits.sum() + false)), 4), "false_matches": false}
         entry.update({f"recall_{n}": round(float(hits[names == n].mean()), 4) for n in TRANSFORMS})
         embedding.append(entry)
-    copy_hashes = np.asarray([phash(open_upright(data, embedder.decode.max_pixels).image) for _, _, data in copies],
-                             dtype=np.int64)
     corpus = _corpus_hashes(searcher)
     q, row = phash_pairs(corpus, max(DISTANCES), queries=(copy_hashes, np.ones(len(copies), bool)))
     other = row != origin_rows[q]

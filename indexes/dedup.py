@@ -29,9 +29,10 @@ import pyarrow.compute as pc
 from imgindex.progress import progress_bar
 from imgindex.indexes.embeddings import EmbeddingsDir, Part
 from imgindex.indexes.factory import knob_values, set_knob
+from imgindex.indexes.recall import sweep
 from imgindex.indexes.ivf_join import list_numbers, range_join, smallest_nprobe
 from imgindex.indexes.query import Searcher
-from imgindex.pipeline.config import ConfigError
+from imgindex.errors import ConfigError
 from imgindex.pipeline.writer import identity_changes
 
 log = logging.getLogger(__name__)
@@ -516,17 +517,12 @@ def tune_for_threshold(searcher: Searcher, corpus: Corpus, threshold: float, k: 
         value, recall = smallest_nprobe(ivf, copies, list_numbers(ivf)[rows], knob_values(ivf, knob), target)
         set_knob(searcher.index, knob, value)
         return {"knob": knob, "value": value, "planted_recall": round(recall, 4)}
-    best = (None, -1.0)
-    for value in knob_values(searcher.index, knob):
-        set_knob(searcher.index, knob, value)
+    def found_originals() -> float:
         _, found = searcher.index.search(copies, k)
-        recall = float(np.mean([row in hits for row, hits in zip(rows, found)]))
-        if recall > best[1]:
-            best = (value, recall)
-        if recall >= target:
-            break
-    set_knob(searcher.index, knob, best[0])
-    return {"knob": knob, "value": best[0], "planted_recall": round(best[1], 4)}
+        return float(np.mean([row in hits for row, hits in zip(rows, found)]))
+
+    value, recall, _ = sweep(searcher.index, knob, found_originals, target)
+    return {"knob": knob, "value": value, "planted_recall": round(recall, 4)}
 
 
 def find_leaks(index: str | Path | Searcher, against: str, options: DedupOptions | None = None,

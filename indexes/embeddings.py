@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from imgindex.pipeline.config import ConfigError
+from imgindex.errors import ConfigError
 from imgindex.pipeline.writer import EMBEDDINGS, MANIFEST, STATS
 
 

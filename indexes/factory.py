@@ -13,7 +13,7 @@ import re
 
 import faiss
 
-from imgindex.pipeline.config import ConfigError
+from imgindex.errors import ConfigError
 
 FLAT_THRESHOLD = 50_000
 OVERHEAD = 1.1  # ids and list bookkeeping on top of the codes

@@ -15,7 +15,7 @@ import faiss
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from imgindex.pipeline.config import ConfigError
+from imgindex.errors import ConfigError
 
 INDEX = "index.faiss"
 IDS = "ids.parquet"

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 from imgindex.indexes.embeddings import EmbeddingsDir, normalize_rows
 from imgindex.indexes.factory import search_knob, set_knob
 from imgindex.indexes.index_dir import IndexDir
-from imgindex.pipeline.config import ConfigError
+from imgindex.errors import ConfigError
 from imgindex.pipeline.sources import sample_location
 
 log = logging.getLogger(__name__)
@@ -177,9 +177,9 @@ class Searcher:
         return self.search_vectors(np.stack([self.key_vector(key, shard) for key in keys]), k)
 
     def embedder(self, device: str | None = None, checkpoint: str | None = None):
-        """The recorded model and preprocessing, loaded once (pipeline.embedder.ImageEmbedder)."""
+        """The recorded model and preprocessing, loaded once (pipeline.query_embedder.ImageEmbedder)."""
         if self._embedder is None:
-            from imgindex.pipeline.embedder import ImageEmbedder
+            from imgindex.pipeline.query_embedder import ImageEmbedder
 
             self._embedder = ImageEmbedder(self.manifest["embeddings"], device=device, checkpoint=checkpoint)
         return self._embedder

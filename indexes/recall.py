@@ -6,7 +6,7 @@ from both the exact and the index answer, so it is measured as a held-out vector
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import faiss
@@ -52,21 +52,14 @@ def recall_at_k(found: np.ndarray, exact: Exact, query_ids: np.ndarray, k: int =
     return hits / total if total else 1.0
 
 
-def tune(index: faiss.Index, knob: str | None, queries: np.ndarray, query_ids: np.ndarray,
-         exact: Exact, target: float, k: int = 10) -> tuple[int | None, float, list[dict]]:
-    """Smallest knob value whose recall@k reaches `target` (else the best one tried).
-
-    Returns (value, recall, curve of {knob: value, recall} tried).
-    """
-    if knob is None:
-        _, found = index.search(queries, k + 1)
-        return None, recall_at_k(found, exact, query_ids, k), []
+def sweep(index: faiss.Index, knob: str, measure: Callable[[], float], target: float) -> tuple[int, float, list[dict]]:
+    """The smallest knob value whose `measure()` reaches `target`, else the best one tried (left
+    set on the index). Returns (value, measure, curve of {knob: value, "recall": measure})."""
     curve = []
     best = (None, -1.0)
     for value in knob_values(index, knob):
         set_knob(index, knob, value)
-        _, found = index.search(queries, k + 1)
-        recall = recall_at_k(found, exact, query_ids, k)
+        recall = measure()
         curve.append({knob: value, "recall": round(recall, 4)})
         if recall > best[1]:
             best = (value, recall)
@@ -74,3 +67,18 @@ def tune(index: faiss.Index, knob: str | None, queries: np.ndarray, query_ids: n
             return value, recall, curve
     set_knob(index, knob, best[0])
     return best[0], best[1], curve
+
+
+def tune(index: faiss.Index, knob: str | None, queries: np.ndarray, query_ids: np.ndarray,
+         exact: Exact, target: float, k: int = 10) -> tuple[int | None, float, list[dict]]:
+    """Smallest knob value whose recall@k reaches `target` (else the best one tried).
+
+    Returns (value, recall, curve of {knob: value, recall} tried).
+    """
+    def measure() -> float:
+        _, found = index.search(queries, k + 1)
+        return recall_at_k(found, exact, query_ids, k)
+
+    if knob is None:
+        return None, measure(), []
+    return sweep(index, knob, measure, target)

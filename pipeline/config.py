@@ -15,14 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from imgindex.errors import ConfigError
+
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
 CONFIG_DIR = files("imgindex.configs")  # the repository's configs/, shipped inside the package
-
-
-class ConfigError(ValueError):
-    """A job input is wrong; the message says what to change."""
 
 
 @dataclass

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from imgindex.pipeline.config import ConfigError
+from imgindex.errors import ConfigError
 
 PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "camera.png",
           "hubble_deep_field.jpg", "ihc.png", "retina.jpg", "motorcycle_left.png",

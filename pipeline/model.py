@@ -19,7 +19,8 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from imgindex.pipeline.config import ConfigError, EmbedConfig
+from imgindex.errors import ConfigError
+from imgindex.pipeline.config import EmbedConfig
 
 if TYPE_CHECKING:
     from imgindex.pipeline.schedule import Schedule
@@ -80,8 +81,8 @@ def largest_fitting(fits: Callable[[int], bool], start: int = 8, limit: int = 20
 
 def auto_batch_size(backbone: "Backbone") -> int:
     """On CUDA, the largest batch whose forward fits in memory (probed). On a CPU, 16: larger
-    batches fall out of the caches (2 cores, images/s at 8/16/32/64: XCiT-Nano 119/120/107/68,
-    XCiT-S 20/20/15/14, ViT-B 6.0/5.5/5.5/5.2), and 8 leaves more per-batch overhead."""
+    batches fall out of the caches and smaller ones pay more per-batch overhead (the README's
+    benchmark table has the figures)."""
     if backbone.device.type != "cuda":
         return 16
     height, width = backbone.data_config["input_size"][1:]

@@ -15,7 +15,8 @@ import queue
 import sys
 from dataclasses import replace
 
-from imgindex.pipeline.config import ConfigError, EmbedConfig
+from imgindex.errors import ConfigError
+from imgindex.pipeline.config import EmbedConfig
 from imgindex.pipeline.handout import Event, Outcome, hand_out
 from imgindex.pipeline.schedule import Machine, Schedule, machine_facts, worker_share
 from imgindex.pipeline.sources import Shard
@@ -101,7 +102,7 @@ class ProcessPool:
 def run_processes(sources: list[str], out: str, config: EmbedConfig, count: int, overwrite: bool,
                   retries: int = 2, progress: bool | None = None):
     """Plan once, prepare OUT once, then `count` worker processes take the shards as they free up."""
-    from imgindex.pipeline.embed import plan_job
+    from imgindex.pipeline.job import plan_job
 
     machine = machine_facts()
     if config.runtime.device.startswith("cuda:"):
@@ -120,7 +121,7 @@ def run_pool(job, make_pool, count: int, retries: int, what: str, progress: bool
     handout, one bar over all shards, and the summary. Returns (Summary, Outcome)."""
     import time
 
-    from imgindex.pipeline.embed import Summary, image_bar, prepare_output
+    from imgindex.pipeline.job import Summary, image_bar, prepare_output
     from imgindex.pipeline.model import load_backbone
 
     backbone = load_backbone(job.config, replace(job.schedule, device="cpu", precision="fp32", compile=False))

@@ -9,7 +9,8 @@ times. Ray is imported only here, when --ray is asked for.
 """
 from __future__ import annotations
 
-from imgindex.pipeline.config import ConfigError, EmbedConfig
+from imgindex.errors import ConfigError
+from imgindex.pipeline.config import EmbedConfig
 from imgindex.pipeline.handout import Event
 from imgindex.pipeline.schedule import Machine, Schedule, machine_facts
 from imgindex.pipeline.sources import Shard
@@ -74,7 +75,7 @@ def run_ray(sources: list[str], out: str, config: EmbedConfig, count: int | str,
         import ray
     except ImportError:
         raise ConfigError("--ray needs Ray installed: pip install 'imgindex[ray]'") from None
-    from imgindex.pipeline.embed import plan_job
+    from imgindex.pipeline.job import plan_job
     from imgindex.pipeline.processes import run_pool
 
     if config.runtime.device.startswith("cuda:"):

@@ -6,8 +6,7 @@ same Schedule to its workers, and nothing else re-derives it. The rules, measure
 - a CPU worker decodes in-process: by default in lanes (threads that each decode a batch
   and run the forward on it with their share of the threads, side by side);
 - an accelerator worker decodes in processes, one per core less one for the feeding thread
-  (at most 16: they keep up with ~5,000 ImageNet-size images/s, more than XCiT-L/8 needs on
-  any one GPU), and runs two batches ahead per process, in pinned memory;
+  (at most MAX_AUTO_WORKERS), and runs two batches ahead per process, in pinned memory;
 - torch.compile is not thread-safe (pytorch/pytorch#118260): one lane with --compile.
 """
 from __future__ import annotations
@@ -15,7 +14,8 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 
-from imgindex.pipeline.config import ConfigError, RuntimeConfig
+from imgindex.errors import ConfigError
+from imgindex.pipeline.config import RuntimeConfig
 
 MAX_AUTO_WORKERS = 16
 MAX_AUTO_LANES = 8  # more lanes each hold a batch's activations and contend for the GIL; beyond, lanes widen

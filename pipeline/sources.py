@@ -23,7 +23,8 @@ import fsspec
 import pyarrow.parquet as pq
 from webdataset.tariterators import base_plus_ext
 
-from imgindex.pipeline.config import ConfigError, SourceConfig
+from imgindex.errors import ConfigError
+from imgindex.pipeline.config import SourceConfig
 
 IMAGE_EXTENSIONS = frozenset(
     "jpg jpeg jpe jfif png webp bmp gif tif tiff ppm pgm pbm pnm ico".split()

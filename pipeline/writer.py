@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from imgindex.pipeline.config import ConfigError
+from imgindex.errors import ConfigError
 
 MANIFEST = "_manifest.json"
 EMBEDDINGS = "embeddings"

@@ -13,7 +13,7 @@ from PIL import Image, ImageOps
 
 from imgindex.pipeline.decode import SampleError, open_upright, phash
 from imgindex.pipeline.demo_corpus import photo_files, write_tar
-from imgindex.pipeline.embed import run_embed
+from imgindex.pipeline.job import run_embed
 
 from conftest import bad_and_odd_samples
 

@@ -106,7 +106,7 @@ def test_offline_hub_fails_at_once_with_one_line(tmp_path, photos):
 
 
 def test_progress_bar_counts_images_of_folders(tmp_path, photos, config_for, capsys):
-    from imgindex.pipeline.embed import run_embed
+    from imgindex.pipeline.job import run_embed
 
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -118,7 +118,7 @@ def test_progress_bar_counts_images_of_folders(tmp_path, photos, config_for, cap
 
 def test_shard_seconds_run_from_the_first_read(tmp_path, photos, config_for, monkeypatch):
     """A shard whose reading takes 0.5 s before its first sample records at least that long."""
-    import imgindex.pipeline.embed as embed_module
+    import imgindex.pipeline.job as embed_module
     from imgindex.pipeline import sources
 
     folder = tmp_path / "photos"

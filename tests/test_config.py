@@ -2,7 +2,8 @@
 import pytest
 import yaml
 
-from imgindex.pipeline.config import CONFIG_DIR, ConfigError, EmbedConfig, load_config
+from imgindex.errors import ConfigError
+from imgindex.pipeline.config import CONFIG_DIR, EmbedConfig, load_config
 
 
 def test_default_yaml_is_the_built_in_default():

@@ -11,9 +11,9 @@ from imgindex.indexes.embeddings import normalize_rows
 from imgindex.indexes.query import Searcher
 from imgindex.indexes.review import write_dedup
 from imgindex.indexes.synthetic import clustered_vectors, write_embeddings_dir
-from imgindex.pipeline.config import ConfigError
+from imgindex.errors import ConfigError
 from imgindex.pipeline.demo_corpus import write_demo_corpus
-from imgindex.pipeline.embed import run_embed
+from imgindex.pipeline.job import run_embed
 
 EMBEDDING = DedupOptions(methods=("embedding",))
 

@@ -14,7 +14,7 @@ import pytest
 from imgindex.indexes.build import build_index
 from imgindex.pipeline.config import load_config
 from imgindex.pipeline.demo_corpus import jpeg_bytes
-from imgindex.pipeline.embed import run_embed
+from imgindex.pipeline.job import run_embed
 
 COPIES = ["copy_1.jpg", "copy_2.jpg", "copy_3.jpg", "copy_4.jpg"]  # four files, the same bytes
 

@@ -16,7 +16,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from imgindex.pipeline.config import ConfigError, RuntimeConfig
+from imgindex.errors import ConfigError
+from imgindex.pipeline.config import RuntimeConfig
 from imgindex.pipeline.handout import Event, hand_out
 from imgindex.pipeline.schedule import Machine, decide
 

@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from imgindex.pipeline.config import RULES, ConfigError, load_config
+from imgindex.errors import ConfigError
+from imgindex.pipeline.config import RULES, load_config
 from imgindex.pipeline.decode import SampleError, open_upright
 from imgindex.pipeline.demo_corpus import jpeg_bytes
 from imgindex.pipeline.sources import Shard, read_shard
@@ -90,7 +91,7 @@ def test_hostile_tars_never_crash_the_reader_and_lose_nothing(tmp_path_factory, 
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(shards=st.lists(st.tuples(MEMBERS, DAMAGE), min_size=1, max_size=3))
 def test_hostile_tars_through_the_job(tmp_path_factory, checkpoint, shards):
-    from imgindex.pipeline.embed import run_embed
+    from imgindex.pipeline.job import run_embed
 
     root = tmp_path_factory.mktemp("job")
     inputs = root / "in"

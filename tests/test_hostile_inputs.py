@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from imgindex.pipeline.demo_corpus import jpeg_bytes
-from imgindex.pipeline.embed import run_embed
+from imgindex.pipeline.job import run_embed
 
 
 def member(name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:

@@ -10,7 +10,7 @@ from imgindex.indexes.build import BuildOptions, add_parts, build_index
 from imgindex.indexes.factory import choose_index_key, parse_memory
 from imgindex.indexes.query import Searcher
 from imgindex.indexes.synthetic import clustered_vectors, write_embeddings_dir
-from imgindex.pipeline.config import ConfigError
+from imgindex.errors import ConfigError
 
 IVF = BuildOptions(flat_threshold=1000, eval_queries=300)
 

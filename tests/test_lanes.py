@@ -7,9 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from imgindex.pipeline.config import ConfigError
+from imgindex.errors import ConfigError
 from imgindex.pipeline.demo_corpus import jpeg_bytes, write_tar
-from imgindex.pipeline.embed import run_embed
+from imgindex.pipeline.job import run_embed
 from imgindex.pipeline.schedule import MAX_AUTO_LANES, auto_lanes
 from imgindex.pipeline.model import Backbone
 

@@ -49,7 +49,7 @@ def test_bf16_autocast_path_returns_float32_unit_vectors(photos, config_for):
 def test_compiled_backbone_writes_the_eager_vectors(tmp_path, photo_tars, config_for):
     import pyarrow.parquet as pq
 
-    from imgindex.pipeline.embed import run_embed
+    from imgindex.pipeline.job import run_embed
 
     tars = [str(t) for t in photo_tars(count=1, per_shard=2)]
     for name, compile_ in (("eager", False), ("compiled", True)):
@@ -84,7 +84,7 @@ def test_cuda_path_pins_and_matches_cpu(photos, config_for):
 
 
 def test_auto_batch_size_keeps_headroom_below_the_largest_that_fits():
-    from imgindex.pipeline.config import ConfigError
+    from imgindex.errors import ConfigError
     from imgindex.pipeline.model import largest_fitting
 
     assert largest_fitting(lambda size: size <= 700) == 408  # 512 fitted, 1024 did not: 80% of 512
@@ -95,7 +95,7 @@ def test_auto_batch_size_keeps_headroom_below_the_largest_that_fits():
 
 
 def test_auto_batch_size_and_workers_are_resolved_and_recorded(tmp_path, photo_tars, config_for):
-    from imgindex.pipeline.embed import run_embed
+    from imgindex.pipeline.job import run_embed
 
     run_embed([str(t) for t in photo_tars(count=1, per_shard=2)], str(tmp_path / "out"),
               config_for(**{"runtime.batch_size": "auto", "runtime.workers": "auto"}), progress=False)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from imgindex.pipeline.demo_corpus import photo_files
-from imgindex.pipeline.embed import run_embed
+from imgindex.pipeline.job import run_embed
 
 from conftest import MODEL
 

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 from embedding_reader import EmbeddingReader
 
 from imgindex.pipeline.demo_corpus import write_tar
-from imgindex.pipeline.embed import run_embed
+from imgindex.pipeline.job import run_embed
 
 
 def test_embedding_reader_reads_parts_with_keys(tmp_path, photo_tars, photos, config_for):

@@ -12,7 +12,7 @@ import pytest
 import timm
 import torch
 
-from imgindex.pipeline.embed import run_embed
+from imgindex.pipeline.job import run_embed
 
 from conftest import MODEL
 

@@ -26,7 +26,7 @@ from imgindex.indexes.build import build_index  # noqa: E402
 from imgindex.indexes.query import Searcher  # noqa: E402
 from imgindex.pipeline.config import load_config  # noqa: E402
 from imgindex.pipeline.demo_corpus import jpeg_bytes, write_tar  # noqa: E402
-from imgindex.pipeline.embed import run_embed  # noqa: E402
+from imgindex.pipeline.job import run_embed  # noqa: E402
 
 from conftest import huge_png_header  # noqa: E402
 

@@ -7,9 +7,10 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from imgindex.pipeline.config import ConfigError, SourceConfig
+from imgindex.errors import ConfigError
+from imgindex.pipeline.config import SourceConfig
 from imgindex.pipeline.demo_corpus import jpeg_bytes, write_tar
-from imgindex.pipeline.embed import run_embed
+from imgindex.pipeline.job import run_embed
 from imgindex.pipeline.sources import plan_shards, read_shard
 
 

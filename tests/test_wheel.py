@@ -32,7 +32,7 @@ def test_wheel_claims_only_the_imgindex_namespace_and_ships_the_configs(wheel):
     assert top == {"imgindex", next(t for t in top if t.endswith(".dist-info"))}
     for config in ("default", "cpu", "test"):
         assert f"imgindex/configs/{config}.yaml" in names
-    assert "imgindex/pipeline/embed.py" in names and "imgindex/indexes/query.py" in names
+    assert "imgindex/pipeline/job.py" in names and "imgindex/indexes/query.py" in names
 
 
 def test_gpu_extra_does_not_install_faiss_cpu_beside_faiss_gpu(wheel):

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from imgindex.pipeline.config import ConfigError, EmbedConfig, load_config
+from imgindex.errors import ConfigError
+from imgindex.pipeline.config import EmbedConfig, load_config
 from imgindex.pipeline.decode import SampleError, build_preprocess, draft_side, open_upright, stack_nchw
 from imgindex.pipeline.model import load_backbone
 

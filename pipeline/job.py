@@ -16,7 +16,8 @@ import pyarrow
 import timm
 import torch
 
-from imgindex.pipeline.config import ConfigError, EmbedConfig
+from imgindex.errors import ConfigError
+from imgindex.pipeline.config import EmbedConfig
 from imgindex.pipeline.decode import DECODE_MODE, describe_preprocess
 from imgindex.pipeline.model import Backbone
 from imgindex.pipeline.schedule import Machine, Schedule, decide, machine_facts
