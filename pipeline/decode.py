@@ -99,7 +99,7 @@ def _unidentified(data: bytes) -> SampleError:
             try:
                 factory(io.BytesIO(data), "")
             except Exception as exc:  # the format plugin's own reason, e.g. "cannot handle 12-bit layers"
-                return SampleError("unsupported", f"{fmt} that Pillow cannot read: {exc}")
+                return SampleError("unsupported", f"{fmt} that Pillow cannot read ({type(exc).__name__}: {exc})")
             return SampleError("unsupported", f"{fmt} that Pillow cannot read")
     return SampleError("not_an_image", f"not a recognised image format ({len(data)} bytes)")
 

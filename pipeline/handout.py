@@ -42,6 +42,7 @@ class Outcome:
     failed: dict[str, str] = field(default_factory=dict)  # shard -> last error, after every attempt
     retried: int = 0
     restarts: int = 0
+    alive: int = 0  # workers running now
 
 
 def hand_out(pool: Pool, shards: list[Shard], workers: int, retries: int,
@@ -85,6 +86,7 @@ def hand_out(pool: Pool, shards: list[Shard], workers: int, retries: int,
                             outcome.failed[shard] = event.error or "its worker died"
                     if event.kind == "died":
                         alive.discard(event.worker)
+                outcome.alive = len(alive)
                 if on_event:
                     on_event(event, outcome)
     finally:

@@ -142,7 +142,8 @@ def run_pool(job, make_pool, count: int, retries: int, what: str, progress: bool
             elif event.kind in ("died", "failed"):
                 print(f"imgindex: warning: {what[:-2] if what.endswith('es') else what} {event.worker}: shard "
                       f"{event.shard or '(none)'}: {event.error}", file=sys.stderr)
-            bar.set_postfix(shards=f"{summary.shards_done}/{len(todo)}", retries=outcome.retried, refresh=False)
+            bar.set_postfix(shards=f"{summary.shards_done}/{len(todo)}", workers=outcome.alive,
+                            retries=outcome.retried, refresh=False)
 
         outcome = hand_out(make_pool(), todo, count, retries, on_event)
     summary.seconds = time.perf_counter() - start

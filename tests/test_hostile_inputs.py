@@ -165,6 +165,14 @@ def test_real_but_unsupported_images_are_named_so(jpeg):
     with pytest.raises(SampleError) as caught:
         open_upright(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, 10**8)
     assert caught.value.kind == "unsupported"
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(buf, "TIFF")
+    tiff = bytearray(buf.getvalue())
+    tag = tiff.find(b"\x03\x01\x03\x00")  # the Compression tag (259, SHORT) of the first IFD
+    tiff[tag + 8:tag + 10] = (34999).to_bytes(2, "little")  # a compression no decoder knows
+    with pytest.raises(SampleError) as caught:
+        open_upright(bytes(tiff), 10**8)
+    assert caught.value.kind == "unsupported" and "TIFF" in str(caught.value)
     with pytest.raises(SampleError) as caught:
         open_upright(os.urandom(200).replace(b"\xff", b"\x00"), 10**8)
     assert caught.value.kind == "not_an_image"
