@@ -24,6 +24,9 @@ from imgindex.pipeline.sources import sample_location
 
 REPORT_GROUPS = 200  # groups shown in a report, largest first; all are in groups.parquet
 GROUP_MEMBERS = 12  # members shown per group, the kept one first; the rest are counted
+# Thumbnails a page inlines at most: photos' 160-pixel JPEG thumbnails average 5.6 KB (7.5 KB in
+# base64), so a page stays near 11 MB, and under 20 MB for detailed images, however many groups.
+PAGE_THUMBNAILS = 1500
 
 
 def _paths(sources: dict[str, dict], shards: list[str], keys: list[str]) -> list[str]:
@@ -90,8 +93,13 @@ def dedup_report(groups: pa.Table, sources: dict[str, dict], stats: dict, limit:
     for row in groups.to_pylist():
         by_group.setdefault(row["group_id"], []).append(row)
     ordered = sorted(by_group.values(), key=lambda members: (-len(members), members[0]["group_id"]))
-    shown = [sorted(members, key=lambda m: (not m["keep"], -m["similarity"]))[:members_shown]
-             for members in ordered[:limit]]
+    shown, thumbnails = [], 0
+    for members in ordered[:limit]:
+        members = sorted(members, key=lambda m: (not m["keep"], -m["similarity"]))[:members_shown]
+        if thumbnails + len(members) > PAGE_THUMBNAILS:
+            break
+        shown.append(members)
+        thumbnails += len(members)
     images = fetch_images(sources, {(m["shard"], m["key"]) for members in shown for m in members})
     page = Page("imgindex duplicates")
     for members in shown:
@@ -107,8 +115,8 @@ def dedup_report(groups: pa.Table, sources: dict[str, dict], stats: dict, limit:
     intro = (f"{stats.get('groups', len(by_group))} groups, {stats.get('removed', 0)} images to remove. "
              f"Tiers: {tiers_text(stats)}; keep policy {stats.get('keep')}. "
              "The kept image of each group is framed in blue.")
-    if len(ordered) > limit:
-        intro += f" Showing the {limit} largest groups of {len(ordered)}; all are in groups.parquet."
+    if len(ordered) > len(shown):
+        intro += f" Showing the {len(shown)} largest groups of {len(ordered)}; all are in groups.parquet."
     return page.render(intro)
 
 

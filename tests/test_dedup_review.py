@@ -110,3 +110,21 @@ def test_thumbnails_are_inlined_once_and_big_groups_are_cut(copies):
     html = dedup_report(groups, sources, {"methods": ["exact"], "groups": 3}, limit=10, members_shown=2)
     assert html.count("data:image/jpeg;base64,") == 2 * 3  # two members of each of three groups
     assert "and 2 more" in html  # the four copies: two shown
+
+
+def test_a_report_of_many_big_groups_stays_bounded():
+    import pyarrow as pa
+
+    from imgindex.indexes.dedup import GROUP_SCHEMA
+    from imgindex.indexes.review import GROUP_MEMBERS, PAGE_THUMBNAILS, REPORT_GROUPS, dedup_report
+
+    rows = [{"shard": "s", "key": f"g{g}-m{m}", "group_id": g, "keep": m == 0, "reason": "largest" if m == 0 else
+             f"duplicate of g{g}-m0", "group_size": 30, "min_similarity": 0.9, "similarity": 1.0 - m / 100,
+             "kind": None if m == 0 else "embedding", "phash_distance": None}
+            for g in range(10_000) for m in range(30)]
+    html = dedup_report(pa.Table.from_pylist(rows, schema=GROUP_SCHEMA), {}, {"methods": ["embedding"],
+                                                                              "threshold": 0.95}, REPORT_GROUPS)
+    assert html.count("<figure") <= PAGE_THUMBNAILS and html.count("<figure") == (PAGE_THUMBNAILS // GROUP_MEMBERS) * 12
+    assert f"Showing the {PAGE_THUMBNAILS // GROUP_MEMBERS} largest groups of 10000" in html
+    assert html.count("and 18 more") == PAGE_THUMBNAILS // GROUP_MEMBERS
+    assert len(html) < 2_000_000  # no previews here: the figures alone stay small
