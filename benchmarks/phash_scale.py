@@ -19,7 +19,7 @@ import time
 import faiss
 import numpy as np
 
-from imgindex.indexes.dedup import _binary_codes, phash_pairs, phash_plan
+from imgindex.indexes.dedup.tiers import _binary_codes, phash_pairs, phash_plan
 from results import append_result
 
 

@@ -263,7 +263,7 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     from imgindex.indexes.dedup import DedupOptions, find_duplicates, find_leaks
     from imgindex.indexes.embeddings import EmbeddingsDir
     from imgindex.indexes.query import Searcher
-    from imgindex.indexes.review import write_dedup, write_leaks
+    from imgindex.indexes.dedup.review import write_dedup, write_leaks
 
     options = DedupOptions(methods=tuple(m.strip() for m in args.method.split(",") if m.strip()),
                            threshold=args.threshold, phash_distance=args.phash_distance, keep=args.keep,
@@ -299,7 +299,7 @@ def cmd_dedup(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from imgindex.indexes.calibrate import calibrate, format_table
+    from imgindex.indexes.dedup.calibrate import calibrate, format_table
 
     result = calibrate(args.index, sample=args.sample)
     print(format_table(result))
@@ -387,7 +387,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"search page with thumbnails: {html}")
 
     from imgindex.indexes.dedup import DedupOptions, find_duplicates
-    from imgindex.indexes.review import write_dedup
+    from imgindex.indexes.dedup.review import write_dedup
 
     # Random weights make every embedding alike, so the demo dedups on the tiers that do not
     # depend on the model unless real weights were given.

@@ -6,10 +6,11 @@ import pytest
 from PIL import Image
 
 from imgindex.indexes.build import BuildOptions, build_index
-from imgindex.indexes.dedup import DedupOptions, find_duplicates, find_leaks, phash_pairs
+from imgindex.indexes.dedup import DedupOptions, find_duplicates, find_leaks
+from imgindex.indexes.dedup.tiers import phash_pairs
 from imgindex.indexes.embeddings import normalize_rows
 from imgindex.indexes.query import Searcher
-from imgindex.indexes.review import write_dedup
+from imgindex.indexes.dedup.review import write_dedup
 from imgindex.indexes.synthetic import clustered_vectors, write_embeddings_dir
 from imgindex.errors import ConfigError
 from imgindex.pipeline.demo_corpus import write_demo_corpus
@@ -210,7 +211,7 @@ POPCOUNT = np.array([bin(i).count("1") for i in range(256)], np.uint8)
 @pytest.mark.parametrize("distance", [0, 4, 8, 10, 12, 16])
 @pytest.mark.parametrize("tables", [0, 3, 5, 8])
 def test_phash_pairs_are_exact_with_hash_tables_and_with_the_scan(monkeypatch, distance, tables):
-    import imgindex.indexes.dedup as dedup
+    import imgindex.indexes.dedup.tiers as dedup
 
     rng = np.random.default_rng(distance)
     values = rng.integers(-2**63, 2**63 - 1, 1200, dtype=np.int64)
@@ -229,7 +230,7 @@ def test_phash_pairs_are_exact_with_hash_tables_and_with_the_scan(monkeypatch, d
 def test_phash_plan_hashes_small_distances_and_scans_large_ones():
     """Probing d + 1 - 8 flips of 8-bit tables (the old rule) compared 0.97 of all pairs' worth at
     d=10: slower than comparing all pairs. The plan never estimates above the scan."""
-    from imgindex.indexes.dedup import SCAN_S, phash_plan
+    from imgindex.indexes.dedup.tiers import SCAN_S, phash_plan
 
     for distance in range(17):
         tables, cost = phash_plan(100_000, 100_000, distance)
@@ -280,7 +281,7 @@ def test_dedup_cli_errors_are_one_line(planted_index, tmp_path):
 
 
 def test_calibration_plants_copies_and_measures_each_tier(photo_index):
-    from imgindex.indexes.calibrate import THRESHOLDS, TRANSFORMS, calibrate, format_table
+    from imgindex.indexes.dedup.calibrate import THRESHOLDS, TRANSFORMS, calibrate, format_table
 
     root, _ = photo_index
     result = calibrate(str(root / "idx"), sample=8)

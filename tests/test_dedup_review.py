@@ -101,7 +101,7 @@ def test_no_false_capped_neighbours_warning_on_a_small_index(copies):
 
 
 def test_thumbnails_are_inlined_once_and_big_groups_are_cut(copies):
-    from imgindex.indexes.review import dedup_report
+    from imgindex.indexes.dedup.review import dedup_report
     from imgindex.indexes.query import Searcher
 
     root, _, out, _ = copies
@@ -115,8 +115,8 @@ def test_thumbnails_are_inlined_once_and_big_groups_are_cut(copies):
 def test_a_report_of_many_big_groups_stays_bounded():
     import pyarrow as pa
 
-    from imgindex.indexes.dedup import GROUP_SCHEMA
-    from imgindex.indexes.review import GROUP_MEMBERS, PAGE_THUMBNAILS, REPORT_GROUPS, dedup_report
+    from imgindex.indexes.dedup.groups import GROUP_SCHEMA
+    from imgindex.indexes.dedup.review import GROUP_MEMBERS, PAGE_THUMBNAILS, REPORT_GROUPS, dedup_report
 
     rows = [{"shard": "s", "key": f"g{g}-m{m}", "group_id": g, "keep": m == 0, "reason": "largest" if m == 0 else
              f"duplicate of g{g}-m0", "group_size": 30, "min_similarity": 0.9, "similarity": 1.0 - m / 100,

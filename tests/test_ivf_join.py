@@ -3,9 +3,9 @@ import faiss
 import numpy as np
 import pytest
 
-import imgindex.indexes.ivf_join as ivf_join
+import imgindex.indexes.dedup.ivf_join as ivf_join
 from imgindex.indexes.embeddings import normalize_rows
-from imgindex.indexes.ivf_join import range_join
+from imgindex.indexes.dedup.ivf_join import range_join
 from imgindex.indexes.synthetic import clustered_vectors
 
 

@@ -1,6 +1,5 @@
 """A killed job resumes where it stopped; nothing is duplicated or half-written."""
 import json
-import os
 import signal
 import subprocess
 import sys

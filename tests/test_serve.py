@@ -5,7 +5,6 @@ and a headless browser uses the page."""
 from __future__ import annotations
 
 import io
-import json
 import os
 import shutil
 import socket

@@ -17,7 +17,8 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageOps
 
-from imgindex.indexes.dedup import hamming, hashes, phash_pairs
+from imgindex.indexes.dedup.corpus import hashes
+from imgindex.indexes.dedup.tiers import hamming, phash_pairs
 from imgindex.indexes.gallery import fetch_images
 from imgindex.indexes.query import Searcher
 from imgindex.errors import ConfigError

@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from imgindex.indexes.dedup import DedupResult
+from imgindex.indexes.dedup.find import DedupResult
 from imgindex.indexes.gallery import Page, fetch_images
 from imgindex.indexes.query import Searcher
 from imgindex.pipeline.sources import sample_location
