@@ -261,7 +261,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_dedup(args: argparse.Namespace) -> int:
     from imgindex.indexes.dedup import DedupOptions, find_duplicates, find_leaks
-    from imgindex.indexes.embeddings import EmbeddingsDir
+    from imgindex.formats.embeddings_dir import EmbeddingsDir
     from imgindex.indexes.query import Searcher
     from imgindex.indexes.dedup.review import write_dedup, write_leaks
 

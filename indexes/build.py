@@ -19,12 +19,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imgindex.progress import progress_bar
-from imgindex.indexes.embeddings import EmbeddingsDir, Part
+from imgindex.formats.embeddings_dir import EmbeddingsDir, Part
 from imgindex.indexes.factory import FLAT_THRESHOLD, choose_index_key, parse_memory, search_knob
-from imgindex.indexes.index_dir import FORMAT, IDS, IDS_SCHEMA, IndexDir, faiss_reason
+from imgindex.formats.index_dir import FORMAT, IDS, IDS_SCHEMA, IndexDir, faiss_reason
 from imgindex.indexes.recall import exact_neighbors, tune
 from imgindex.errors import ConfigError
-from imgindex.pipeline.writer import identity_changes
+from imgindex.formats.embeddings_dir import identity_changes
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from imgindex.indexes.embeddings import EmbeddingsDir, normalize_rows
+from imgindex.formats.embeddings_dir import EmbeddingsDir, normalize_rows
 from imgindex.indexes.factory import search_knob, set_knob
-from imgindex.indexes.index_dir import IndexDir
+from imgindex.formats.index_dir import IndexDir
 from imgindex.errors import ConfigError
 from imgindex.pipeline.sources import sample_location
 

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from imgindex.indexes.embeddings import normalize_rows
-from imgindex.pipeline.writer import EmbeddingStore
+from imgindex.formats.embeddings_dir import EmbeddingStore, manifest, normalize_rows
 
 
 def clustered_vectors(count: int, dim: int, clusters: int = 1000, spread: float = 0.35,
@@ -27,9 +26,8 @@ def clustered_vectors(count: int, dim: int, clusters: int = 1000, spread: float 
 
 
 def synthetic_manifest(dim: int) -> dict:
-    return {"format": "imgindex.embeddings/1", "model": {"name": "synthetic"},
-            "weights": {"source": "synthetic", "sha256": None}, "data_config": {}, "preprocess": [],
-            "dim": dim, "dtype": "float32", "normalized": True, "precision": "fp32", "decode": {}}
+    return manifest(model={"name": "synthetic"}, weights={"source": "synthetic", "sha256": None}, dim=dim,
+                    normalized=True, precision="fp32", decode={})
 
 
 def write_embeddings_dir(out: str, vectors: np.ndarray, shard_size: int = 50_000,

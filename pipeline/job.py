@@ -17,18 +17,17 @@ import timm
 import torch
 
 from imgindex.errors import ConfigError
+from imgindex.formats.embeddings_dir import EmbeddingStore
+from imgindex.formats.embeddings_dir import manifest as embeddings_manifest
 from imgindex.pipeline.config import EmbedConfig
 from imgindex.pipeline.decode import DECODE_MODE, describe_preprocess
 from imgindex.pipeline.model import Backbone
 from imgindex.pipeline.schedule import Machine, Schedule, decide, machine_facts
 from imgindex.pipeline.shard_job import Worker
 from imgindex.pipeline.sources import Shard, plan_shards
-from imgindex.pipeline.writer import EmbeddingStore
 from imgindex.progress import progress_bar
 
 log = logging.getLogger(__name__)
-
-FORMAT = "imgindex.embeddings/1"
 
 
 @dataclass
@@ -78,26 +77,18 @@ class Summary:
 def build_manifest(config: EmbedConfig, backbone: Backbone, schedule: Schedule) -> dict:
     """Everything needed to know, and reproduce, how the vectors were made, and how the job ran."""
     cfg = backbone.model.pretrained_cfg
-    return {
-        "format": FORMAT,
-        "model": {"name": backbone.name, "architecture": cfg.get("architecture"), "tag": cfg.get("tag"),
-                  "num_classes": 0, "pooled": True},
-        "weights": backbone.weights,
-        "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in backbone.data_config.items()},
-        "preprocess": describe_preprocess(backbone.data_config),
-        "dim": backbone.dim,
-        "dtype": "float32",
-        "normalized": backbone.normalize,
-        "precision": schedule.precision,
-        "decode": {"mode": DECODE_MODE, "max_pixels": config.decode.max_pixels,
-                   "alpha_background": list(config.decode.alpha_background), "draft": config.decode.draft},
-        "device": schedule.device,
-        "schedule": schedule.to_dict(),
-        "config": config.to_dict(),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "timm": timm.__version__, "pyarrow": pyarrow.__version__},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    return embeddings_manifest(
+        model={"name": backbone.name, "architecture": cfg.get("architecture"), "tag": cfg.get("tag"),
+               "num_classes": 0, "pooled": True},
+        weights=backbone.weights, dim=backbone.dim, normalized=backbone.normalize, precision=schedule.precision,
+        decode={"mode": DECODE_MODE, "max_pixels": config.decode.max_pixels,
+                "alpha_background": list(config.decode.alpha_background), "draft": config.decode.draft},
+        data_config={k: list(v) if isinstance(v, tuple) else v for k, v in backbone.data_config.items()},
+        preprocess=describe_preprocess(backbone.data_config),
+        device=schedule.device, schedule=schedule.to_dict(), config=config.to_dict(),
+        versions={"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+                  "pyarrow": pyarrow.__version__},
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
 def parse_slice(text: str | None) -> tuple[int, int] | None:

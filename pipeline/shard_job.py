@@ -30,7 +30,7 @@ from imgindex.pipeline.batches import ROW_FIELDS, Batch, SampleDecoder, ShardDon
 from imgindex.pipeline.model import Backbone, auto_batch_size, load_backbone
 from imgindex.pipeline.schedule import Schedule
 from imgindex.pipeline.sources import Sample, Shard, read_shard
-from imgindex.pipeline.writer import EmbeddingStore
+from imgindex.formats.embeddings_dir import EmbeddingStore
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from PIL import Image
 from imgindex.indexes.build import BuildOptions, build_index
 from imgindex.indexes.dedup import DedupOptions, find_duplicates, find_leaks
 from imgindex.indexes.dedup.tiers import phash_pairs
-from imgindex.indexes.embeddings import normalize_rows
+from imgindex.formats.embeddings_dir import normalize_rows
 from imgindex.indexes.query import Searcher
 from imgindex.indexes.dedup.review import write_dedup
 from imgindex.indexes.synthetic import clustered_vectors, write_embeddings_dir

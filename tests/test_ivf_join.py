@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import imgindex.indexes.dedup.ivf_join as ivf_join
-from imgindex.indexes.embeddings import normalize_rows
+from imgindex.formats.embeddings_dir import normalize_rows
 from imgindex.indexes.dedup.ivf_join import range_join
 from imgindex.indexes.synthetic import clustered_vectors
 

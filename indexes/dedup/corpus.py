@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from imgindex.errors import ConfigError
-from imgindex.indexes.embeddings import EmbeddingsDir, Part
+from imgindex.formats.embeddings_dir import EmbeddingsDir, Part
 from imgindex.indexes.query import Searcher
 from imgindex.progress import progress_bar
 

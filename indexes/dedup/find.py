@@ -16,9 +16,9 @@ from imgindex.errors import ConfigError
 from imgindex.indexes.dedup.corpus import Corpus
 from imgindex.indexes.dedup.groups import GROUP_SCHEMA, group_duplicates
 from imgindex.indexes.dedup.tiers import METHODS, PAIR_SCHEMA, DedupOptions, Pairs, find_pairs
-from imgindex.indexes.embeddings import EmbeddingsDir
+from imgindex.formats.embeddings_dir import EmbeddingsDir
 from imgindex.indexes.query import Searcher
-from imgindex.pipeline.writer import identity_changes
+from imgindex.formats.embeddings_dir import identity_changes
 
 
 @dataclass
