@@ -25,7 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 
 from imgindex.formats.embeddings_dir import normalize_rows  # noqa: E402
-from imgindex.indexes.synthetic import clustered_vectors, write_embeddings_dir  # noqa: E402
+from synthetic import clustered_vectors, write_embeddings_dir  # noqa: E402
 from results import append_result  # noqa: E402
 
 RUN_DEDUP = """

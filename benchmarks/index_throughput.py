@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from imgindex.indexes.build import BuildOptions, build_index  # noqa: E402
 from imgindex.indexes.factory import set_knob  # noqa: E402
 from imgindex.indexes.query import Searcher  # noqa: E402
-from imgindex.indexes.synthetic import clustered_vectors, write_embeddings_dir  # noqa: E402
+from synthetic import clustered_vectors, write_embeddings_dir  # noqa: E402
 from results import append_result  # noqa: E402
 
 LOAD_SNIPPET = """

@@ -170,10 +170,7 @@ def build_index(emb_dir: str, out: str, options: BuildOptions | None = None, ove
         "dim": emb.dim,
         "build": {**asdict(options), "train_size": train_size},
         "parts": [{"shard": p.shard, "rows": p.rows, "dir": emb.location, "file": emb.digest(p)} for p in parts],
-        f"recall_at_{K}": round(recall, 4),
-        "recall_queries": int(len(query_ids)),
-        "search_params": {knob: value} if knob else {},
-        "recall_curve": curve,
+        **measured_recall(knob, value, recall, curve, len(query_ids)),
         "train_residual": residual,
         "faiss_gpus": faiss_gpus(),
         "versions": _versions(),
@@ -188,6 +185,12 @@ def build_index(emb_dir: str, out: str, options: BuildOptions | None = None, ove
     target.record_files(manifest)
     target.write_manifest(manifest)
     return manifest
+
+
+def measured_recall(knob: str | None, value: int | None, recall: float, curve: list[dict], queries: int) -> dict:
+    """The index manifest's recall fields, as a build and every --add record them."""
+    return {f"recall_at_{K}": round(recall, 4), "recall_queries": int(queries),
+            "search_params": {knob: value} if knob else {}, "recall_curve": curve}
 
 
 def _blocks(sources: list[tuple[EmbeddingsDir, list[Part]]]):
@@ -259,10 +262,7 @@ def add_parts(emb_dir: str, index_dir: str, target_recall: float | None = None,
                                 target_recall or manifest["build"]["target_recall"], K)
     manifest["parts"] += [{"shard": p.shard, "rows": p.rows, "dir": emb.location, "file": emb.digest(p)} for p in new]
     manifest["count"] = int(index.ntotal)
-    manifest[f"recall_at_{K}"] = round(recall, 4)
-    manifest["recall_queries"] = int(len(query_ids))
-    manifest["search_params"] = {knob: value} if knob else {}
-    manifest["recall_curve"] = curve
+    manifest.update(measured_recall(knob, value, recall, curve, len(query_ids)))
     manifest["adds"].append({"vectors": added, "parts": len(new), "drift_ratio": drift,
                              f"recall_at_{K}_on_new": round(recall, 4), "seconds": round(time.time() - started, 3),
                              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})

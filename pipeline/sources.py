@@ -17,6 +17,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+from typing import Literal
 
 import braceexpand
 import fsspec
@@ -34,12 +35,15 @@ LIST_SUFFIXES = (".txt", ".lst", ".parquet")
 CAPTION_EXTENSIONS = ("txt", "caption")
 
 
+ShardKind = Literal["tar", "folder", "list"]
+
+
 @dataclass(frozen=True)
 class Shard:
     """One unit of work: its name is unique in a plan and names the output part."""
 
     name: str
-    kind: str  # "tar", "folder" or "list"
+    kind: ShardKind
     url: str  # the tar, the folder root or the list file
     files: tuple[str, ...] = ()  # folder and list: full URLs of the images
     keys: tuple[str, ...] = ()  # folder and list: the sample key of each image

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+import sys
 import zlib
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from imgindex.pipeline.config import load_config
 from imgindex.pipeline.demo_corpus import jpeg_bytes, photo_files, write_tar
 
 MODEL = "xcit_nano_12_p16_224.fb_in1k"
+# Planted-neighbour vectors (synthetic.py) are a helper the tests share with the benchmarks.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 
 @pytest.fixture(scope="session")

@@ -142,7 +142,7 @@ def test_shard_seconds_run_from_the_first_read(tmp_path, photos, config_for, mon
 
 def test_a_corrupt_index_message_is_readable(tmp_path):
     from imgindex.indexes.build import build_index
-    from imgindex.indexes.synthetic import clustered_vectors, write_embeddings_dir
+    from synthetic import clustered_vectors, write_embeddings_dir
 
     write_embeddings_dir(str(tmp_path / "emb"), clustered_vectors(300, 16, clusters=10), shard_size=300)
     build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), progress=False)

@@ -11,7 +11,7 @@ from imgindex.indexes.dedup.tiers import phash_pairs
 from imgindex.formats.embeddings_dir import normalize_rows
 from imgindex.indexes.query import Searcher
 from imgindex.indexes.dedup.review import write_dedup
-from imgindex.indexes.synthetic import clustered_vectors, write_embeddings_dir
+from synthetic import clustered_vectors, write_embeddings_dir
 from imgindex.errors import ConfigError
 from imgindex.pipeline.demo_corpus import write_demo_corpus
 from imgindex.pipeline.job import run_embed

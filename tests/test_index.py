@@ -9,7 +9,7 @@ import pytest
 from imgindex.indexes.build import BuildOptions, add_parts, build_index
 from imgindex.indexes.factory import choose_index_key, parse_memory
 from imgindex.indexes.query import Searcher
-from imgindex.indexes.synthetic import clustered_vectors, write_embeddings_dir
+from synthetic import clustered_vectors, write_embeddings_dir
 from imgindex.errors import ConfigError
 
 IVF = BuildOptions(flat_threshold=1000, eval_queries=300)

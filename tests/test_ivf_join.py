@@ -6,7 +6,7 @@ import pytest
 import imgindex.indexes.dedup.ivf_join as ivf_join
 from imgindex.formats.embeddings_dir import normalize_rows
 from imgindex.indexes.dedup.ivf_join import range_join
-from imgindex.indexes.synthetic import clustered_vectors
+from synthetic import clustered_vectors
 
 
 class Rows:

@@ -1,5 +1,6 @@
-"""Synthetic embeddings for benchmarks and tests: clustered unit vectors written as a real
-embeddings directory (same manifest, parts and stats as `imgindex embed` writes).
+"""Synthetic embeddings, a helper of the benchmarks and tests (not part of the package):
+clustered unit vectors written as a real embeddings directory (same manifest, parts and stats
+as `imgindex embed` writes).
 
 Random-weight backbones give nearly collinear embeddings, so search quality is measured
 on these instead, where the true neighbours are known.
