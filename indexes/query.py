@@ -59,6 +59,7 @@ class Searcher:
         self._sources: dict[str, dict] | None = None
         self._embedder = None
         self._missing: set[str] = set()  # shards whose part is gone (warned once each)
+        self._shard_rows: dict[str, tuple[int, int]] = {}
 
     def embeddings_for(self, shard: str) -> EmbeddingsDir | None:
         """The embeddings directory holding a shard's part, if it is still there."""
@@ -85,10 +86,12 @@ class Searcher:
 
     def shard_rows(self, shard: str) -> tuple[int, int]:
         """The index rows of one shard: [start, end) (parts are added whole, so they are contiguous)."""
-        rows = np.nonzero(pc.equal(self.ids["shard"], shard).to_numpy(zero_copy_only=False))[0]
-        if not len(rows):
-            raise ConfigError(f"shard {shard!r} is not in the index")
-        return int(rows[0]), int(rows[-1]) + 1
+        if shard not in self._shard_rows:
+            rows = np.nonzero(pc.equal(self.ids["shard"], shard).to_numpy(zero_copy_only=False))[0]
+            if not len(rows):
+                raise ConfigError(f"shard {shard!r} is not in the index")
+            self._shard_rows[shard] = (int(rows[0]), int(rows[-1]) + 1)
+        return self._shard_rows[shard]
 
     def _params(self, rows: tuple[int, int]) -> faiss.SearchParameters:
         """Search parameters that keep only `rows`, with the index's own search knob."""
