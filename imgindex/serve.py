@@ -46,8 +46,6 @@ class QueryBatcher:
         self.searcher = searcher
         self.device = device
         self.queue: asyncio.Queue[Query] | None = None
-        self.batches = 0  # batches answered, and the queries in them (to see the batching work)
-        self.queries = 0
 
     async def ask(self, query: Query) -> list[dict]:
         if self.queue is None:
@@ -70,8 +68,6 @@ class QueryBatcher:
                     if not query.future.done():
                         query.future.set_exception(exc)
                 continue
-            self.batches += 1
-            self.queries += len(batch)
             for query, hits in zip(batch, answers):
                 if query.future.done():
                     continue
