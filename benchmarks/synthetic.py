@@ -42,7 +42,8 @@ def write_embeddings_dir(out: str, vectors: np.ndarray, shard_size: int = 50_000
         block = vectors[start:start + shard_size]
         name = f"{prefix}-{number:05d}"
         n = len(block)
-        rows = {"key": [f"{prefix}{start + i}" for i in range(n)], "key_bytes": [None] * n, "width": [0] * n, "height": [0] * n, "bytes": [0] * n, "grayscale": [None] * n,
+        rows = {"key": [f"{prefix}{start + i}" for i in range(n)], "key_bytes": [None] * n, "width": [0] * n,
+                "height": [0] * n, "bytes": [0] * n, "member_offset": [None] * n, "grayscale": [None] * n,
                 "sha256": [None] * n, "phash": [None] * n, "caption": [None] * n, "json": [None] * n,
                 "url": [None] * n}
         store.write_shard(name, rows, block, [], {"shard": name, "kind": "synthetic", "source": "synthetic",

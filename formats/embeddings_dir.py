@@ -45,7 +45,9 @@ def part_schema(dim: int) -> pa.Schema:
     return pa.schema([
         ("key", pa.string()), ("shard", pa.string()),
         ("embedding", pa.list_(pa.float32(), dim)), ("key_bytes", pa.binary()),
-        ("width", pa.int32()), ("height", pa.int32()), ("bytes", pa.int64()), ("grayscale", pa.bool_()),
+        ("width", pa.int32()), ("height", pa.int32()), ("bytes", pa.int64()),
+        ("member_offset", pa.int64()),  # where the image's bytes start in an uncompressed tar, else null
+        ("grayscale", pa.bool_()),
         ("sha256", pa.string()), ("phash", pa.int64()),
         ("caption", pa.string()), ("json", pa.string()), ("url", pa.string()),
     ])
@@ -294,12 +296,14 @@ class EmbeddingsDir(Layout):
         return file_digest(Path(part.path)) if self.location == str(Path(self.url).resolve()) else None
 
     def rows_for(self, shard: str, keys: list[str], columns: list[str]) -> dict[str, dict] | None:
-        """key -> the requested columns of that key's row in `shard`'s part; None if the part is gone."""
+        """key -> the requested columns of that key's row in `shard`'s part (None for a column the
+        part predates); None if the part is gone."""
         path = self.part_path(shard)
         if not self.fs.exists(path):
             return None
-        table = pq.read_table(path, filesystem=self.fs, columns=["key", *columns], filters=[("key", "in", list(keys))])
-        return {row["key"]: row for row in table.to_pylist()}
+        present = [c for c in columns if c in pq.read_schema(path, filesystem=self.fs).names]
+        table = pq.read_table(path, filesystem=self.fs, columns=["key", *present], filters=[("key", "in", list(keys))])
+        return {row["key"]: {**dict.fromkeys(columns), **row} for row in table.to_pylist()}
 
     def read_columns(self, shard: str, columns: list[str]) -> pa.Table:
         """Some columns of a shard's part; a column the part predates comes back as nulls."""

@@ -37,6 +37,9 @@ def faiss_reason(exc: BaseException, limit: int = 120) -> str:
 REQUIRED = {"embeddings": dict, "embeddings_dir": str, "count": int, "dim": int, "parts": list, "factory": str}
 SAMPLE_BLOCK = 64 * 1024
 SAMPLE_BLOCKS = 64  # besides the first and last blocks; files up to 66 blocks are read whole
+# Files up to this size are hashed whole when an index loads (well under a second); larger ones are
+# checked by size and the sampled digest, which misses changes that fall between its blocks.
+FULL_CHECK_BYTES = 256 * 2**20
 
 
 def file_digest(path: Path, full: bool = True) -> dict:
@@ -57,6 +60,11 @@ def file_digest(path: Path, full: bool = True) -> dict:
     if full:
         digest["sha256"] = whole.hexdigest()
     return digest
+
+
+def _is_digest(value: object) -> bool:
+    return (isinstance(value, dict) and isinstance(value.get("bytes"), int) and not isinstance(value["bytes"], bool)
+            and all(isinstance(value.get(k), str) for k in ("sampled_sha256", "sha256")))
 
 
 class IndexDir:
@@ -86,17 +94,24 @@ class IndexDir:
         if not isinstance((manifest["embeddings"].get("model") or {}).get("name"), str) or not all(
                 isinstance(p, dict) and isinstance(p.get("shard"), str) for p in manifest["parts"]):
             raise ConfigError(f"{self.path / MANIFEST} is damaged (its model or parts): rebuild the index")
+        files = manifest.get("files")
+        if not isinstance(files, dict) or not all(_is_digest(files.get(name)) for name in (INDEX, IDS)):
+            raise ConfigError(f"{self.path / MANIFEST} is damaged (the digests of {INDEX} and {IDS} are missing "
+                              "or malformed), so the index cannot be checked: rebuild the index")
         return manifest
 
     def verify(self, manifest: dict, full: bool = False) -> None:
-        """Check the index's files against the digests its manifest records: size and a sampled
-        digest (cheap: a few MB read whatever the size), or with `full` every byte."""
-        for name, recorded in (manifest.get("files") or {}).items():
+        """Check the index's files against the digests its manifest records (read_manifest made sure
+        it records them): every byte of files up to FULL_CHECK_BYTES, or of all with `full`; larger
+        ones by size and a sampled digest (a few MB read whatever the size)."""
+        for name in (INDEX, IDS):
+            recorded = manifest["files"][name]
             path = self.path / name
             if not path.is_file():
                 raise ConfigError(f"{path} is missing: rebuild the index")
-            found = file_digest(path, full=full)
-            keys = ("bytes", "sha256") if full else ("bytes", "sampled_sha256")
+            whole = full or path.stat().st_size <= FULL_CHECK_BYTES
+            found = file_digest(path, full=whole)
+            keys = ("bytes", "sha256") if whole else ("bytes", "sampled_sha256")
             if any(found[k] != recorded.get(k) for k in keys):
                 what = "size" if found["bytes"] != recorded.get("bytes") else "content"
                 raise ConfigError(f"{path} is corrupt or truncated: it does not match the digest in its manifest "

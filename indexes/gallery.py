@@ -8,7 +8,7 @@ from __future__ import annotations
 import base64
 import html
 import io
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from PIL import Image, ImageOps
 
@@ -37,8 +37,12 @@ def thumbnail_jpeg(data: bytes | None, size: int = THUMB) -> bytes | None:
     return buf.getvalue()
 
 
-def fetch_images(sources: dict[str, dict], wanted: Iterable[tuple[str, str]]) -> dict[tuple[str, str], bytes]:
-    """(shard, key) -> encoded bytes, read back from the shards' sources (one pass per shard)."""
+def fetch_images(sources: dict[str, dict], wanted: Iterable[tuple[str, str]],
+                 ranges: Callable[[str, list[str]], dict[str, tuple[int, int]]] | None = None,
+                 ) -> dict[tuple[str, str], bytes]:
+    """(shard, key) -> encoded bytes, read back from the shards' sources (one pass per shard);
+    `ranges(shard, keys)` gives the tar members' (offset, size) where the parts record them, so
+    each is read by its byte range instead of reading the tar."""
     from imgindex.pipeline.sources import read_images
 
     by_shard: dict[str, list[str]] = {}
@@ -49,7 +53,8 @@ def fetch_images(sources: dict[str, dict], wanted: Iterable[tuple[str, str]]) ->
         stats = sources.get(shard) or {}
         if stats.get("kind") not in ("tar", "folder", "list"):
             continue
-        for key, data in read_images(stats["kind"], stats["source"], keys).items():
+        where = ranges(shard, keys) if ranges and stats["kind"] == "tar" else None
+        for key, data in read_images(stats["kind"], stats["source"], keys, where).items():
             found[(shard, key)] = data
     return found
 

@@ -155,6 +155,15 @@ class Searcher:
                 hit.caption, hit.url = row.get("caption"), row.get("url")
                 hit.path = sample_location(stats.get("kind"), stats.get("source"), hit.key)
 
+    def member_ranges(self, shard: str, keys: list[str]) -> dict[str, tuple[int, int]]:
+        """key -> (offset, size) of its image member in an uncompressed tar, where the part records it."""
+        emb = self.embeddings_for(shard)
+        if emb is None:
+            return {}
+        rows = emb.rows_for(shard, keys, ["member_offset", "bytes"]) or {}
+        return {key: (row["member_offset"], row["bytes"]) for key, row in rows.items()
+                if row["member_offset"] is not None and row["bytes"] is not None}
+
     def locate(self, key: str, shard: str | None = None) -> tuple[str, str]:
         """(shard, key) of a key in the index; ambiguous keys need a shard."""
         mask = pc.equal(self.ids["key"], key)

@@ -18,7 +18,8 @@ from imgindex.pipeline.decode import (SampleError, build_preprocess, draft_side,
                                       open_upright, phash, sha256, stack_nchw)
 from imgindex.pipeline.sources import Sample
 
-ROW_FIELDS = ("key", "key_bytes", "width", "height", "bytes", "grayscale", "sha256", "phash", "caption", "json", "url")
+ROW_FIELDS = ("key", "key_bytes", "width", "height", "bytes", "member_offset", "grayscale", "sha256", "phash",
+              "caption", "json", "url")
 
 
 @dataclass
@@ -103,7 +104,7 @@ class SampleDecoder:
             img, width, height = open_upright(sample.data, self.decode.max_pixels, self.decode.alpha_background,
                                               self.draft_side)
             pixels = self._preprocess(img)
-            values = (sample.key, sample.key_bytes, width, height, len(sample.data), is_grayscale(pixels),
+            values = (sample.key, sample.key_bytes, width, height, len(sample.data), sample.offset, is_grayscale(pixels),
                       sha256(sample.data), phash(img), sample.caption, sample.json, sample.url)
             return Decoded(pixels, values, is_near_constant(pixels), time.perf_counter() - start)
         except SampleError as exc:

@@ -53,6 +53,7 @@ class SourceConfig:
     folder_shard_size: int = 10_000
     list_column: str = "path"
     read_timeout_s: float | None = 60.0  # a file or tar member that takes longer is a failure, not a hang
+    max_file_bytes: int = 2**30  # a larger file or tar member is a `too_large` failure, read no further
 
 
 @dataclass
@@ -116,6 +117,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "source.folder_shard_size": (_whole(1), "a whole number of images, at least 1"),
     "source.list_column": (_text, "a column name (text)"),
     "source.read_timeout_s": (_seconds_or_null, "a number of seconds above 0, or null"),
+    "source.max_file_bytes": (_whole(1), "a whole number of bytes, at least 1"),
     "seed": (_whole(0, 2**63 - 1), "a whole number, 0 or more"),
 }
 

@@ -77,7 +77,7 @@ class Worker:
     # -- inside a shard ---------------------------------------------------------------------
     def _batches(self, shard: Shard) -> Iterator[tuple[ShardDone, Batch | None, np.ndarray | None]]:
         """(tally of a batch's samples, the batch, its vectors), in sample order."""
-        samples = read_shard(shard, self.config.source.read_timeout_s)
+        samples = read_shard(shard, self.config.source.read_timeout_s, self.config.source.max_file_bytes)
         chunks = iter(lambda: list(islice(samples, self.batch_size)), [])
         mode = self.schedule.decode
         depth = self.schedule.lanes if mode == "lanes" else self.schedule.ahead

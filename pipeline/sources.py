@@ -7,13 +7,17 @@ A source is a WebDataset tar (path, glob, brace pattern or fsspec URL), an image
 """
 from __future__ import annotations
 
+import bz2
 import contextlib
+import gzip
 import hashlib
 import json
+import lzma
 import re
 import signal
 import tarfile
 import threading
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -22,7 +26,6 @@ from typing import Literal
 import braceexpand
 import fsspec
 import pyarrow.parquet as pq
-from webdataset.tariterators import base_plus_ext
 
 from imgindex.errors import ConfigError
 from imgindex.pipeline.config import SourceConfig
@@ -64,6 +67,7 @@ class Sample:
     url: str | None = None
     key_bytes: bytes | None = None  # the name's original bytes, when they are not UTF-8 (see text_key)
     skipped: str | None = None  # a tar member that is no sample (a directory, a link...): counted, not embedded
+    offset: int | None = None  # where the image's bytes start in an uncompressed tar (read back by range)
 
 
 def _is_image_name(name: str) -> bool:
@@ -200,22 +204,47 @@ def _dedupe_names(shards: list[Shard]) -> list[Shard]:
     return sorted(renamed, key=lambda s: s.name)
 
 
+# A name that is not its own key: not UTF-8, or holding a backslash that could be read as an escape.
+_AMBIGUOUS = re.compile(r"\\(?:\\|x[89a-f][0-9a-f])")
+_ESCAPE = re.compile(r"\\(?:(\\)|x([89a-f][0-9a-f]))")
+
+
 def text_key(name: str) -> tuple[str, bytes | None]:
-    """A file or member name as a key: itself when it is UTF-8; otherwise (a Latin-1 name from an
-    old archive, say, decoded by Python with surrogate escapes) each byte that is not UTF-8 as
-    `\\xNN`, and the original bytes, which the part keeps in `key_bytes` so the file can be found."""
+    """A file or member name as a key, and the name's bytes when the key is not the name itself.
+
+    A UTF-8 name is its own key, unless it holds `\\\\` or `\\xNN` (NN 80-ff) that could be read as an
+    escape. Any other name (a Latin-1 name from an old archive, say, which Python decodes with
+    surrogate escapes) is escaped: each backslash as `\\\\`, each byte that is not UTF-8 as `\\xNN`.
+    So two names never share a key and `raw_name` gives back the exact name; the part keeps the
+    bytes in `key_bytes` too."""
     try:
         name.encode("utf-8")
-        return name, None
+        if not _AMBIGUOUS.search(name):
+            return name, None
     except UnicodeEncodeError:
-        raw = name.encode("utf-8", "surrogateescape")
-        return raw.decode("utf-8", "backslashreplace"), raw
+        pass
+    raw = name.encode("utf-8", "surrogateescape")
+    return raw.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace"), raw
 
 
-def _tar_sample(key: str, members: dict[str, tuple[str, bytes]]) -> Sample:
-    """A webdataset-style group of members (extension -> (member name, bytes)) -> Sample."""
+def raw_name(key: str) -> str:
+    """The name a key came from (text_key undone; bytes that are not UTF-8 as Python's surrogate
+    escapes, as os.fsdecode gives them)."""
+    if not _AMBIGUOUS.search(key):
+        return key
+    return _ESCAPE.sub(lambda m: "\\" if m.group(1) else chr(0xDC00 + int(m.group(2), 16)), key)
+
+
+def _tar_sample(key: str, members: dict[str, tuple[str, bytes | _TooLarge, int | None]]) -> Sample:
+    """A webdataset-style group of members (extension -> (member name, bytes, data offset)) -> Sample."""
     text, raw = text_key(key)
     sample = Sample(key=text, key_bytes=raw)
+    too_large = [(name, data) for name, data, _ in members.values() if isinstance(data, _TooLarge)]
+    if too_large:
+        name, data = too_large[0]
+        sample.member = text_key(name)[0]
+        sample.error = ("too_large", f"member {sample.member!r}: {data.message()}")
+        return sample
     for ext in CAPTION_EXTENSIONS:
         if ext in members:
             sample.caption = members[ext][1].decode("utf-8", errors="replace")
@@ -230,9 +259,9 @@ def _tar_sample(key: str, members: dict[str, tuple[str, bytes]]) -> Sample:
             pass
     images = [ext for ext in members if ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS]
     if images:
-        sample.member, sample.data = members[images[0]]
+        sample.member, sample.data, sample.offset = members[images[0]]
     elif len(members) == 1 and "" in members:  # one member whose name has no extension: the bytes decide
-        sample.member, sample.data = members[""]
+        sample.member, sample.data, sample.offset = members[""]
     else:
         sample.member = next(iter(members.values()))[0]
         sample.error = ("no_image", f"no image member for key {text!r} (members: {', '.join(sorted(members))})")
@@ -252,12 +281,17 @@ def _member_kind(info: tarfile.TarInfo) -> str | None:
 
 
 def _split_name(name: str) -> tuple[str, str]:
-    """Member name -> (key, extension) by webdataset's rule (key up to the first dot of the base
-    name). A name outside the rule (a hidden file, no extension) is a sample of its own, keyed by
-    the whole name with no extension, so its bytes decide whether it is an image."""
+    """Member name -> (key, extension) by webdataset's rule: the key runs to the first dot of the
+    base name. A base name outside the rule (hidden, such as `x/.a.jpg`, or with no extension) is a
+    sample of its own, keyed by the whole name with no extension, so its bytes decide whether it
+    is an image; this holds in sub-folders too (webdataset's own pattern would key `x/.a.jpg` and
+    `x/.b.jpg` both `x/`)."""
     name = name.removeprefix("./")
-    prefix, ext = base_plus_ext(name)
-    return (prefix, ext.lower()) if prefix is not None else (name, "")
+    folder, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    if not stem or not dot:
+        return name, ""
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
 @contextlib.contextmanager
@@ -282,22 +316,73 @@ def deadline(seconds: float | None) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def read_tar(shard: Shard, timeout: float | None = None) -> Iterator[Sample]:
+class _Tracked:
+    """A stream read front to back that remembers where its last non-zero byte ended: tarfile
+    (with ignore_zeros) skips zero blocks and junk alike, and only the zeros end a tar."""
+
+    def __init__(self, f):
+        self.f, self.pos, self.data_end = f, 0, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.f.read(size)
+        end = len(data.rstrip(b"\0"))
+        if end:
+            self.data_end = self.pos + end
+        self.pos += len(data)
+        return data
+
+
+def _uncompressed(f):
+    """A tar's bytes as tar offsets count them: gzip, bzip2 and xz are opened by their magic bytes."""
+    head = f.read(6)
+    rest = _Prefixed(head, f)
+    if head.startswith(b"\x1f\x8b"):
+        return gzip.GzipFile(fileobj=rest, mode="rb")
+    if head.startswith(b"BZh"):
+        return bz2.BZ2File(rest)
+    if head.startswith(b"\xfd7zXZ"):
+        return lzma.LZMAFile(rest)
+    return rest
+
+
+class _Prefixed:
+    """Bytes already read, then the rest of the file (for streams that cannot seek back)."""
+
+    def __init__(self, head: bytes, f):
+        self.head, self.f = head, f
+
+    def read(self, size: int = -1) -> bytes:
+        if not self.head:
+            return self.f.read(size)
+        if size is None or size < 0:
+            data, self.head = self.head + self.f.read(), b""
+            return data
+        data, self.head = self.head[:size], self.head[size:]
+        return data if len(data) == size else data + self.f.read(size - len(data))
+
+
+def read_tar(shard: Shard, timeout: float | None = None, max_bytes: int | None = None) -> Iterator[Sample]:
     """Samples of a tar shard: consecutive members sharing a key form one sample (webdataset's rule).
 
     Every member is accounted for: part of a sample, or a `skipped` marker saying why it is
-    none (directory, symlink, hardlink, fifo, device, webdataset_meta). A corrupt header is
-    skipped up to the next valid one, as GNU tar does, and recorded as one `bad_shard` failure
-    with its byte offsets. A tar that cannot be opened, or stops being readable part-way (or
-    takes over `timeout` seconds to open or to give its next member), adds one `bad_shard`
-    sample for the unreadable rest, so the loss is recorded rather than silent.
+    none (directory, symlink, hardlink, fifo, device, webdataset_meta). A member over `max_bytes`
+    is a `too_large` failure, skipped unread. A corrupt header is skipped up to the next valid
+    one, as GNU tar does, and recorded as one `bad_shard` failure with its byte offsets; so are
+    bytes after the last member that are no tar (a file of random bytes is one such failure). A
+    tar that cannot be opened, or stops being readable part-way (or takes over `timeout` seconds
+    to open or to give its next member), adds one `bad_shard` sample for the unreadable rest, so
+    the loss is recorded rather than silent. Samples of an uncompressed tar carry their image
+    member's data offset, so one image can be read back without reading the tar.
     """
     key, members = None, {}
     expected = 0  # where the next header should start
+    tracked = None
     try:
         with deadline(timeout):
             opened = fsspec.open(shard.url, "rb").open()
-        with opened as f, tarfile.open(fileobj=f, mode="r|*", ignore_zeros=True) as tar:
+            tracked = _Tracked(_uncompressed(opened))
+        with opened, tarfile.open(fileobj=tracked, mode="r|", ignore_zeros=True) as tar:
+            compressed = not isinstance(tracked.f, _Prefixed)
             entries = iter(tar)
             while True:
                 with deadline(timeout):
@@ -314,15 +399,25 @@ def read_tar(shard: Shard, timeout: float | None = None) -> Iterator[Sample]:
                 if skipped:
                     yield Sample(key=text_key(info.name)[0], member=text_key(info.name)[0], skipped=skipped)
                     continue
-                with deadline(timeout):
-                    data = tar.extractfile(info).read()
                 prefix, ext = _split_name(info.name)
                 if (prefix != key or ext in members) and members:  # a repeated extension starts a new sample
                     yield _tar_sample(key, members)
                     members = {}
                 key = prefix
-                members[ext] = (info.name, data)
-    except (tarfile.TarError, EOFError, OSError) as exc:
+                if max_bytes is not None and info.size > max_bytes:
+                    members[ext] = (info.name, _TooLarge(info.size, max_bytes), None)
+                    continue
+                with deadline(timeout):
+                    data = tar.extractfile(info).read()
+                members[ext] = (info.name, data, None if compressed else info.offset_data)
+        if tracked.data_end > expected:
+            if members:
+                yield _tar_sample(key, members)
+                members = {}
+            yield Sample(key=f"{text_key(key or '')[0]}#bad-tail-at-{expected}", member=shard.url,
+                         error=("bad_shard", f"bytes {expected} to {tracked.data_end} of the tar hold no valid "
+                                             "header (not a tar, or junk after its last member)"))
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as exc:
         if members:
             yield _tar_sample(key, members)
             members = {}
@@ -332,6 +427,17 @@ def read_tar(shard: Shard, timeout: float | None = None) -> Iterator[Sample]:
                                          f"(from byte {expected})"))
     if members:
         yield _tar_sample(key, members)
+
+
+@dataclass(frozen=True)
+class _TooLarge:
+    """A member left unread: its size is over the limit."""
+
+    size: int
+    limit: int
+
+    def message(self) -> str:
+        return f"{self.size} bytes is over the limit of {self.limit} (source.max_file_bytes)"
 
 
 def unique_keys(samples: Iterator[Sample]) -> Iterator[Sample]:
@@ -349,9 +455,10 @@ def unique_keys(samples: Iterator[Sample]) -> Iterator[Sample]:
         yield sample
 
 
-def read_files(shard: Shard, timeout: float | None = None) -> Iterator[Sample]:
+def read_files(shard: Shard, timeout: float | None = None, max_bytes: int | None = None) -> Iterator[Sample]:
     """Samples of a folder or list shard; a file that cannot be read in `timeout` seconds is a
-    `timeout` failure, one that cannot be read at all is `unreadable`."""
+    `timeout` failure, one that cannot be read at all is `unreadable`, one over `max_bytes` is
+    `too_large` (read no further than the limit)."""
     for i, (url, key) in enumerate(zip(shard.files, shard.keys)):
         text, raw = text_key(key)
         sample = Sample(
@@ -361,7 +468,11 @@ def read_files(shard: Shard, timeout: float | None = None) -> Iterator[Sample]:
         )
         try:
             with deadline(timeout), fsspec.open(url, "rb") as f:
-                sample.data = f.read()
+                data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+            if max_bytes is not None and len(data) > max_bytes:
+                sample.error = ("too_large", f"over the limit of {max_bytes} bytes (source.max_file_bytes)")
+            else:
+                sample.data = data
         except TimeoutError as exc:
             sample.error = ("timeout", str(exc))
         except OSError as exc:
@@ -369,20 +480,10 @@ def read_files(shard: Shard, timeout: float | None = None) -> Iterator[Sample]:
         yield sample
 
 
-def read_shard(shard: Shard, timeout: float | None = None) -> Iterator[Sample]:
+def read_shard(shard: Shard, timeout: float | None = None, max_bytes: int | None = None) -> Iterator[Sample]:
     """A shard's samples (and skipped tar members), each key once."""
-    return unique_keys(read_tar(shard, timeout) if shard.kind == "tar" else read_files(shard, timeout))
-
-
-def raw_name(key: str) -> str:
-    """The file name a key came from: text_key undone (`\\xNN` escapes of bytes 0x80-0xff back to
-    those bytes, as Python's surrogate escapes); any other key is its own name."""
-    if not _ESCAPED.search(key):
-        return key
-    return _ESCAPED.sub(lambda m: chr(0xDC00 + int(m.group(1), 16)), key)
-
-
-_ESCAPED = re.compile(r"\\x([89a-f][0-9a-f])")
+    read = read_tar if shard.kind == "tar" else read_files
+    return unique_keys(read(shard, timeout, max_bytes))
 
 
 def file_url(kind: str, source: str, key: str) -> str | None:
@@ -403,18 +504,33 @@ def sample_location(kind: str | None, source: str | None, key: str) -> str | Non
     return where.removeprefix("file://") if where.startswith("file:///") else where
 
 
-def read_images(kind: str, source: str, keys: list[str]) -> dict[str, bytes]:
+def read_images(kind: str, source: str, keys: list[str],
+                ranges: dict[str, tuple[int, int]] | None = None) -> dict[str, bytes]:
     """The encoded images of some samples, read back from their source (thumbnails, reviews).
 
-    `kind` and `source` are those a shard's stats file records. Keys the source no longer
-    holds, or cannot be read, are left out of the result.
+    `kind` and `source` are those a shard's stats file records. A tar member whose (offset, size)
+    `ranges` gives (the part records them for uncompressed tars) is read by that range alone;
+    other tar members by reading the tar, where the first sample of a key is the one that was
+    embedded. Keys the source no longer holds, or cannot be read, are left out of the result.
     """
     found: dict[str, bytes] = {}
     if kind == "tar":
         wanted = set(keys)
-        for sample in read_tar(Shard(name="", kind="tar", url=source)):
-            if sample.key in wanted and sample.data is not None:
-                found[sample.key] = sample.data
+        for key in [k for k in keys if ranges and k in ranges]:
+            offset, size = ranges[key]
+            try:
+                with fsspec.open(source, "rb") as f:
+                    f.seek(offset)
+                    data = f.read(size)
+            except OSError:
+                continue
+            if len(data) == size:
+                found[key] = data
+                wanted.discard(key)
+        if wanted:
+            for sample in read_shard(Shard(name="", kind="tar", url=source)):
+                if sample.key in wanted and sample.data is not None:
+                    found[sample.key] = sample.data
         return found
     for key in keys:
         url = file_url(kind, source, key)

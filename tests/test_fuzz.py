@@ -22,6 +22,9 @@ from imgindex.pipeline.decode import SampleError, open_upright
 from imgindex.pipeline.demo_corpus import jpeg_bytes
 from imgindex.pipeline.sources import Shard, read_shard
 
+# Pillow warns about the corrupt EXIF it finds in random bytes; the decoder's answer is what is tested.
+pytestmark = pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning")
+
 FUZZ = settings(derandomize=True, database=None, deadline=None, max_examples=60,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 

@@ -176,3 +176,72 @@ def test_real_but_unsupported_images_are_named_so(jpeg):
     with pytest.raises(SampleError) as caught:
         open_upright(os.urandom(200).replace(b"\xff", b"\x00"), 10**8)
     assert caught.value.kind == "not_an_image"
+
+
+def test_hidden_names_in_sub_folders_are_samples_of_their_own(tmp_path, jpeg, config_for):
+    other = jpeg_bytes(Image.new("RGB", (32, 32), (10, 200, 30)))
+    write_members(tmp_path / "hidden-00000.tar", [(member("x/.a.jpg", jpeg), jpeg), (member("x/.b.jpg", other), other),
+                                                 (member("x/c.jpg", jpeg), jpeg)])
+    run_embed([str(tmp_path / "hidden-00000.tar")], str(tmp_path / "out"), config_for(), progress=False)
+    rows, failures, (stats,) = outputs(tmp_path / "out")
+    assert sorted(r["key"] for r in rows) == ["x/.a.jpg", "x/.b.jpg", "x/c"] and not failures
+    assert stats["samples"] == 3
+
+
+@pytest.mark.parametrize("content", ["random", "junk_after_members"])
+def test_bytes_that_are_no_tar_are_a_recorded_bad_shard(tmp_path, jpeg, config_for, content):
+    path = tmp_path / "noise-00000.tar"
+    noise = np.random.default_rng(7).bytes(20_000)
+    if content == "random":
+        path.write_bytes(noise)
+    else:
+        write_members(path, [(member("a.jpg", jpeg), jpeg)])
+        path.write_bytes(path.read_bytes() + noise)
+    run_embed([str(path)], str(tmp_path / "out"), config_for(), progress=False)
+    rows, failures, (stats,) = outputs(tmp_path / "out")
+    assert [r["key"] for r in rows] == ([] if content == "random" else ["a"])
+    (bad,) = failures
+    assert bad["error"] == "bad_shard" and "no valid header" in bad["message"]
+    assert stats["samples"] == stats["rows"] + stats["failures"]
+
+
+def test_a_member_over_the_byte_limit_is_too_large_and_not_read(tmp_path, jpeg, config_for, monkeypatch):
+    big = jpeg + b"\0" * 50_000
+    path = write_members(tmp_path / "big-00000.tar", [(member("a.jpg", jpeg), jpeg), (member("big.jpg", big), big),
+                                                     (member("b.jpg", jpeg), jpeg)])
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "big.jpg").write_bytes(big)
+    (folder / "small.jpg").write_bytes(jpeg)
+    read_sizes: list[int] = []
+    real_extract = tarfile.TarFile.extractfile
+    monkeypatch.setattr(tarfile.TarFile, "extractfile",
+                        lambda self, info: read_sizes.append(info.size) or real_extract(self, info))
+    run_embed([str(path), str(folder)], str(tmp_path / "out"), config_for(**{"source.max_file_bytes": 20_000}),
+              progress=False)
+    rows, failures, _ = outputs(tmp_path / "out")
+    assert sorted(r["key"] for r in rows) == ["a", "b", "small.jpg"]
+    assert sorted((f["key"], f["error"]) for f in failures) == [("big", "too_large"), ("big.jpg", "too_large")]
+    assert max(read_sizes) == len(jpeg)  # the big member was never extracted
+
+
+def test_thumbnails_read_the_embedded_member_by_its_recorded_range(tmp_path, jpeg, config_for):
+    from imgindex.pipeline.sources import read_images
+
+    other = jpeg_bytes(Image.new("RGB", (32, 32), (10, 200, 30)))
+    path = write_members(tmp_path / "dups-00000.tar", [(member("dup.jpg", jpeg), jpeg), (member("o.jpg", other), other),
+                                                      (member("dup.jpg", other), other)])
+    run_embed([str(path)], str(tmp_path / "out"), config_for(), progress=False)
+    rows, _, _ = outputs(tmp_path / "out")
+    ranges = {r["key"]: (r["member_offset"], r["bytes"]) for r in rows}
+    assert path.read_bytes()[ranges["o"][0]:][:ranges["o"][1]] == other
+    url = path.as_uri()
+    # the key that was embedded is the first "dup" (the second is a duplicate_key failure)
+    assert read_images("tar", url, ["dup", "o"]) == {"dup": jpeg, "o": other}
+    assert read_images("tar", url, ["dup", "o"], ranges) == {"dup": jpeg, "o": other}
+    gz = tmp_path / "dups-00001.tar.gz"
+    with tarfile.open(gz, "w:gz") as tar:
+        tar.addfile(member("c.jpg", jpeg), io.BytesIO(jpeg))
+    run_embed([str(gz)], str(tmp_path / "out-gz"), config_for(), progress=False)
+    (row,), _, _ = outputs(tmp_path / "out-gz")
+    assert row["key"] == "c" and row["member_offset"] is None  # compressed: no byte range to read

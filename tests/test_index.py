@@ -230,3 +230,52 @@ def test_a_deleted_part_is_warned_about_once(tmp_path, corpus, caplog):
         searcher.search_vectors(corpus[:5], k=10)
     warnings = [r.getMessage() for r in caplog.records if "is missing" in r.getMessage()]
     assert len(warnings) == 1 and "syn-00000" in warnings[0]
+
+
+@pytest.fixture(scope="module")
+def two_indexes(tmp_path_factory, corpus):
+    """Two Flat indexes of the same count and dim over different vectors."""
+    root = tmp_path_factory.mktemp("pair")
+    for name, vectors in (("a", corpus[:1000]), ("b", corpus[1000:2000])):
+        write_embeddings_dir(str(root / f"emb-{name}"), vectors, shard_size=1000)
+        build_index(str(root / f"emb-{name}"), str(root / f"idx-{name}"), progress=False)
+    return root
+
+
+@pytest.mark.parametrize("files", ["deleted", [1, 2], {}, {"index.faiss": "x", "ids.parquet": {}}])
+def test_an_index_manifest_without_its_digests_is_refused(two_indexes, tmp_path, files):
+    """Else another index's files of the same count load unchecked and answer wrongly."""
+    import shutil
+
+    idx = tmp_path / "idx"
+    shutil.copytree(two_indexes / "idx-a", idx)
+    shutil.copy(two_indexes / "idx-b" / "index.faiss", idx / "index.faiss")
+    manifest = json.loads((idx / "manifest.json").read_text())
+    if files == "deleted":
+        del manifest["files"]
+    else:
+        manifest["files"] = files
+    (idx / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="digests .* missing or malformed.*rebuild the index"):
+        Searcher(idx)
+    with pytest.raises(ConfigError, match="digests"):
+        from imgindex.indexes.build import verify_index
+        verify_index(str(idx))
+
+
+def test_one_flipped_byte_of_a_small_index_is_caught_at_load(tmp_path):
+    """Files small enough to hash whole in well under a second are hashed whole: a flip between
+    the sampled digest's blocks is caught too."""
+    from imgindex.formats.index_dir import SAMPLE_BLOCK, SAMPLE_BLOCKS
+
+    vectors = clustered_vectors(40_000, 64, clusters=50, spread=1.0, seed=5)
+    write_embeddings_dir(str(tmp_path / "emb"), vectors, shard_size=40_000)
+    build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), progress=False)
+    path = tmp_path / "idx" / "index.faiss"
+    raw = bytearray(path.read_bytes())
+    step = (len(raw) - SAMPLE_BLOCK) // (SAMPLE_BLOCKS + 1)
+    assert step > 2 * SAMPLE_BLOCK  # so the sampled digest leaves gaps between its blocks
+    raw[SAMPLE_BLOCK + 100] ^= 0x01  # in the gap after the first sampled block
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ConfigError, match="does not match the digest"):
+        Searcher(tmp_path / "idx")

@@ -59,7 +59,7 @@ def calibrate(index_dir: str, sample: int = 100, seed: int = 0, device: str | No
     rows = np.sort(np.random.default_rng(seed).choice(searcher.index.ntotal,
                                                       min(sample, searcher.index.ntotal), replace=False))
     chosen = searcher.ids.take(rows).to_pylist()
-    images = fetch_images(searcher.sources(), [(r["shard"], r["key"]) for r in chosen])
+    images = fetch_images(searcher.sources(), [(r["shard"], r["key"]) for r in chosen], searcher.member_ranges)
     embedder = ImageEmbedder(searcher.manifest["embeddings"], device=device, checkpoint=checkpoint)
     originals, copies = [], []  # (row, stored phash) and (original index, transform, bytes)
     for row, ident in zip(rows, chosen):

@@ -12,6 +12,7 @@ UTF-8 come back as their original bytes in both.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -82,12 +83,14 @@ def write_dedup(result: DedupResult, searcher: Searcher, out: Path, report_group
     lists = write_lists(out, "keep", [p for p, keep in zip(paths, groups["keep"]) if keep])
     lists += write_lists(out, "remove", [p for p, keep in zip(paths, groups["keep"]) if not keep])
     (out / "summary.json").write_text(json.dumps(result.stats, indent=2))
-    (out / "report.html").write_text(dedup_report(result.groups, sources, result.stats, report_groups))
+    (out / "report.html").write_text(dedup_report(result.groups, sources, result.stats, report_groups,
+                                                  ranges=searcher.member_ranges))
     return [out / "pairs.parquet", out / "groups.parquet", *lists, out / "report.html"]
 
 
 def dedup_report(groups: pa.Table, sources: dict[str, dict], stats: dict, limit: int,
-                 members_shown: int = GROUP_MEMBERS) -> str:
+                 members_shown: int = GROUP_MEMBERS,
+                 ranges: Callable[[str, list[str]], dict[str, tuple[int, int]]] | None = None) -> str:
     """Groups largest first, thumbnails side by side (the kept one first), each member's tie to it."""
     by_group: dict[int, list[dict]] = {}
     for row in groups.to_pylist():
@@ -100,7 +103,7 @@ def dedup_report(groups: pa.Table, sources: dict[str, dict], stats: dict, limit:
             break
         shown.append(members)
         thumbnails += len(members)
-    images = fetch_images(sources, {(m["shard"], m["key"]) for members in shown for m in members})
+    images = fetch_images(sources, {(m["shard"], m["key"]) for members in shown for m in members}, ranges)
     page = Page("imgindex duplicates")
     for members in shown:
         figs = []
@@ -136,7 +139,8 @@ def write_leaks(result: DedupResult, searcher: Searcher, against_sources: dict[s
         matches[a].sort(key=lambda i: -pairs["similarity"][i])
     test_images = fetch_images(against_sources, shown)
     train_images = fetch_images(searcher.sources(), {(pairs["b_shard"][i], pairs["b_key"][i])
-                                                     for a in shown for i in matches[a][:GROUP_MEMBERS]})
+                                                     for a in shown for i in matches[a][:GROUP_MEMBERS]},
+                                searcher.member_ranges)
     page = Page("imgindex leakage check")
     for a in shown:
         figs = [page.figure(("test", *a), test_images.get(a), a[1], [a[0], "tested image"], css="query")]
