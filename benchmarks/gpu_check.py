@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -67,9 +68,10 @@ def install(wheels: Path, target: Path) -> None:
 class Check:
     """The steps, their budget and the JSON lines they write."""
 
-    def __init__(self, out: Path, budget: float, dry_run: bool, env: dict):
+    def __init__(self, out: Path, budget: float | None, dry_run: bool, env: dict):
+        """`budget` None: no limit (a dry run checks the logic, whatever the machine's speed)."""
         self.out, self.dry_run, self.env = out, dry_run, env
-        self.deadline = time.monotonic() + budget
+        self.deadline = time.monotonic() + budget if budget is not None else math.inf
         self.lines = out / "gpu_check.jsonl"
 
     def left(self) -> float:
@@ -89,7 +91,7 @@ class Check:
         started = time.monotonic()
         try:
             done = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=self.env, cwd=ROOT,
-                                  timeout=max(1.0, self.left()))
+                                  timeout=max(1.0, self.left()) if math.isfinite(self.left()) else None)
         except subprocess.TimeoutExpired:
             self.record(step, error="ran out of the budget")
             return None
@@ -184,7 +186,8 @@ def main() -> None:
     parser.add_argument("mode", choices=("prepare", "run"))
     parser.add_argument("--out", default=os.environ.get("OUT", "gpu-check-out"), help="where the JSON lines go")
     parser.add_argument("--wheels", default=str(WHEELS))
-    parser.add_argument("--budget", type=float, default=480, help="seconds for the whole check (default 480)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds for the whole check (default 480; no limit with --dry-run)")
     parser.add_argument("--dry-run", action="store_true", help="tiny model, few images, CPU: the logic only")
     args = parser.parse_args()
     if args.mode == "prepare":
@@ -197,7 +200,8 @@ def main() -> None:
         site = Path(tempfile.mkdtemp(prefix="imgindex-gpu-check-"))
         install(Path(args.wheels), site)
         env["PYTHONPATH"] = os.pathsep.join([str(site), str(ROOT / "benchmarks"), env.get("PYTHONPATH", "")])
-    check = Check(out, args.budget, args.dry_run, env)
+    budget = args.budget if args.budget is not None else (None if args.dry_run else 480)
+    check = Check(out, budget, args.dry_run, env)
     dry = args.dry_run
     model = "xcit_nano_12_p16_224.fb_in1k" if dry else "xcit_large_24_p8_224.fb_in1k"
     device = "cpu" if dry else "cuda"

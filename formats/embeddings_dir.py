@@ -134,7 +134,16 @@ class EmbeddingStore(Layout):
             self.fs.pipe_file(path, data)
 
     def check_writable(self) -> None:
-        """Fail before any work if OUT cannot be created or written."""
+        """Fail before any work if OUT cannot be created or written; a local OUT that does not
+        exist yet is not created here (a job stopped by a later check leaves nothing behind)."""
+        if self.local and not self.fs.exists(self.root):
+            parent = Path(self.root).parent
+            while not parent.exists() and parent != parent.parent:
+                parent = parent.parent
+            if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+                raise ConfigError(f"cannot write to output {self.url!r} ({parent} is not a writable folder): "
+                                  "choose another --out")
+            return
         probe = self.path(f".imgindex-write-test-{uuid.uuid4().hex}")  # unique: --procs children probe at once
         try:
             self.fs.makedirs(self.root, exist_ok=True)

@@ -64,12 +64,24 @@ def _train_size(index: faiss.Index, count: int, options: BuildOptions) -> int:
     return min(count, want, options.max_train)
 
 
+def _check_trainable(index: faiss.Index, key: str, count: int) -> None:
+    """An IVF index needs at least one training vector per list (faiss stops with a traceback)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and not index.is_trained and ivf.nlist > count:
+        raise ConfigError(f"--index-key {key!r} has {ivf.nlist:,} lists for {count:,} vectors (k-means needs at "
+                          "least one vector a list, faiss advises 39): use fewer lists, or leave out --index-key")
+
+
 def _train(index: faiss.Index, vectors: np.ndarray) -> None:
     ivf = faiss.try_extract_index_ivf(index)
     gpus = faiss_gpus()
     if gpus and ivf is not None:  # k-means on the GPU(s); the trained index stays on the CPU
         ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ivf.d))
-    index.train(vectors)
+    try:
+        index.train(vectors)
+    except RuntimeError as exc:  # e.g. PQ codes with fewer vectors than centroids
+        raise ConfigError(f"cannot train {faiss.downcast_index(index).__class__.__name__} on {len(vectors):,} "
+                          f"vectors ({faiss_reason(exc)}): choose another --index-key, or leave it out") from None
 
 
 def mean_residual(index: faiss.Index, vectors: np.ndarray) -> float | None:
@@ -112,14 +124,13 @@ def build_index(emb_dir: str, out: str, options: BuildOptions | None = None, ove
     target = IndexDir(out)
     if target.exists() and not overwrite:
         raise ConfigError(f"{out} already holds an index: use --overwrite to replace it, or --add to extend it")
-    target.path.mkdir(parents=True, exist_ok=True)
-    target.forget()  # until the new manifest is written, the directory is not an index
     budget = parse_memory(options.max_memory)
     if options.index_key:
         key, reason = options.index_key, "given with --index-key"
     else:
         key, reason = choose_index_key(count, emb.dim, budget, options.flat_threshold)
     index = _make_index(key, emb.dim)
+    _check_trainable(index, key, count)
     log.info("index %s: %s", key, reason)
 
     timings = {}
@@ -133,6 +144,8 @@ def build_index(emb_dir: str, out: str, options: BuildOptions | None = None, ove
     timings["train_s"] = round(time.time() - t, 3)
     residual = mean_residual(index, train)
     del train
+    target.path.mkdir(parents=True, exist_ok=True)  # only now: a refused build leaves no folder behind
+    target.forget()  # until the new manifest is written, the directory is not an index
 
     ids_tmp = target.tmp(IDS)
     add_seconds = 0.0

@@ -146,17 +146,41 @@ def config_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in CONFIG_DIR.iterdir() if p.name.endswith(".yaml"))
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """A config is a small mapping written by hand: no aliases (a few hundred bytes of nested
+    aliases expand to gigabytes) and no key twice (YAML would silently keep the last one)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a config: write the "
+                                              "value out", self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # not a key a config has: _merge names it
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one mapping",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _read_layers(name_or_path: str, relative_to: Path | None = None, seen: tuple[str, ...] = ()) -> list[dict]:
     """The file's values, after those of the configs it extends (`base: NAME_OR_PATH`)."""
     path = resolve_config_path(name_or_path, relative_to)
     if str(path) in seen:
         raise ConfigError(f"config {path} extends itself through `base` ({' -> '.join(seen)})")
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        values = yaml.load(path.read_text(encoding="utf-8"), Loader=_ConfigLoader) or {}
     except UnicodeDecodeError as exc:
         raise ConfigError(f"config {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
     except yaml.YAMLError as exc:
         reason = " ".join(str(exc).split())
+        reason = reason if len(reason) <= 300 else reason[:300].rsplit(" ", 1)[0] + " ..."
         raise ConfigError(f"config {path} is not valid YAML: {reason}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config {path} must be a mapping of sections (model, runtime, decode, source), "

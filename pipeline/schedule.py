@@ -23,10 +23,11 @@ MAX_AUTO_LANES = 8  # more lanes each hold a batch's activations and contend for
 
 @dataclass(frozen=True)
 class Machine:
-    """What a worker has: the cores it may use, the CUDA devices it sees."""
+    """What a worker has: the cores it may use, the CUDA devices it sees, whether MPS (Apple) works."""
 
     cores: int
     gpus: int
+    mps: bool = False
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,9 @@ def machine_facts() -> Machine:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
         cores = os.cpu_count() or 1
-    return Machine(cores=max(1, cores), gpus=torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    mps = getattr(torch.backends, "mps", None)
+    return Machine(cores=max(1, cores), gpus=torch.cuda.device_count() if torch.cuda.is_available() else 0,
+                   mps=bool(mps and mps.is_available()))
 
 
 def auto_lanes(threads: int) -> int:
@@ -76,6 +79,12 @@ def decide(runtime: RuntimeConfig, machine: Machine) -> Schedule:
         device = "cuda" if machine.gpus else "cpu"
     if device.startswith("cuda") and not machine.gpus:
         raise ConfigError(f"device {device!r} asked for, but no CUDA GPU is visible: use --device cpu")
+    if device.startswith("cuda:") and int(device.split(":")[1]) >= machine.gpus:
+        raise ConfigError(f"device {device!r} asked for, but this machine shows {machine.gpus} CUDA GPU(s) "
+                          f"(cuda:0 to cuda:{machine.gpus - 1}): pick one of those")
+    if device == "mps" and not machine.mps:
+        raise ConfigError("device 'mps' asked for, but this PyTorch has no working MPS (Apple GPU) backend: "
+                          "use --device cpu")
     accelerator = device != "cpu"
     precision = runtime.precision if runtime.precision != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
     if precision == "fp16" and not accelerator:
@@ -102,4 +111,4 @@ def decide(runtime: RuntimeConfig, machine: Machine) -> Schedule:
 def worker_share(machine: Machine, processes: int) -> Machine:
     """The machine one of `processes` local workers gets: an equal share of the cores and, on a
     GPU box, one GPU each."""
-    return Machine(cores=max(1, machine.cores // processes), gpus=1 if machine.gpus else 0)
+    return Machine(cores=max(1, machine.cores // processes), gpus=1 if machine.gpus else 0, mps=machine.mps)

@@ -33,12 +33,29 @@ def test_flags_override_the_file(tmp_path):
     ("runtime: {lanes: 0}", "0 is not allowed; use a whole number from 1 to"),
     ("source: {read_timeout_s: 0}", "source.read_timeout_s: 0 is not allowed; use a number of seconds above 0, or null"),
     ("[unclosed", "not valid YAML"),
+    ("runtime: {batch_size: 8}\nruntime: {batch_size: 16}", "key 'runtime' appears twice"),
+    ("runtime: {batch_size: 8, batch_size: 16}", "key 'batch_size' appears twice"),
+    ("model: &m {name: x}\nruntime: *m", "aliases .* are not allowed"),
 ])
 def test_bad_config_files_are_clear_errors(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("'", ".")):
         load_config(str(path))
+
+
+def test_a_yaml_alias_bomb_is_refused_in_one_short_line(tmp_path):
+    """A few hundred bytes of nested aliases stand for 9^6 values here (9^10 and more are as
+    short): refused as aliases, never expanded into an error line or memory."""
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    for previous, name in zip("abcde", "bcdef"):
+        lines.append(f"{name}: &{name} [{', '.join([f'*{previous}'] * 9)}]")
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(["model:", *(f"  {line}" for line in lines), "  name: *f"]) + "\n")
+    assert len(path.read_bytes()) < 600
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(path))
+    assert "aliases" in str(caught.value) and len(str(caught.value)) < 500
 
 
 # Values each key must refuse (the fuzzed configs that ended in tracebacks or were accepted).

@@ -1,5 +1,6 @@
 """The prepared GPU check runs its whole logic on a CPU (--dry-run): every step writes its JSON
-line within the budget, so the check cannot rot between the sessions that have a GPU."""
+line, so the check cannot rot between the sessions that have a GPU. A dry run has no time budget:
+how fast this machine is decides nothing here."""
 import json
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ STEPS = ["machine", "versions", "correctness", "embed_eager_500x375", "embed_com
 
 def test_gpu_check_dry_run_writes_every_step(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "run", "--out", str(tmp_path),
-                           "--dry-run", "--budget", "400"], capture_output=True, text=True, timeout=600)
+                           "--dry-run"], capture_output=True, text=True, timeout=3600)  # a hang guard only
     assert done.returncode == 0, done.stderr[-2000:]
     lines = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == STEPS

@@ -106,3 +106,52 @@ def test_help_explains_every_subcommand():
     for flag in ("--out", "--model", "--checkpoint", "--batch-size", "--device", "--workers", "--config",
                  "--overwrite", "--slice"):
         assert flag in embed_help
+
+
+def test_devices_this_machine_lacks_are_refused_by_the_schedule():
+    from imgindex.errors import ConfigError
+    from imgindex.pipeline.config import RuntimeConfig
+    from imgindex.pipeline.schedule import Machine, decide
+
+    with pytest.raises(ConfigError, match="no working MPS"):
+        decide(RuntimeConfig(device="mps"), Machine(cores=4, gpus=0))
+    assert decide(RuntimeConfig(device="mps"), Machine(cores=4, gpus=0, mps=True)).device == "mps"
+    with pytest.raises(ConfigError, match=r"shows 2 CUDA GPU\(s\) \(cuda:0 to cuda:1\)"):
+        decide(RuntimeConfig(device="cuda:2"), Machine(cores=4, gpus=2))
+    assert decide(RuntimeConfig(device="cuda:1"), Machine(cores=4, gpus=2)).device == "cuda:1"
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--device", "mps"], ["mps", "--device cpu"]),
+    (["--model", "xcit_giant_99"], ["unknown timm model"]),
+    (["--checkpoint", "nope.safetensors"], ["does not exist"]),
+])
+def test_a_refused_embed_leaves_no_output_folder(tmp_path, one_tar, checkpoint, flags, words):
+    flags = [str(tmp_path / f) if f.endswith(".safetensors") else f for f in flags]
+    if "--checkpoint" not in flags:
+        flags += ["--checkpoint", str(checkpoint)] if "--model" not in flags else []
+    result = run_cli("embed", one_tar, "--out", tmp_path / "out", "--config", "test", *flags)
+    assert_one_line_error(result, *words)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def small_embeddings(tmp_path_factory):
+    from synthetic import clustered_vectors, write_embeddings_dir
+
+    root = tmp_path_factory.mktemp("small")
+    write_embeddings_dir(str(root / "emb"), clustered_vectors(240, 32, clusters=8, spread=1.0, seed=1),
+                         shard_size=240)
+    return root / "emb"
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--index-key", "IVF999999,Flat"], ["999,999 lists for 240 vectors", "--index-key"]),
+    (["--index-key", "IVF4,PQ4"], ["cannot train", "--index-key"]),
+    (["--index-key", "Bogus99"], ["not a valid faiss.index_factory string"]),
+    (["--max-memory", "lots"], ["--max-memory", "not a size"]),
+])
+def test_a_refused_index_build_is_one_line_and_leaves_no_folder(tmp_path, small_embeddings, flags, words):
+    result = run_cli("index", small_embeddings, "--out", tmp_path / "idx", *flags)
+    assert_one_line_error(result, *words)
+    assert not (tmp_path / "idx").exists()

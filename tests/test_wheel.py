@@ -74,3 +74,7 @@ def test_installed_wheel_runs_from_any_directory(wheel, tmp_path, checkpoint, ph
     assert len(hits) == 3 and names[0] in {h["key"] for h in hits}
     location = run(python, "-c", "import imgindex.pipeline, sys; print(imgindex.pipeline.__file__)").stdout
     assert str(venv) in location  # the installed copy, not the repository's
+    # From the repository's root its own imgindex/ comes first on sys.path: it must be the whole package.
+    for args in ([python, "-m", "imgindex", "search", "--help"], [python, "search.py", "--help"]):
+        at_root = subprocess.run([str(a) for a in args], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert at_root.returncode == 0 and "--image" in at_root.stdout, at_root.stderr[-2000:]
