@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import re
 from collections.abc import Callable, Iterable
 
 from PIL import Image, ImageOps
@@ -59,6 +60,12 @@ def fetch_images(sources: dict[str, dict], wanted: Iterable[tuple[str, str]],
     return found
 
 
+def breakable(text: str) -> str:
+    """Escaped text that wraps after path and name separators (/ _ -) rather than mid-word."""
+    return "".join(html.escape(piece) + ("<wbr>" if piece in "/_-" else "")
+                   for piece in re.split(r"([/_-])", text) if piece)
+
+
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
 h2 { font-size: 1.05em; margin: 1.5em 0 .4em; }
@@ -100,8 +107,8 @@ class Page:
         return f'<div class="th {name}" role="img"></div>'
 
     def figure(self, ident: object, data: bytes | None, title: str, lines: list[str], css: str = "") -> str:
-        text = "".join(f"<div>{html.escape(str(line))}</div>" for line in lines if line)
-        return (f'<figure class="{css}">{self.thumbnail(ident, data)}<figcaption><b>{html.escape(title)}</b>'
+        text = "".join(f"<div>{breakable(str(line))}</div>" for line in lines if line)
+        return (f'<figure class="{css}">{self.thumbnail(ident, data)}<figcaption><b>{breakable(title)}</b>'
                 f"{text}</figcaption></figure>")
 
     def section(self, heading: str, figures: list[str], hidden: int = 0) -> None:

@@ -25,6 +25,7 @@ from imgindex.pipeline.model import Backbone
 from imgindex.pipeline.schedule import Machine, Schedule, decide, machine_facts
 from imgindex.pipeline.shard_job import Worker
 from imgindex.pipeline.sources import Shard, plan_shards
+from imgindex.plurals import counted
 from imgindex.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -58,16 +59,16 @@ class Summary:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
     def line(self) -> str:
-        text = (f"embedded {self.images} images ({self.failed} failed) from {self.shards_done} shards "
-                f"in {self.seconds:.1f} s, {self.images_per_s:.1f} images/s")
+        text = (f"embedded {counted(self.images, 'image')} ({self.failed:,} failed) from "
+                f"{counted(self.shards_done, 'shard')} in {self.seconds:.1f} s, {self.images_per_s:.1f} images/s")
         if self.seconds > 0:
             text += f", model busy {self.model_seconds / self.seconds:.0%} of the time"
         if self.shards_skipped:
-            text += f"; {self.shards_skipped} shards already done"
+            text += f"; {counted(self.shards_skipped, 'shard')} already done"
         if self.failures_by_error:
             text += " [failures: " + ", ".join(f"{k}={v}" for k, v in sorted(self.failures_by_error.items())) + "]"
         if self.near_constant:
-            text += f" [{self.near_constant} near-constant images: embedded, but (almost) one colour]"
+            text += f" [{counted(self.near_constant, 'near-constant image')}: embedded, but (almost) one colour]"
         text += f" -> {self.out}"
         if self.random_weights:
             text += "  WARNING: random weights, embeddings are meaningless"

@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import json
 import lzma
+import os
 import re
 import signal
 import tarfile
@@ -25,6 +26,7 @@ from typing import Literal
 
 import braceexpand
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 import pyarrow.parquet as pq
 
 from imgindex.errors import ConfigError
@@ -91,6 +93,8 @@ def _expand(source: str) -> list[tuple[fsspec.AbstractFileSystem, str]]:
     found = []
     for pattern in braceexpand.braceexpand(source):
         fs, path = fsspec.core.url_to_fs(pattern)
+        if isinstance(fs, LocalFileSystem):  # shown and recorded as a plain path: /a/b/../c is /a/c
+            path = os.path.normpath(path)
         if any(ch in path for ch in "*?["):
             matches = sorted(fs.glob(path))
             if not matches:

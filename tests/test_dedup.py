@@ -152,7 +152,7 @@ def test_outputs_and_report_reference_every_group_and_image(photo_index, tmp_pat
     result = find_duplicates(root / "idx", DedupOptions(methods=("exact", "phash")), progress=False)
     write_dedup(result, Searcher(root / "idx"), tmp_path / "dedup")
     groups = pq.read_table(tmp_path / "dedup" / "groups.parquet").to_pylist()
-    html = (tmp_path / "dedup" / "report.html").read_text()
+    html = (tmp_path / "dedup" / "report.html").read_text().replace("<wbr>", "")  # break hints, not text
     for row in groups:
         assert row["key"] in html
     for gid in {r["group_id"] for r in groups}:

@@ -65,7 +65,8 @@ def test_the_colour_original_is_kept_over_its_grayscale_copy(copies):
     pair = {g["key"]: g for g in groups if g["key"] in ("a_gray_copy.jpg", "b_colour_original.jpg")}
     assert set(pair) == {"a_gray_copy.jpg", "b_colour_original.jpg"}
     assert pair["b_colour_original.jpg"]["keep"] and not pair["a_gray_copy.jpg"]["keep"]
-    assert "colour over grayscale" in pair["b_colour_original.jpg"]["reason"]
+    assert pair["b_colour_original.jpg"]["reason"].startswith("largest: 120x90 pixels, colour")
+    assert "then colour over grayscale" in (copies[2] / "report.html").read_text()
     assert pair["a_gray_copy.jpg"]["kind"] == "phash" and pair["a_gray_copy.jpg"]["phash_distance"] <= 4
 
 

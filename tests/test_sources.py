@@ -132,3 +132,14 @@ def test_bad_sources_stop_the_plan_with_one_clear_line(tmp_path, make, message):
     with pytest.raises(ConfigError) as err:
         plan_shards([make(tmp_path)], SourceConfig())
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_local_sources_are_recorded_as_normalized_paths(tmp_path):
+    from imgindex.pipeline.config import SourceConfig
+    from imgindex.pipeline.sources import plan_shards
+
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"x")
+    (tmp_path / "elsewhere").mkdir()
+    (shard,) = plan_shards([str(tmp_path / "elsewhere" / ".." / "photos")], SourceConfig())
+    assert shard.url == f"file://{tmp_path}/photos" and ".." not in shard.files[0]

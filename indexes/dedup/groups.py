@@ -46,13 +46,20 @@ def _keep_order(corpus: Corpus, rows: np.ndarray, policy: str) -> np.ndarray:
     return rows[np.asarray(order)]
 
 
+# What each keep policy prefers, said once in the report rather than in every group's reason.
+KEEP_RULES = {
+    "largest": "largest (most pixels, then colour over grayscale, then most bytes, then smallest key)",
+    "smallest-file": "smallest file (fewest bytes)",
+    "first": "first in corpus order",
+}
+
+
 def _reason(corpus: Corpus, row: int, policy: str) -> str:
     if policy == "largest":
         w, h = corpus.meta["width"][row].as_py(), corpus.meta["height"][row].as_py()
         gray = corpus.meta["grayscale"][row].as_py()
         colour = {True: "grayscale", False: "colour", None: "colour unknown"}[gray]
-        return (f"largest: {w}x{h} pixels, {colour}, {corpus.meta['bytes'][row].as_py()} bytes "
-                "(most pixels, then colour over grayscale, then most bytes, then smallest key)")
+        return f"largest: {w}x{h} pixels, {colour}, {corpus.meta['bytes'][row].as_py()} bytes"
     if policy == "smallest-file":
         return f"smallest file: {corpus.meta['bytes'][row].as_py()} bytes"
     return "first in corpus order"

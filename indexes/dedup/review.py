@@ -20,7 +20,9 @@ import pyarrow.parquet as pq
 
 from imgindex.indexes.dedup.find import DedupResult
 from imgindex.indexes.gallery import Page, fetch_images
+from imgindex.indexes.dedup.groups import KEEP_RULES
 from imgindex.indexes.query import Searcher
+from imgindex.plurals import counted
 from imgindex.pipeline.sources import sample_location
 
 REPORT_GROUPS = 200  # groups shown in a report, largest first; all are in groups.parquet
@@ -110,13 +112,15 @@ def dedup_report(groups: pa.Table, sources: dict[str, dict], stats: dict, limit:
         for m in members:
             ident = (m["shard"], m["key"])
             tie = m["reason"] if m["keep"] else link_text(m["kind"], m["similarity"], m["phash_distance"])
+            (where,) = _paths(sources, [m["shard"]], [m["key"]])  # the file a remove list would name
             figs.append(page.figure(ident, images.get(ident), ("KEEP  " if m["keep"] else "") + m["key"],
-                                    [m["shard"], tie], css="keep" if m["keep"] else ""))
+                                    [where, tie], css="keep" if m["keep"] else ""))
         first = members[0]
         page.section(f"group {first['group_id']}: {first['group_size']} images, lowest cosine between two members "
                      f"{first['min_similarity']:.4f}", figs, hidden=first["group_size"] - len(members))
-    intro = (f"{stats.get('groups', len(by_group))} groups, {stats.get('removed', 0)} images to remove. "
-             f"Tiers: {tiers_text(stats)}; keep policy {stats.get('keep')}. "
+    intro = (f"{counted(stats.get('groups', len(by_group)), 'group')}, "
+             f"{counted(stats.get('removed', 0), 'image')} to remove. "
+             f"Tiers: {tiers_text(stats)}; keep policy: {KEEP_RULES.get(stats.get('keep'), stats.get('keep'))}. "
              "The kept image of each group is framed in blue.")
     if len(ordered) > len(shown):
         intro += f" Showing the {len(shown)} largest groups of {len(ordered)}; all are in groups.parquet."
@@ -149,7 +153,7 @@ def write_leaks(result: DedupResult, searcher: Searcher, against_sources: dict[s
             figs.append(page.figure(("index", *ident), train_images.get(ident), ident[1],
                                     [ident[0], link_text(pairs["kind"][i], pairs["similarity"][i],
                                                          pairs["phash_distance"][i])]))
-        page.section(f"{a[1]} has {len(matches[a])} duplicate(s) in the index", figs,
+        page.section(f"{a[1]} has {counted(len(matches[a]), 'duplicate')} in the index", figs,
                      hidden=len(matches[a]) - GROUP_MEMBERS if len(matches[a]) > GROUP_MEMBERS else 0)
     intro = (f"{result.stats['leaked']} of {result.stats['images']} images of {result.stats['against']} have a "
              f"duplicate in the index. Tiers: {tiers_text(result.stats)}.")
