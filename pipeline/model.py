@@ -1,5 +1,5 @@
 """The timm backbone: created with num_classes=0 (pooled features), weights from the hub,
-a local checkpoint or (only when asked) random; forward on uint8 batches with the
+a local checkpoint, a weights package (pipeline.weights) or (only when asked) random; forward on uint8 batches with the
 normalization done on the device.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from imgindex.errors import ConfigError
 from imgindex.pipeline.config import EmbedConfig
+from imgindex.pipeline.weights import load_checkpoint, load_packaged
 
 if TYPE_CHECKING:
     from imgindex.pipeline.schedule import Schedule
@@ -134,32 +135,6 @@ def _check_model_name(name: str) -> None:
         raise ConfigError(f"unknown timm model {name!r}{hint}: see timm.list_models()")
 
 
-def _load_checkpoint(model: torch.nn.Module, path: str) -> None:
-    """Strict load of a local checkpoint; classifier weights in it are dropped (num_classes=0)."""
-    if not Path(path).is_file():
-        raise ConfigError(f"checkpoint {path!r} does not exist: pass a safetensors or .pth file")
-    try:
-        state_dict = timm.models.load_state_dict(path)
-    except Exception as exc:  # torch and safetensors raise many types for a bad file
-        raise ConfigError(f"checkpoint {path!r} could not be read ({type(exc).__name__}: {exc})") from None
-    classifier = model.pretrained_cfg.get("classifier") or ()
-    for head in (classifier,) if isinstance(classifier, str) else classifier:
-        state_dict.pop(f"{head}.weight", None)
-        state_dict.pop(f"{head}.bias", None)
-    architecture = model.pretrained_cfg.get("architecture")
-    try:
-        result = model.load_state_dict(state_dict, strict=False)
-    except RuntimeError as exc:  # tensor shapes differ: weights of another model size
-        mismatch = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
-        raise ConfigError(f"checkpoint {path!r} does not fit {architecture}: {mismatch}") from None
-    if result.missing_keys or result.unexpected_keys:
-        raise ConfigError(
-            f"checkpoint {path!r} does not fit {architecture}: "
-            f"{len(result.missing_keys)} missing keys (e.g. {result.missing_keys[:3]}), "
-            f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:3]})"
-        )
-
-
 def _offline_weights(name: str) -> dict | None:
     """Before timm asks the hub: when the hub cannot be reached, the locally cached weights file
     (as a timm pretrained_cfg overlay), or an error at once, instead of a minute of retries."""
@@ -205,8 +180,11 @@ def load_backbone(config: EmbedConfig, schedule: "Schedule | None" = None) -> Ba
         raise ConfigError("fp16 is not supported on CPU: use --precision fp32 or bf16")
     if mc.checkpoint:
         model = timm.create_model(mc.name, pretrained=False, num_classes=0)
-        _load_checkpoint(model, mc.checkpoint)
+        load_checkpoint(model, mc.checkpoint)
         weights = {"source": "checkpoint", "path": str(Path(mc.checkpoint).resolve())}
+    elif mc.weights_package:
+        model = timm.create_model(mc.name, pretrained=False, num_classes=0)
+        weights = load_packaged(model, mc.name, mc.weights_package)
     elif mc.pretrained:
         overlay = _offline_weights(mc.name)
         try:

@@ -27,6 +27,7 @@ def config_from_manifest(manifest: dict, device: str | None = None, checkpoint: 
     weights = manifest.get("weights") or {}
     if checkpoint or weights.get("source") == "checkpoint":
         overrides["model.checkpoint"] = checkpoint or weights.get("path")
+        overrides.pop("model.weights_package", None)
     return load_config(None, overrides)
 
 

@@ -63,6 +63,7 @@ BAD_VALUES = {
     "model.name": [123, ["a"], "", None],
     "model.pretrained": ["no", 1, None],
     "model.checkpoint": [123, True, ""],
+    "model.weights_package": [123, True, ""],
     "model.normalize": ["false", 0],
     "runtime.device": ["gpu", 3, "cuda:x"],
     "runtime.precision": ["fp64", None],
@@ -130,5 +131,5 @@ def test_a_base_cycle_is_an_error(tmp_path):
 def test_named_configs_resolve_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert load_config("test").model.pretrained is False
-    with pytest.raises(ConfigError, match="one of: cpu, default, test"):
+    with pytest.raises(ConfigError, match="one of: cpu, default, lite0, test"):
         load_config("nope")
