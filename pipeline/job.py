@@ -11,22 +11,20 @@ import platform
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-
-import pyarrow
-import timm
-import torch
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from imgindex.errors import ConfigError
 from imgindex.formats.embeddings_dir import EmbeddingStore
 from imgindex.formats.embeddings_dir import manifest as embeddings_manifest
 from imgindex.pipeline.config import EmbedConfig
-from imgindex.pipeline.decode import DECODE_MODE, describe_preprocess
-from imgindex.pipeline.model import Backbone
 from imgindex.pipeline.schedule import Machine, Schedule, decide, machine_facts
-from imgindex.pipeline.shard_job import Worker
 from imgindex.pipeline.sources import Shard, plan_shards
 from imgindex.plurals import counted
 from imgindex.progress import progress_bar
+
+if TYPE_CHECKING:  # torch and timm load only once the inputs are checked: a bad input fails in a second
+    from imgindex.pipeline.model import Backbone
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +73,14 @@ class Summary:
         return text
 
 
-def build_manifest(config: EmbedConfig, backbone: Backbone, schedule: Schedule) -> dict:
+def build_manifest(config: EmbedConfig, backbone: "Backbone", schedule: Schedule) -> dict:
     """Everything needed to know, and reproduce, how the vectors were made, and how the job ran."""
+    import pyarrow
+    import timm
+    import torch
+
+    from imgindex.pipeline.decode import DECODE_MODE, describe_preprocess
+
     cfg = backbone.model.pretrained_cfg
     return embeddings_manifest(
         model={"name": backbone.name, "architecture": cfg.get("architecture"), "tag": cfg.get("tag"),
@@ -115,6 +119,35 @@ class Job:
     schedule: Schedule
     overwrite: bool
 
+    def finished(self) -> bool:
+        """Every planned shard is done, under a manifest made with the same model, weights file,
+        preprocessing and precision as asked now: a rerun has nothing to do and loads no model
+        to find that out. Anything else takes the usual path, where a change is refused."""
+        if self.overwrite:
+            return False
+        manifest = self.store.read_manifest()
+        if manifest is None or not {s.name for s in self.shards} <= self.store.done_shards():
+            return False
+        return not self._changed_since(manifest)
+
+    def _changed_since(self, manifest: dict) -> bool:
+        import json
+
+        from imgindex.pipeline.weights import file_sha256
+
+        recorded, now = manifest.get("config") or {}, json.loads(json.dumps(self.config.to_dict()))
+        model, weights = self.config.model, manifest.get("weights") or {}
+        if any((recorded.get("model") or {}).get(k) != now["model"].get(k)
+               for k in ("name", "pretrained", "weights_package", "normalize")):
+            return True
+        if recorded.get("decode") != now["decode"] or manifest.get("precision") != self.schedule.precision:
+            return True
+        if model.checkpoint:
+            path = Path(model.checkpoint).resolve()
+            return (weights.get("path") != str(path) or not path.is_file()
+                    or weights.get("file_sha256") != file_sha256(path))
+        return bool(recorded.get("model", {}).get("checkpoint"))
+
 
 def plan_job(sources: list[str], out: str, config: EmbedConfig, overwrite: bool = False,
              slice_: str | None = None, machine: Machine | None = None) -> Job:
@@ -136,7 +169,7 @@ def plan_job(sources: list[str], out: str, config: EmbedConfig, overwrite: bool 
     return Job(shards, store, config, schedule, overwrite)
 
 
-def prepare_output(job: Job, backbone: Backbone) -> list[Shard]:
+def prepare_output(job: Job, backbone: "Backbone") -> list[Shard]:
     """Check (or write) the manifest, clear OUT if asked: once, in the driver. The shards to do."""
     job.store.prepare(build_manifest(job.config, backbone, job.schedule), overwrite=job.overwrite)
     done = job.store.done_shards()
@@ -147,7 +180,11 @@ def run_embed(sources: list[str], out: str, config: EmbedConfig, overwrite: bool
               slice_: str | None = None, progress: bool | None = None) -> Summary:
     """Embed every shard of `sources` into `out` in this process (one Worker, the same
     `embed_shard` every executor runs). Bad job inputs raise ConfigError before any work."""
+    from imgindex.pipeline.shard_job import Worker
+
     job = plan_job(sources, out, config, overwrite, slice_)
+    if job.finished():
+        return Summary(out=out, shards_total=len(job.shards), shards_skipped=len(job.shards))
     with Worker(out, config, job.schedule) as worker:
         config.runtime.batch_size = worker.batch_size
         todo = prepare_output(job, worker.backbone)

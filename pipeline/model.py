@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from imgindex.errors import ConfigError
 from imgindex.pipeline.config import EmbedConfig
-from imgindex.pipeline.weights import load_checkpoint, load_packaged
+from imgindex.pipeline.weights import file_sha256, load_checkpoint, load_packaged
 
 if TYPE_CHECKING:
     from imgindex.pipeline.schedule import Schedule
@@ -181,7 +181,8 @@ def load_backbone(config: EmbedConfig, schedule: "Schedule | None" = None) -> Ba
     if mc.checkpoint:
         model = timm.create_model(mc.name, pretrained=False, num_classes=0)
         load_checkpoint(model, mc.checkpoint)
-        weights = {"source": "checkpoint", "path": str(Path(mc.checkpoint).resolve())}
+        weights = {"source": "checkpoint", "path": str(Path(mc.checkpoint).resolve()),
+                   "file_sha256": file_sha256(Path(mc.checkpoint))}
     elif mc.weights_package:
         model = timm.create_model(mc.name, pretrained=False, num_classes=0)
         weights = load_packaged(model, mc.name, mc.weights_package)

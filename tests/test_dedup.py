@@ -16,7 +16,7 @@ from imgindex.errors import ConfigError
 from imgindex.pipeline.demo_corpus import write_demo_corpus
 from imgindex.pipeline.job import run_embed
 
-EMBEDDING = DedupOptions(methods=("embedding",))
+EMBEDDING = DedupOptions(methods=("embedding",), threshold=0.95)
 
 
 def planted(count=4000, dim=64, groups=150, seed=0):
@@ -103,7 +103,7 @@ def test_chains_are_split_around_the_kept_member(tmp_path):
     others = clustered_vectors(200, 32, clusters=20, spread=1.0, seed=9)
     write_embeddings_dir(str(tmp_path / "emb"), np.vstack([chain, others]))
     build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), progress=False)
-    result = find_duplicates(tmp_path / "idx", DedupOptions(methods=("embedding",), keep="first"), progress=False)
+    result = find_duplicates(tmp_path / "idx", DedupOptions(methods=("embedding",), threshold=0.95, keep="first"), progress=False)
     assert groups_as_sets(result) == {frozenset({0, 1}), frozenset({2, 3})}
     for row in result.groups.to_pylist():
         assert row["min_similarity"] >= 0.95 and row["similarity"] >= 0.95

@@ -126,3 +126,23 @@ def test_stale_temporary_files_are_invisible_and_replaced(tmp_path, photo_tars, 
     run_embed(tars, str(out), config_for(), progress=False)
     assert not stale.exists()
     assert [p.name for p in (out / "embeddings").iterdir()] == ["part-shard-00000.parquet"]
+
+
+def test_a_finished_job_rerun_loads_no_model(tmp_path, photo_tars, config_for, monkeypatch):
+    import imgindex.pipeline.shard_job as shard_job
+    from imgindex.errors import ConfigError
+
+    tars = photo_tars(count=2, per_shard=2)
+    first = run_embed([str(t) for t in tars], str(tmp_path / "out"), config_for(), progress=False)
+    assert first.shards_done == 2
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a rerun with nothing to do loaded the model")
+
+    monkeypatch.setattr(shard_job, "load_backbone", no_model)
+    again = run_embed([str(t) for t in tars], str(tmp_path / "out"), config_for(), progress=False)
+    assert again.shards_done == 0 and again.shards_skipped == 2 and "2 shards already done" in again.line()
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match="made differently"):  # other settings: refused, not skipped
+        run_embed([str(t) for t in tars], str(tmp_path / "out"), config_for(**{"runtime.precision": "bf16"}),
+                  progress=False)

@@ -5,9 +5,11 @@ copies (half size, 80% centre crop, JPEG quality 50, horizontal flip) that are e
 with the model the index records. For each embedding threshold: recall = copies whose
 cosine to their original reaches it; false matches = other indexed images that reach it
 among each copy's 10 nearest neighbours; precision = recall hits / (hits + false matches).
-False matches can be true duplicates the corpus already holds, so precision is a lower
-bound. The phash tier gets the same treatment with Hamming distances (false matches: every
-other indexed image within the distance).
+An indexed image at least as close to the original as the planted copy is (a duplicate the
+corpus already holds) is another copy, not a false match; weaker duplicates still count as
+false, so precision is a lower bound. The phash tier gets the same treatment with Hamming
+distances (false matches: every other indexed image within the distance, less those at
+least as close to the original's hash as the copy's).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from imgindex.indexes.query import Searcher
 from imgindex.errors import ConfigError
 
 THRESHOLDS = (0.80, 0.85, 0.90, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99)
+FINE_THRESHOLDS = tuple(round(t / 100, 2) for t in range(30, 100))  # what --threshold auto chooses from
 DISTANCES = (0, 2, 4, 6, 8, 10, 12)
 
 
@@ -46,21 +49,16 @@ TRANSFORMS: dict[str, Callable[[Image.Image], bytes]] = {
 }
 
 
-def calibrate(index_dir: str, sample: int = 100, seed: int = 0, device: str | None = None,
-              checkpoint: str | None = None) -> dict:
+def calibrate(index: "str | Searcher", sample: int = 100, seed: int = 0,
+              thresholds: tuple[float, ...] = THRESHOLDS) -> dict:
     """Recall and precision per threshold (embedding) and per distance (phash), by transform."""
-    import tempfile
-    from pathlib import Path
-
     from imgindex.pipeline.decode import SampleError, open_upright, phash
-    from imgindex.pipeline.query_embedder import ImageEmbedder
-
-    searcher = Searcher(index_dir)
+    searcher = index if isinstance(index, Searcher) else Searcher(index)
     rows = np.sort(np.random.default_rng(seed).choice(searcher.index.ntotal,
                                                       min(sample, searcher.index.ntotal), replace=False))
     chosen = searcher.ids.take(rows).to_pylist()
     images = fetch_images(searcher.sources(), [(r["shard"], r["key"]) for r in chosen], searcher.member_ranges)
-    embedder = ImageEmbedder(searcher.manifest["embeddings"], device=device, checkpoint=checkpoint)
+    embedder = searcher.embedder()
     originals, copies = [], []  # (row, stored phash) and (original index, transform, bytes)
     for row, ident in zip(rows, chosen):
         data = images.get((ident["shard"], ident["key"]))
@@ -75,26 +73,25 @@ def calibrate(index_dir: str, sample: int = 100, seed: int = 0, device: str | No
     if not copies:
         raise ConfigError("no sampled image could be read back from its source: calibration needs the "
                           "original images where the embeddings recorded them")
-    with tempfile.TemporaryDirectory(prefix="imgindex-calibrate-") as tmp:
-        paths = []
-        for i, (_, name, data) in enumerate(copies):
-            path = Path(tmp) / f"{i}-{name}.jpg"
-            path.write_bytes(data)
-            paths.append(path)
-        vectors = embedder.embed_files(paths)
+    vectors = embedder.embed_pixels([embedder.pixels(data) for _, _, data in copies])
     origin_rows = np.asarray([originals[o][0] for o, _, _ in copies])
     scores, found = searcher.index.search(vectors, 10)
-    stored = np.stack([_stored_vector(searcher, int(r)) for r in origin_rows])
-    to_original = np.einsum("ij,ij->i", vectors, stored)
+    stored = np.stack([_stored_vector(searcher, int(r)) for r, _ in originals])
+    copy_of = np.asarray([o for o, _, _ in copies])
+    to_original = np.einsum("ij,ij->i", vectors, stored[copy_of])
+    near_scores, near_rows = searcher.index.search(stored, 64)  # what the corpus holds near each original
+    near = [dict(zip(rows.tolist(), sims.tolist())) for rows, sims in zip(near_rows, near_scores)]
+    another_copy = np.asarray([[near[o].get(int(row), -2.0) >= to_original[i] for row in found[i]]
+                               for i, o in enumerate(copy_of)], dtype=bool).reshape(found.shape)
     names = np.asarray([name for _, name, _ in copies])
     copy_hashes = np.asarray([phash(open_upright(data, embedder.decode.max_pixels).image) for _, _, data in copies],
                              dtype=np.int64)  # each planted copy decoded and hashed once
     distances = hamming(copy_hashes, np.asarray([originals[o][1] for o, _, _ in copies], dtype=np.int64))
 
     embedding = []
-    for t in THRESHOLDS:
+    for t in thresholds:
         hits = to_original >= t
-        false = int(((scores >= t) & (found != origin_rows[:, None]) & (found >= 0)).sum())
+        false = int(((scores >= t) & (found != origin_rows[:, None]) & (found >= 0) & ~another_copy).sum())
         entry = {"threshold": t, "recall": round(float(hits.mean()), 4),
                  "precision": round(float(hits.sum() / max(1, hits.sum() + false)), 4), "false_matches": false}
         entry.update({f"recall_{n}": round(float(hits[names == n].mean()), 4) for n in TRANSFORMS})
@@ -103,6 +100,9 @@ def calibrate(index_dir: str, sample: int = 100, seed: int = 0, device: str | No
     q, row = phash_pairs(corpus, max(DISTANCES), queries=(copy_hashes, np.ones(len(copies), bool)))
     other = row != origin_rows[q]
     other_distance = hamming(copy_hashes[q[other]], corpus[0][row[other]])
+    original_hashes = np.asarray([originals[o][1] for o in copy_of], dtype=np.int64)
+    to_copy_original = hamming(original_hashes[q[other]], corpus[0][row[other]])
+    other_distance = other_distance[to_copy_original > distances[q[other]]]  # nearer ones: copies it holds
     phash_rows = []
     for d in DISTANCES:
         hits = distances <= d
@@ -151,3 +151,13 @@ def format_table(result: dict) -> str:
     if result["weights"] == "random":
         lines.append("WARNING: the index was made with random weights: the embedding figures mean nothing")
     return "\n".join(lines)
+
+
+def choose_threshold(result: dict, target_precision: float) -> dict:
+    """The lowest threshold whose planted-copy precision reaches the target (the most recall at
+    that precision); when none does, the most precise one, said so. The entry, plus `met`."""
+    rows = result["embedding"]
+    met = [e for e in rows if e["precision"] >= target_precision]
+    chosen = met[0] if met else max(rows, key=lambda e: (e["precision"], -e["threshold"]))
+    return {**chosen, "met": bool(met), "target_precision": target_precision,
+            "images": result["images"], "copies": result["copies"]}

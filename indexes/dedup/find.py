@@ -3,9 +3,10 @@ into it: the tiers, then pairs and groups as tables. No step holds more than O(N
 besides the index and a disk-backed copy of the vectors."""
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,8 @@ from imgindex.indexes.dedup.tiers import METHODS, PAIR_SCHEMA, DedupOptions, Pai
 from imgindex.formats.embeddings_dir import EmbeddingsDir
 from imgindex.indexes.query import Searcher
 from imgindex.formats.embeddings_dir import identity_changes
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,6 +48,35 @@ def _searcher(index: str | Path | Searcher) -> Searcher:
     return index if isinstance(index, Searcher) else Searcher(index)
 
 
+def resolve_threshold(searcher: Searcher, options: DedupOptions) -> tuple[DedupOptions, dict]:
+    """Check the embedding tier can run, and fix its threshold: as given, or (auto) calibrated on
+    planted copies of the corpus's own images with the model the index records. The options with
+    a number for a threshold, and what was chosen with its measured recall and precision."""
+    if "embedding" not in options.methods:
+        return options, {}
+    weights = searcher.manifest["embeddings"].get("weights") or {}
+    if weights.get("source") == "random" and not options.allow_random_weights:
+        raise ConfigError("the index was embedded with random weights, which cannot tell images apart: the embedding "
+                          "tier would call everything a duplicate. Use --method exact,phash, embed with real "
+                          "weights (--config lite0 or --checkpoint), or pass --allow-random-weights for plumbing tests")
+    if options.threshold != "auto":
+        return options, {"threshold_source": "given"}
+    if not searcher.manifest["embeddings"].get("config"):
+        raise ConfigError("--threshold auto plants copies and embeds them with the index's model, which these "
+                          "embeddings do not record (synthetic vectors?): pass --threshold, e.g. 0.95")
+    from imgindex.indexes.dedup.calibrate import FINE_THRESHOLDS, calibrate, choose_threshold
+
+    chosen = choose_threshold(calibrate(searcher, options.calibration_sample, thresholds=FINE_THRESHOLDS),
+                              options.target_precision)
+    options = replace(options, threshold=chosen["threshold"])
+    if not chosen["met"]:
+        log.warning("no threshold reached precision %.2f on %d planted copies: using %.2f (precision %.3f, "
+                    "recall %.3f)", options.target_precision, chosen["copies"], chosen["threshold"],
+                    chosen["precision"], chosen["recall"])
+    return options, {"threshold_source": "auto", "calibration": {k: chosen[k] for k in (
+        "threshold", "recall", "precision", "target_precision", "met", "images", "copies")}}
+
+
 def _tiers(options: DedupOptions) -> dict:
     """What the enabled tiers are, as the outputs and the report state them."""
     return {"methods": list(options.methods), "keep": options.keep,
@@ -60,7 +92,8 @@ def find_duplicates(index: str | Path | Searcher, options: DedupOptions | None =
     options.check()
     started = time.time()
     searcher = _searcher(index)
-    stats: dict = {"images": int(searcher.manifest["count"]), **_tiers(options)}
+    options, chosen = resolve_threshold(searcher, options)
+    stats: dict = {"images": int(searcher.manifest["count"]), **_tiers(options), **chosen}
     with tempfile.TemporaryDirectory(dir=workdir, prefix="imgindex-dedup-") as tmp:
         corpus = Corpus.of_index(searcher, Path(tmp), progress)
         found = find_pairs(searcher, corpus, corpus, options, True, stats, progress)
@@ -81,6 +114,7 @@ def find_leaks(index: str | Path | Searcher, against: str, options: DedupOptions
     options.check()
     started = time.time()
     searcher = _searcher(index)
+    options, chosen = resolve_threshold(searcher, options)
     test = EmbeddingsDir(against)
     changed = identity_changes(test.manifest, searcher.manifest["embeddings"])
     if changed:
@@ -89,7 +123,7 @@ def find_leaks(index: str | Path | Searcher, against: str, options: DedupOptions
     test_parts = test.parts()
     if not test_parts:
         raise ConfigError(f"{against} has no complete parts: run `imgindex embed` first")
-    stats: dict = {"against": against, **_tiers(options)}
+    stats: dict = {"against": against, **_tiers(options), **chosen}
     with tempfile.TemporaryDirectory(dir=workdir, prefix="imgindex-leaks-") as tmp:
         train = Corpus.of_index(searcher, Path(tmp), progress)
         queries = Corpus([(test, p) for p in test_parts], test.dim, Path(tmp), progress, name="against")

@@ -47,10 +47,13 @@ PAIR_SCHEMA = pa.schema([
 @dataclass
 class DedupOptions:
     methods: tuple[str, ...] = METHODS
-    threshold: float = 0.95  # cosine, embedding tier
+    threshold: float | str = "auto"  # cosine, embedding tier; auto: calibrated on planted copies (find.py)
     phash_distance: int = 4  # Hamming distance, phash tier
     keep: str = "largest"
     max_neighbors: int = 100  # embedding tier: neighbours examined per image
+    target_precision: float = 0.98  # --threshold auto: the precision the chosen threshold reaches
+    calibration_sample: int = 100  # --threshold auto: images sampled, four planted copies each
+    allow_random_weights: bool = False  # random weights cannot tell images apart: the embedding tier refuses them
 
     def check(self) -> None:
         unknown = set(self.methods) - set(METHODS)
@@ -58,8 +61,10 @@ class DedupOptions:
             raise ConfigError(f"--method takes a comma list of {', '.join(METHODS)}; got {','.join(self.methods)}")
         if self.keep not in KEEP_POLICIES:
             raise ConfigError(f"--keep must be one of {', '.join(KEEP_POLICIES)}, got {self.keep!r}")
-        if not 0 < self.threshold <= 1:
-            raise ConfigError(f"--threshold is a cosine similarity in (0, 1], got {self.threshold}")
+        if self.threshold != "auto" and (isinstance(self.threshold, (str, bool)) or not 0 < self.threshold <= 1):
+            raise ConfigError(f"--threshold is a cosine similarity in (0, 1] or auto, got {self.threshold}")
+        if not 0 < self.target_precision <= 1:
+            raise ConfigError(f"--target-precision is in (0, 1], got {self.target_precision}")
         if not 0 <= self.phash_distance <= 16:
             raise ConfigError(f"--phash-distance must be 0 to 16 bits, got {self.phash_distance}")
 
