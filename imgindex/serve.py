@@ -5,27 +5,35 @@ returns an ASGI app (FastAPI), which can be served by uvicorn or mounted in anot
 Queries that arrive together are answered together: the images among them go through one
 forward pass and every query through one faiss search (QueryBatcher). Nothing a client sends
 names a file: thumbnails are read only for (shard, key) pairs the index holds, from the sources
-the embeddings recorded.
+the embeddings recorded. Every answer is JSON text (`{"error": ...}` when refused), every request
+body is refused as soon as it passes its limit, and one query's failure is never another's.
 """
 
 import asyncio
 import functools
 import hmac
 import logging
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from html import escape
 from importlib.resources import files
 from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlencode
 
 import numpy as np
 
 from imgindex.indexes.query import Searcher
-from imgindex.errors import ConfigError
+from imgindex.errors import ConfigError, install_hint
 from imgindex.pipeline.decode import SampleError
+from imgindex.pipeline.sources import text_key
 
 log = logging.getLogger(__name__)
 
 MAX_K = 1000
 MAX_BATCH = 64  # queries answered by one forward and one search
+FORM_OVERHEAD = 64 * 2**10  # a multipart form's boundaries, part headers and small fields around the image
+VECTOR_NUMBER_BYTES = 48  # room for one number of a vector in JSON: "-1.2345678901234567e-300, " and indentation
 
 
 @dataclass
@@ -40,7 +48,9 @@ class Query:
 class QueryBatcher:
     """Queries that wait together are answered together, in a thread of their own, one batch at a
     time (so the model and the index see one caller): one forward for the batch's images, one
-    search per shard filter. While a batch runs, the next one gathers."""
+    search per shard filter. While a batch runs, the next one gathers. A query that fails (an
+    upload no decoder reads, a forward or search that fails on it alone) gets its own exception;
+    its batch-mates still get their hits."""
 
     def __init__(self, searcher: Searcher, device: str | None = None):
         self.searcher = searcher
@@ -63,7 +73,7 @@ class QueryBatcher:
                 batch.append(self.queue.get_nowait())
             try:
                 answers = await loop.run_in_executor(None, self._answer, batch)
-            except Exception as exc:  # the batch's error goes to each of its queries
+            except Exception as exc:  # a failure no query can be blamed for reaches them all
                 for query in batch:
                     if not query.future.done():
                         query.future.set_exception(exc)
@@ -80,67 +90,182 @@ class QueryBatcher:
         """Decode the batch's images here too, in the one thread that runs the forward: decode
         threads beside it would take the cores the forward's threads wait on."""
         answers: list[list[dict] | Exception | None] = [None] * len(batch)
-        embedder = self.searcher.embedder(self.device) if any(q.image is not None for q in batch) else None
-        decoded = []
-        for i, query in enumerate(batch):
-            if query.image is not None:
+        images = [i for i, q in enumerate(batch) if q.image is not None]
+        if images:
+            embedder = self.searcher.embedder(self.device)
+            pixels = {}
+            for i in images:
                 try:
-                    decoded.append((i, embedder.pixels(query.image)))
+                    pixels[i] = embedder.pixels(batch[i].image)
                 except SampleError as exc:
                     answers[i] = exc
-        if decoded:
-            vectors = embedder.embed_pixels([pixels for _, pixels in decoded], MAX_BATCH)
-            for (i, _), vector in zip(decoded, vectors):
+                except Exception as exc:  # whatever a decoder raises on one upload is that upload's failure
+                    answers[i] = SampleError("decode_error", f"{type(exc).__name__}: {exc}")
+            forward = functools.partial(_forward, embedder, pixels)
+            for i, vector in _each(list(pixels), forward, answers).items():
                 batch[i].vector = vector
         for shard in dict.fromkeys(q.shard for q in batch):
             members = [i for i, q in enumerate(batch) if q.shard == shard and answers[i] is None]
-            if not members:
-                continue
-            k = max(batch[i].k for i in members)
-            hits = self.searcher.search_vectors(np.stack([batch[i].vector for i in members]), k, shard=shard)
-            for i, found in zip(members, hits):
+            search = functools.partial(_search, self.searcher, batch, shard)
+            for i, found in _each(members, search, answers).items():
                 answers[i] = [h.to_dict() for h in found[:batch[i].k]]
         return answers
 
 
+def _forward(embedder, pixels: dict[int, np.ndarray], members: list[int]) -> np.ndarray:
+    return embedder.embed_pixels([pixels[i] for i in members], MAX_BATCH)
+
+
+def _search(searcher: Searcher, batch: list[Query], shard: str | None, members: list[int]) -> list:
+    k = max(batch[i].k for i in members)
+    return searcher.search_vectors(np.stack([batch[i].vector for i in members]), k, shard=shard)
+
+
+def _each(members: list[int], run: Callable[[list[int]], Any], answers: list) -> dict[int, Any]:
+    """run(members) once for all of them; should that fail, once for each, so a failure becomes
+    the answer of the one query it belongs to (answers[i]) and the others still get theirs."""
+    if not members:
+        return {}
+    try:
+        return dict(zip(members, run(members)))
+    except Exception as exc:
+        if len(members) == 1:
+            answers[members[0]] = exc
+            return {}
+    results = {}
+    for i in members:
+        try:
+            results[i] = run([i])[0]
+        except Exception as exc:
+            answers[i] = exc
+    return results
+
+
+def json_text(text: str) -> str:
+    """A string as valid JSON text: a name that is not UTF-8 (held with surrogate escapes, as
+    Python decodes it) gets its bytes as `\\xNN`, as keys have them; any other lone surrogate
+    its `\\uXXXX`."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text_key(text)[0]
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _json_values(row: dict) -> dict:
+    return {name: json_text(value) if isinstance(value, str) else value for name, value in row.items()}
+
+
 def create_app(index_dir: str | Path, token: str | None = None, max_upload: int = 20 * 2**20,
                device: str | None = None):
-    """The service for one index: JSON API under /api, the page at /, OpenAPI at /docs."""
+    """The service for one index: JSON API under /api, the page at /, the API reference at /docs
+    (OpenAPI at /openapi.json). An unusable `device` is a ConfigError here, not on every query."""
     try:
-        from fastapi import FastAPI, HTTPException, Request
+        from fastapi import FastAPI, HTTPException, Query as Param, Request
+        from fastapi.exceptions import RequestValidationError
         from fastapi.responses import HTMLResponse, JSONResponse, Response
+        from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+        from starlette.exceptions import HTTPException as StarletteHTTPException
+        from starlette.formparsers import MultiPartException, MultiPartParser
     except ImportError:
-        raise ConfigError("imgindex serve needs its extra: pip install 'imgindex[serve]'") from None
+        raise ConfigError(f"imgindex serve needs its extra: {install_hint('serve')}") from None
 
     searcher = Searcher(index_dir)
+    _check_device(device)
     try:
         searcher.embedder(device)  # the recorded model, loaded once, before the first query
         no_model = None
     except ConfigError as exc:  # e.g. synthetic vectors: key and vector queries still work
         no_model = str(exc)
+        log.warning("image queries are off (key and vector queries work): %s", no_model)
     batcher = QueryBatcher(searcher, device)
     manifest = searcher.manifest
-    app = FastAPI(title="imgindex", description=f"Search the index at {index_dir}", version="1")
+    dim = int(searcher.index.d)
+    vector_limit = FORM_OVERHEAD + VECTOR_NUMBER_BYTES * dim
+    app = FastAPI(title="imgindex", description=json_text(f"Search the index at {index_dir}"), version="1",
+                  docs_url=None, redoc_url=None)
     app.state.searcher, app.state.batcher = searcher, batcher
 
-    @app.exception_handler(HTTPException)
-    async def error_json(request, exc: HTTPException):
-        return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+    class Hit(BaseModel):
+        rank: int
+        score: float
+        shard: str
+        key: str
+        path: str | None = None
+        url: str | None = None
+        caption: str | None = None
+
+    class Hits(BaseModel):
+        hits: list[Hit]
+
+    class Error(BaseModel):
+        error: str
+
+    class Health(BaseModel):
+        status: str
+        count: int
+
+    class Info(BaseModel):
+        model: str
+        weights: dict[str, str | None]
+        count: int
+        dim: int
+        factory: str
+        recall_at_10: float | None
+        search_params: dict[str, Any] | None
+        shards: int
+
+    VectorQuery = create_model(
+        "VectorQuery", __config__=ConfigDict(strict=True),
+        vector=(Annotated[list[float], Field(min_length=dim, max_length=dim)], ...),
+        k=(int, Field(10, ge=1, le=MAX_K)), shard=(str | None, None))
+
+    refusals = {400: "the index records no model: query by key or vector", 404: "no such key, shard or sample",
+                413: "the request body or the image is over its limit", 422: "a malformed request or image"}
+    if token:
+        refusals[401] = "a bearer token is required"
+
+    def answers(*codes: int) -> dict:
+        """The refusals a route documents, each `{"error": ...}`."""
+        return {code: {"model": Error, "description": refusals[code]}
+                for code in sorted({*codes, *([401] if token else [])})}
+
+    def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse({"error": json_text(message)}, status_code=status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def refused(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail
+        if exc.status_code == 404 and "endpoint" not in request.scope:  # no route matched
+            message = f"no such route: {request.url.path} (the API is described at /docs)"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}: use {(exc.headers or {}).get('Allow')}"
+        return error(exc.status_code, str(message), exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error(422, _validation_message(exc.errors()))
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, exc: Exception) -> JSONResponse:
+        return error(500, f"internal error ({type(exc).__name__}); the server's log has the details")
 
     @app.middleware("http")
     async def require_token(request: Request, call_next):
         if token:
-            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip() or \
-                request.query_params.get("token", "")
+            scheme, _, credentials = request.headers.get("authorization", "").strip().partition(" ")
+            if scheme.lower() == "bearer":  # RFC 7235: the scheme is case-insensitive
+                given = credentials.strip()
+            else:
+                given = request.query_params.get("token", "")
             if not hmac.compare_digest(given.encode(), token.encode()):
-                return JSONResponse({"error": "a bearer token is required (Authorization: Bearer TOKEN, or "
-                                              "?token=TOKEN)"}, status_code=401)
+                return error(401, "a bearer token is required (Authorization: Bearer TOKEN, or ?token=TOKEN)",
+                             {"WWW-Authenticate": "Bearer"})
         return await call_next(request)
-
-    def check_k(k: int) -> int:
-        if not 1 <= k <= MAX_K:
-            raise HTTPException(422, f"k must be from 1 to {MAX_K}, got {k}")
-        return k
 
     def check_shard(shard: str | None) -> str | None:
         if shard is not None:
@@ -152,15 +277,49 @@ def create_app(index_dir: str | Path, token: str | None = None, max_upload: int 
 
     async def answer(query: Query) -> dict:
         try:
-            return {"hits": await batcher.ask(query)}
+            hits = await batcher.ask(query)
+        except SampleError as exc:
+            raise HTTPException(413 if exc.kind == "too_large" else 422, f"{exc.kind}: {exc}") from None
         except ConfigError as exc:
             raise HTTPException(400, str(exc)) from None
+        return {"hits": [_json_values(hit) for hit in hits]}
 
-    @app.get("/api/health")
+    async def body(request: Request, limit: int, refusal: str) -> bytes:
+        return b"".join([chunk async for chunk in _limited(request, limit, refusal)])
+
+    async def upload(request: Request) -> bytes:
+        """The image bytes of a request: the raw body, or the `file` field of a multipart form;
+        reading stops as soon as the body passes --max-upload (and the form's overhead)."""
+        over = f"the upload is over the limit of {max_upload} bytes (--max-upload)"
+        if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+            stream = _limited(request, max_upload + FORM_OVERHEAD, over)
+            try:
+                form = await MultiPartParser(request.headers, stream, max_files=1, max_fields=16,
+                                             max_part_size=FORM_OVERHEAD).parse()
+            except MultiPartException as exc:
+                raise HTTPException(422, f"a malformed form: {exc.message}") from None
+            try:
+                sent = form.get("file")
+                if sent is None or isinstance(sent, str):
+                    raise HTTPException(422, "send the image as the `file` field of the form, or as the raw body")
+                data = await sent.read(max_upload + 1)
+            finally:
+                await form.close()
+        else:
+            data = await body(request, max_upload, over)
+        if len(data) > max_upload:
+            raise HTTPException(413, over)
+        if not data:
+            raise HTTPException(422, "empty upload: send an image")
+        return data
+
+    k_param = Param(ge=1, le=MAX_K, description="hits to return")
+
+    @app.get("/api/health", response_model=Health, responses=answers())
     async def health() -> dict:
         return {"status": "ok", "count": int(searcher.index.ntotal)}
 
-    @app.get("/api/info")
+    @app.get("/api/info", response_model=Info, responses=answers())
     async def info() -> dict:
         emb = manifest["embeddings"]
         return {"model": emb["model"]["name"], "weights": {k: emb["weights"].get(k) for k in ("source", "sha256")},
@@ -168,24 +327,25 @@ def create_app(index_dir: str | Path, token: str | None = None, max_upload: int 
                 "recall_at_10": manifest.get("recall_at_10"), "search_params": manifest.get("search_params"),
                 "shards": len(manifest["parts"])}
 
-    @app.post("/api/search/image")
-    async def search_image(request: Request, k: int = 10, shard: str | None = None) -> dict:
+    image_body = {"required": True, "content": {
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
+                                           "properties": {"file": {"type": "string", "format": "binary"}}}}}}
+
+    @app.post("/api/search/image", response_model=Hits, responses=answers(400, 404, 413, 422),
+              openapi_extra={"requestBody": image_body})
+    async def search_image(request: Request, k: Annotated[int, k_param] = 10, shard: str | None = None) -> dict:
         """An image as the raw request body, or as the `file` field of a multipart form."""
-        check_k(k)
         check_shard(shard)
         if no_model:
             raise HTTPException(400, no_model)
-        data = await _upload(request, max_upload, HTTPException)
-        try:
-            return await answer(Query(k=k, shard=shard, image=data))
-        except SampleError as exc:
-            raise HTTPException(413 if exc.kind == "too_large" else 422, f"{exc.kind}: {exc}") from None
+        return await answer(Query(k=k, shard=shard, image=await upload(request)))
 
-    @app.get("/api/search/key")
-    async def search_key(key: str, k: int = 10, shard: str | None = None, within: str | None = None) -> dict:
+    @app.get("/api/search/key", response_model=Hits, responses=answers(404, 422))
+    async def search_key(key: str, k: Annotated[int, k_param] = 10, shard: str | None = None,
+                         within: str | None = None) -> dict:
         """More like an indexed image: `key` (and its `shard` when the key is in several);
         `within` limits the hits to one shard."""
-        check_k(k)
         check_shard(within)
         try:
             vector = searcher.key_vector(key, shard)
@@ -193,21 +353,22 @@ def create_app(index_dir: str | Path, token: str | None = None, max_upload: int 
             raise HTTPException(404, str(exc)) from None
         return await answer(Query(k=k, shard=within, vector=vector))
 
-    @app.post("/api/search/vector")
+    vector_body = {"required": True, "content": {"application/json": {"schema": VectorQuery.model_json_schema()}}}
+
+    @app.post("/api/search/vector", response_model=Hits, responses=answers(404, 413, 422),
+              openapi_extra={"requestBody": vector_body})
     async def search_vector(request: Request) -> dict:
-        """JSON {"vector": [...], "k": 10, "shard": null}."""
+        """JSON {"vector": [dim numbers], "k": 10, "shard": null}."""
+        data = await body(request, vector_limit, f"a vector query is at most {vector_limit} bytes ({dim} numbers)")
         try:
-            body = await request.json()
-            vector = np.asarray(body["vector"], dtype=np.float32)
-            k, shard = int(body.get("k", 10)), body.get("shard")
-        except (ValueError, KeyError, TypeError):
-            raise HTTPException(422, 'send JSON {"vector": [numbers], "k": 10}') from None
-        check_k(k)
-        check_shard(shard)
-        if vector.shape != (searcher.index.d,) or not np.isfinite(vector).all():
-            raise HTTPException(422, f"the vector must be {searcher.index.d} finite numbers, got shape "
-                                     f"{list(vector.shape)}")
-        return await answer(Query(k=k, shard=shard, vector=vector))
+            query = VectorQuery.model_validate_json(data)
+        except ValidationError as exc:
+            raise HTTPException(422, _vector_message(exc.errors(), dim)) from None
+        check_shard(query.shard)
+        vector = np.asarray(query.vector, dtype=np.float32)
+        if not np.isfinite(vector).all():
+            raise HTTPException(422, f"the vector must be {dim} finite numbers (as float32), got one that is not")
+        return await answer(Query(k=query.k, shard=query.shard, vector=vector))
 
     @functools.lru_cache(maxsize=4096)
     def thumbnail(shard: str, key: str) -> bytes | None:
@@ -215,7 +376,10 @@ def create_app(index_dir: str | Path, token: str | None = None, max_upload: int 
 
         return thumbnail_jpeg(fetch_images(searcher.sources(), [(shard, key)]).get((shard, key)))
 
-    @app.get("/api/thumbnail")
+    a_jpeg = {200: {"description": "a JPEG", "content": {"image/jpeg": {"schema": {"type": "string",
+                                                                                     "format": "binary"}}}}}
+
+    @app.get("/api/thumbnail", response_class=Response, responses={**a_jpeg, **answers(404, 422)})
     async def get_thumbnail(shard: str, key: str) -> Response:
         """A small JPEG of an indexed sample, read from its source; nothing else is ever opened."""
         try:
@@ -231,33 +395,96 @@ def create_app(index_dir: str | Path, token: str | None = None, max_upload: int 
     async def page() -> str:
         return files("imgindex").joinpath("page.html").read_text()
 
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    async def docs(request: Request) -> str:
+        given = request.query_params.get("token")
+        return _docs_page(app.openapi(), "?" + urlencode({"token": given}) if given else "")
+
     return app
 
 
-async def _upload(request, limit: int, HTTPException) -> bytes:
-    """The image bytes of a request, refused past `limit` without reading further."""
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > limit + 4096:
-        raise HTTPException(413, f"the upload is over the limit of {limit} bytes (--max-upload)")
-    if request.headers.get("content-type", "").startswith("multipart/form-data"):
-        form = await request.form()
-        upload = form.get("file")
-        if upload is None or not hasattr(upload, "read"):
-            raise HTTPException(422, "send the image as the `file` field of the form, or as the raw body")
-        data = await upload.read(limit + 1)
-    else:
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise HTTPException(413, f"the upload is over the limit of {limit} bytes (--max-upload)")
-            chunks.append(chunk)
-        data = b"".join(chunks)
-    if len(data) > limit:
-        raise HTTPException(413, f"the upload is over the limit of {limit} bytes (--max-upload)")
-    if not data:
-        raise HTTPException(422, "empty upload: send an image")
-    return data
+async def _limited(request, limit: int, refusal: str) -> AsyncIterator[bytes]:
+    """The request body chunk by chunk, refused (413) as soon as it passes `limit` bytes: what
+    comes after is never read into memory or a temp file."""
+    from fastapi import HTTPException
+
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise HTTPException(413, refusal)
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, refusal)
+        yield chunk
+
+
+def _validation_message(errors: list[dict]) -> str:
+    """FastAPI's validation errors (query parameters) as one sentence."""
+    said = []
+    for problem in errors:
+        where = [str(part) for part in problem.get("loc", ())]
+        if where[-1:] == ["k"]:
+            said.append(f"k must be a whole number from 1 to {MAX_K}, got {problem.get('input')!r}")
+        else:
+            said.append(f"{' '.join(where[:1])} parameter {'.'.join(where[1:])}: {problem.get('msg')}")
+    return "; ".join(said) or "a malformed request"
+
+
+def _vector_message(errors: list[dict], dim: int) -> str:
+    """A vector query's first validation error as one sentence that says what to send."""
+    problem = errors[0]
+    where = problem["loc"][0] if problem["loc"] else None
+    if where == "vector":
+        return f"the vector must be {dim} finite numbers: {problem['msg']}"
+    if where == "k":
+        return f"k must be a whole number from 1 to {MAX_K}: {problem['msg']}"
+    if where == "shard":
+        return f"shard must be a shard's name or null: {problem['msg']}"
+    return f'send JSON {{"vector": [{dim} numbers], "k": 10, "shard": null}}: {problem["msg"]}'
+
+
+def _check_device(device: str | None) -> None:
+    """A device that cannot hold a tensor stops the service at start (ConfigError), before it
+    answers every image query with the same refusal."""
+    import torch
+
+    from imgindex.pipeline.model import resolve_device
+
+    where = resolve_device(device or "auto")
+    try:
+        torch.zeros(1, device=where)
+    except (RuntimeError, AssertionError) as exc:
+        raise ConfigError(f"--device {device}: {str(exc).splitlines()[0]}") from None
+
+
+def _docs_page(spec: dict, token_query: str) -> str:
+    """The API reference as one self-contained page, built from the OpenAPI document (Swagger UI
+    would load its scripts from a CDN, and show nothing offline)."""
+    sections = []
+    for path, operations in spec.get("paths", {}).items():
+        for method, operation in operations.items():
+            params = [f"<code>{escape(p['name'])}</code>{'' if p.get('required') else ' (optional)'}"
+                      for p in operation.get("parameters", [])]
+            bodies = [f"<code>{escape(media)}</code>" for media in operation.get("requestBody", {}).get("content", {})]
+            codes = [f"<code>{escape(code)}</code> {escape(r.get('description', ''))}"
+                     for code, r in operation.get("responses", {}).items()]
+            sections.append(
+                f"<section><h2><code>{escape(method.upper())} {escape(path)}</code></h2>"
+                f"<p>{escape(operation.get('description') or operation.get('summary', ''))}</p>"
+                + (f"<p>parameters: {', '.join(params)}</p>" if params else "")
+                + (f"<p>body: {' or '.join(bodies)}</p>" if bodies else "")
+                + f"<p>answers: {'; '.join(codes)}</p></section>")
+    info = spec.get("info", {})
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{escape(info.get("title", ""))} API'
+            f'</title><style>body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }} '
+            f'section {{ border-top: 1px solid #ddd; }} h2 {{ font-size: 1.05em; }}</style></head><body>'
+            f'<h1>{escape(info.get("title", ""))} API</h1><p>{escape(info.get("description", ""))}</p>'
+            f'<p>The OpenAPI document is at <a id="openapi" href="/openapi.json{escape(token_query)}">'
+            f'/openapi.json</a>: '
+            f'load it into any OpenAPI viewer or client generator. This page is self-contained (no scripts '
+            f'from elsewhere), so it works offline. Refusals answer <code>{{"error": "..."}}</code>.</p>'
+            + "".join(sections) + "</body></html>")
 
 
 def serve(index_dir: str, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
@@ -266,7 +493,7 @@ def serve(index_dir: str, host: str = "127.0.0.1", port: int = 8000, token: str 
     try:
         import uvicorn
     except ImportError:
-        raise ConfigError("imgindex serve needs its extra: pip install 'imgindex[serve]'") from None
+        raise ConfigError(f"imgindex serve needs its extra: {install_hint('serve')}") from None
     app = create_app(index_dir, token=token, max_upload=max_upload, device=device)
     if host not in ("127.0.0.1", "localhost", "::1") and not token:
         log.warning("serving %s on %s without --token: anyone who reaches this address can query the index and "

@@ -53,8 +53,21 @@ def open_upright(data: bytes | None, max_pixels: int, background: tuple[int, int
     The size is checked from the header before any pixel is decoded, so a decompression
     bomb costs nothing. With `draft_side`, a JPEG is decoded at the smallest 1/2, 1/4 or 1/8
     scale whose sides stay at least `draft_side` (libjpeg's DCT scaling: much faster for
-    large photos, slightly different pixels).
+    large photos, slightly different pixels). Whatever else a decoder raises (Pillow's DDS
+    plugin raises NotImplementedError for pixel formats it lacks) is this sample's failure too,
+    never its caller's crash.
     """
+    try:
+        return _open_upright(data, max_pixels, background, draft_side)
+    except SampleError:
+        raise
+    except Exception as exc:
+        kind = "unsupported" if isinstance(exc, NotImplementedError) else "decode_error"
+        raise SampleError(kind, f"{type(exc).__name__}: {exc}") from None
+
+
+def _open_upright(data: bytes | None, max_pixels: int, background: tuple[int, int, int],
+                  draft_side: int | None) -> Upright:
     if not data:
         raise SampleError("empty", "zero-byte file")
     with warnings.catch_warnings():
@@ -65,8 +78,6 @@ def open_upright(data: bytes | None, max_pixels: int, background: tuple[int, int
             raise _unidentified(data) from None
         except Image.DecompressionBombError as exc:  # Pillow's own cap, 2 x Image.MAX_IMAGE_PIXELS
             raise SampleError("too_large", f"rejected by Pillow's decompression-bomb check: {exc}") from None
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise SampleError("decode_error", f"{type(exc).__name__}: {exc}") from None
         width, height = img.size
         if width * height > max_pixels:
             raise SampleError("too_large", f"{width}x{height} pixels is over the limit of {max_pixels}")
@@ -83,8 +94,6 @@ def open_upright(data: bytes | None, max_pixels: int, background: tuple[int, int
             else:
                 kind = "unsupported" if any(w in text for w in UNSUPPORTED_WORDS) else "decode_error"
             raise SampleError(kind, f"{type(exc).__name__}: {exc}") from None
-        except (SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
-            raise SampleError("decode_error", f"{type(exc).__name__}: {exc}") from None
     upright = ImageOps.exif_transpose(img)
     if upright.size != img.size:  # rotated by 90 degrees: the original's sides swap too
         width, height = height, width
