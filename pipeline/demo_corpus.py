@@ -8,9 +8,9 @@ import json
 import tarfile
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageOps
 
-from imgindex.errors import ConfigError
+from imgindex.errors import ConfigError, install_hint
 
 PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "camera.png",
           "hubble_deep_field.jpg", "ihc.png", "retina.jpg", "motorcycle_left.png",
@@ -23,7 +23,7 @@ def photo_files() -> list[Path]:
     try:
         import skimage.data
     except ImportError:
-        raise ConfigError("the demo corpus needs scikit-image: pip install 'imgindex[demo]'") from None
+        raise ConfigError(f"the demo corpus needs scikit-image: {install_hint('demo')}") from None
     folder = Path(skimage.data.__file__).parent
     found = [folder / name for name in PHOTOS if (folder / name).is_file()]
     if not found:
@@ -54,8 +54,9 @@ def _sample(key: str, jpeg: bytes, caption: str) -> list[tuple[str, bytes]]:
 
 
 def write_demo_corpus(folder: Path) -> list[Path]:
-    """Two tar shards of real photos as JPEG; shard 1 adds an exact copy, a re-encoded copy,
-    a half-size copy of a photo and one truncated JPEG (to show failures being recorded)."""
+    """Two tar shards of real photos as JPEG; shard 1 adds an exact copy, a re-encoded copy, a
+    half-size copy and a centre crop of one photo, a mirror image of another, and one truncated
+    JPEG (to show failures being recorded)."""
     folder.mkdir(parents=True, exist_ok=True)
     photos = photo_files()
     images = {p.stem: Image.open(p) for p in photos}
@@ -73,5 +74,11 @@ def write_demo_corpus(folder: Path) -> list[Path]:
     second += _sample(f"{original}_reencoded", jpeg_bytes(img, quality=60), f"{original} saved at JPEG quality 60")
     second += _sample(f"{original}_half_size", jpeg_bytes(img.resize((img.width // 2, img.height // 2))),
                       f"{original} at half size")
+    w, h = img.size  # copies only the embedding tier catches: a crop and a mirror image
+    second += _sample(f"{original}_cropped", jpeg_bytes(img.crop((w // 20, h // 20, w - w // 20, h - h // 20))),
+                      f"{original}, the centre 90%")
+    mirrored = "coffee" if "coffee" in images else names[-1]
+    second += _sample(f"{mirrored}_mirrored", jpeg_bytes(ImageOps.mirror(images[mirrored].convert("RGB"))),
+                      f"{mirrored} mirrored left to right")
     second += _sample("broken_download", encoded[names[1]][: len(encoded[names[1]]) // 3], "a truncated JPEG")
     return [write_tar(folder / "demo-00000.tar", first), write_tar(folder / "demo-00001.tar", second)]

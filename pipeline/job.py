@@ -165,6 +165,9 @@ def plan_job(sources: list[str], out: str, config: EmbedConfig, overwrite: bool 
     store = EmbeddingStore(out)
     store.check_writable()
     schedule = decide(config.runtime, machine or machine_facts())
+    if config.runtime.device == "auto" and schedule.device == "cpu":
+        log.warning("no CUDA GPU visible: embedding on the CPU in fp32 (slow for large models); "
+                    "--device cpu silences this")
     config.runtime.workers, config.runtime.lanes = schedule.workers, schedule.lanes  # recorded as resolved
     return Job(shards, store, config, schedule, overwrite)
 
@@ -180,11 +183,11 @@ def run_embed(sources: list[str], out: str, config: EmbedConfig, overwrite: bool
               slice_: str | None = None, progress: bool | None = None) -> Summary:
     """Embed every shard of `sources` into `out` in this process (one Worker, the same
     `embed_shard` every executor runs). Bad job inputs raise ConfigError before any work."""
-    from imgindex.pipeline.shard_job import Worker
-
     job = plan_job(sources, out, config, overwrite, slice_)
     if job.finished():
         return Summary(out=out, shards_total=len(job.shards), shards_skipped=len(job.shards))
+    from imgindex.pipeline.shard_job import Worker  # torch and timm: only now that there is work
+
     with Worker(out, config, job.schedule) as worker:
         config.runtime.batch_size = worker.batch_size
         todo = prepare_output(job, worker.backbone)

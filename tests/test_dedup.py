@@ -293,3 +293,12 @@ def test_calibration_plants_copies_and_measures_each_tier(photo_index):
     # phash survives re-encoding and resizing, not mirroring (weights play no part here)
     assert at4["recall_jpeg_q50"] == 1.0 and at4["recall_resize_half"] >= 0.75 and at4["recall_flip"] <= 0.25
     assert "phash tier" in format_table(result)
+
+
+def test_a_corpus_without_duplicates_gives_empty_tables(tmp_path):
+    vectors = normalize_rows(np.random.default_rng(4).standard_normal((300, 32)).astype(np.float32))  # none alike
+    write_embeddings_dir(str(tmp_path / "emb"), vectors, shard_size=300)
+    build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), progress=False)
+    result = find_duplicates(tmp_path / "idx", DedupOptions(methods=("exact", "phash", "embedding"), threshold=0.99),
+                             progress=False)
+    assert result.pairs.num_rows == 0 and result.groups.num_rows == 0 and result.stats["removed"] == 0

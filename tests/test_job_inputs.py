@@ -155,3 +155,20 @@ def test_a_refused_index_build_is_one_line_and_leaves_no_folder(tmp_path, small_
     result = run_cli("index", small_embeddings, "--out", tmp_path / "idx", *flags)
     assert_one_line_error(result, *words)
     assert not (tmp_path / "idx").exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["embed", "{tmp}/nope.tar", "--out", "{tmp}/out", "--config", "test"], ["does not exist"]),
+    (["embed", "{tmp}", "--out", "{tmp}/out", "--config", "tset"], ["config 'tset' not found"]),
+    (["search", "--image", "{tmp}/nope.png", "--index", "{tmp}"], ["query image", "does not exist"]),
+    (["index", "{tmp}/no-embeddings", "--out", "{tmp}/idx"], ["no-embeddings"]),
+])
+def test_cheap_mistakes_are_caught_before_torch_is_imported(tmp_path, args, words):
+    """A wrong path or config name answers at once: nothing heavy (torch, timm) is imported first."""
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    probe = ("import sys; from imgindex.cli import main; code = main(sys.argv[1:]); "
+             "print('heavy' if 'torch' in sys.modules or 'timm' in sys.modules else 'light', code)")
+    result = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["light", "2"], result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and all(word in lines[0] for word in words), result.stderr

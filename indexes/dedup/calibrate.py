@@ -5,9 +5,11 @@ copies (half size, 80% centre crop, JPEG quality 50, horizontal flip) that are e
 with the model the index records. For each embedding threshold: recall = copies whose
 cosine to their original reaches it; false matches = other indexed images that reach it
 among each copy's 10 nearest neighbours; precision = recall hits / (hits + false matches).
-An indexed image at least as close to the original as the planted copy is (a duplicate the
-corpus already holds) is another copy, not a false match; weaker duplicates still count as
-false, so precision is a lower bound. The phash tier gets the same treatment with Hamming
+The duplicates the corpus already holds are not false matches: an indexed image whose
+perceptual hash is within 10 bits of the planted copy's, the original's or the original's
+mirror image's (the same picture), or whose cosine to the original reaches that of one of the
+original's planted copies (as close as what this calibration calls a copy). Duplicates further
+than that still count as false, so precision is a lower bound. The phash tier gets the same treatment with Hamming
 distances (false matches: every other indexed image within the distance, less those at
 least as close to the original's hash as the copy's).
 """
@@ -28,6 +30,7 @@ from imgindex.errors import ConfigError
 THRESHOLDS = (0.80, 0.85, 0.90, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99)
 FINE_THRESHOLDS = tuple(round(t / 100, 2) for t in range(30, 100))  # what --threshold auto chooses from
 DISTANCES = (0, 2, 4, 6, 8, 10, 12)
+SAME_PICTURE_BITS = 10  # a perceptual hash this close to a planted copy's: the same picture, not a false match
 
 
 def _jpeg(img: Image.Image, quality: int = 90) -> bytes:
@@ -59,7 +62,7 @@ def calibrate(index: "str | Searcher", sample: int = 100, seed: int = 0,
     chosen = searcher.ids.take(rows).to_pylist()
     images = fetch_images(searcher.sources(), [(r["shard"], r["key"]) for r in chosen], searcher.member_ranges)
     embedder = searcher.embedder()
-    originals, copies = [], []  # (row, stored phash) and (original index, transform, bytes)
+    originals, copies = [], []  # (row, phash, mirror image's phash) and (original index, transform, bytes)
     for row, ident in zip(rows, chosen):
         data = images.get((ident["shard"], ident["key"]))
         if data is None:
@@ -68,7 +71,7 @@ def calibrate(index: "str | Searcher", sample: int = 100, seed: int = 0,
             img = open_upright(data, embedder.decode.max_pixels).image
         except SampleError:
             continue
-        originals.append((int(row), phash(img)))
+        originals.append((int(row), phash(img), phash(ImageOps.mirror(img))))
         copies += [(len(originals) - 1, name, make(img)) for name, make in TRANSFORMS.items()]
     if not copies:
         raise ConfigError("no sampled image could be read back from its source: calibration needs the "
@@ -76,17 +79,28 @@ def calibrate(index: "str | Searcher", sample: int = 100, seed: int = 0,
     vectors = embedder.embed_pixels([embedder.pixels(data) for _, _, data in copies])
     origin_rows = np.asarray([originals[o][0] for o, _, _ in copies])
     scores, found = searcher.index.search(vectors, 10)
-    stored = np.stack([_stored_vector(searcher, int(r)) for r, _ in originals])
+    stored = np.stack([_stored_vector(searcher, int(r)) for r, _, _ in originals])
     copy_of = np.asarray([o for o, _, _ in copies])
     to_original = np.einsum("ij,ij->i", vectors, stored[copy_of])
-    near_scores, near_rows = searcher.index.search(stored, 64)  # what the corpus holds near each original
-    near = [dict(zip(rows.tolist(), sims.tolist())) for rows, sims in zip(near_rows, near_scores)]
-    another_copy = np.asarray([[near[o].get(int(row), -2.0) >= to_original[i] for row in found[i]]
-                               for i, o in enumerate(copy_of)], dtype=bool).reshape(found.shape)
     names = np.asarray([name for _, name, _ in copies])
     copy_hashes = np.asarray([phash(open_upright(data, embedder.decode.max_pixels).image) for _, _, data in copies],
                              dtype=np.int64)  # each planted copy decoded and hashed once
     distances = hamming(copy_hashes, np.asarray([originals[o][1] for o, _, _ in copies], dtype=np.int64))
+    corpus = _corpus_hashes(searcher)
+    held = corpus[0][np.maximum(found, 0)].ravel()  # the stored phash of each copy's neighbours
+    same_picture = np.zeros(found.size, bool)
+    for hashes_ in (copy_hashes, np.asarray([originals[o][1] for o in copy_of]),
+                    np.asarray([originals[o][2] for o in copy_of])):
+        same_picture |= hamming(np.repeat(hashes_.astype(np.int64), found.shape[1]), held) <= SAME_PICTURE_BITS
+    same_picture = same_picture.reshape(found.shape) & corpus[1][np.maximum(found, 0)]
+    # ... or as close to the original as one of its planted copies is: what this calibration calls a copy
+    hardest = np.full(len(originals), np.inf)
+    np.minimum.at(hardest, copy_of, to_original)
+    near_scores, near_rows = searcher.index.search(stored, 64)
+    near = [dict(zip(held.tolist(), sims.tolist())) for held, sims in zip(near_rows, near_scores)]
+    as_close = np.asarray([[near[o].get(int(r), -2.0) >= hardest[o] for r in found[i]]
+                           for i, o in enumerate(copy_of)], dtype=bool).reshape(found.shape)
+    another_copy = same_picture | as_close
 
     embedding = []
     for t in thresholds:
@@ -96,7 +110,6 @@ def calibrate(index: "str | Searcher", sample: int = 100, seed: int = 0,
                  "precision": round(float(hits.sum() / max(1, hits.sum() + false)), 4), "false_matches": false}
         entry.update({f"recall_{n}": round(float(hits[names == n].mean()), 4) for n in TRANSFORMS})
         embedding.append(entry)
-    corpus = _corpus_hashes(searcher)
     q, row = phash_pairs(corpus, max(DISTANCES), queries=(copy_hashes, np.ones(len(copies), bool)))
     other = row != origin_rows[q]
     other_distance = hamming(copy_hashes[q[other]], corpus[0][row[other]])

@@ -203,7 +203,8 @@ def _strictest(a: np.ndarray, b: np.ndarray, kinds: np.ndarray) -> tuple[np.ndar
     """One row per (a, b): the strictest tier that found it (exact < phash < embedding)."""
     order = np.lexsort((kinds, b, a))
     a, b, kinds = a[order], b[order], kinds[order]
-    first = np.r_[True, (a[1:] != a[:-1]) | (b[1:] != b[:-1])]
+    first = np.ones(len(a), bool)  # (an empty input has no first row)
+    first[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
     return a[first], b[first], kinds[first]
 
 
