@@ -1,11 +1,15 @@
 """Shards to a pool of workers, dynamically, with retries: the one scheduling loop that the local
 process pool (`--procs`) and the Ray actor pool (`--ray`) share.
 
-The next shard goes to whichever worker is free, so a slow or busy worker takes fewer. A
-shard whose worker died (or raised) goes back in line, to any worker, up to `retries` more
-times; a worker that died is replaced. A shard that fails every attempt is reported with its
-error, and every other shard is still finished. Only shard descriptions and small status
-records pass between the driver and the workers.
+A worker is handed a shard only once it reported itself ready (it was placed and holds its
+model), so a shard never waits on a worker that may never start. The next shard goes to
+whichever ready worker is free, so a slow or busy worker takes fewer. A shard whose worker died
+(or raised) goes back in line, to any worker, up to `retries` more times; a worker that died is
+replaced. A worker the pool could not place in time, or that died before it was ready more than
+`retries` times in a row, is given up; when no worker is left the job stops with a clear error
+instead of waiting. A shard that fails every attempt is reported with its error, and every other
+shard is still finished. Only shard descriptions and small status records pass between the
+driver and the workers.
 """
 from __future__ import annotations
 
@@ -14,13 +18,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from imgindex.errors import ConfigError
 from imgindex.pipeline.sources import Shard
 
 
 @dataclass
 class Event:
-    """What a pool reports: a shard `done` (with its stats), a shard that `failed` (raised), or a
-    worker that `died` (with the shard it held, if any)."""
+    """What a pool reports: a worker `ready` for shards, a shard `done` (with its stats), a shard
+    that `failed` (raised), a worker that `died` (with the shard it held, if any), or a worker
+    that was `unplaced` (not started within the pool's bound; the pool has given up on it)."""
 
     kind: str
     worker: int
@@ -29,11 +35,16 @@ class Event:
     error: str | None = None
 
 
+class NoWorkers(ConfigError):
+    """Every worker slot was given up (never placed, or died before it was ready): nothing can
+    take the shards left, so the job stops and says why rather than waiting."""
+
+
 class Pool(Protocol):
-    def start(self, worker: int) -> None: ...  # (re)start worker slot `worker`
-    def submit(self, worker: int, shard: Shard) -> None: ...
-    def wait(self) -> list[Event]: ...  # blocks until something happens
-    def stop(self) -> None: ...
+    def start(self, worker: int) -> None: ...  # (re)start slot `worker`; it reports `ready` when it can take shards
+    def submit(self, worker: int, shard: Shard) -> None: ...  # only ever to a ready, free worker
+    def wait(self) -> list[Event]: ...  # what happened; may return [] after a short tick
+    def stop(self, now: bool = False) -> None: ...  # now: the job was interrupted, end the workers at once
 
 
 @dataclass
@@ -42,41 +53,58 @@ class Outcome:
     failed: dict[str, str] = field(default_factory=dict)  # shard -> last error, after every attempt
     retried: int = 0
     restarts: int = 0
-    alive: int = 0  # workers running now
+    alive: int = 0  # workers ready now
+    given_up: dict[int, str] = field(default_factory=dict)  # worker slot -> why it is not restarted
 
 
 def hand_out(pool: Pool, shards: list[Shard], workers: int, retries: int,
              on_event: Callable[[Event, Outcome], None] | None = None) -> Outcome:
-    """Run every shard on the pool; returns what finished and what did not."""
+    """Run every shard on the pool; returns what finished and what did not. Raises NoWorkers when
+    shards are left and no worker can take them."""
     queue = deque(shards)
     by_name = {s.name: s for s in shards}
     attempts = {s.name: 0 for s in shards}
     holding: dict[int, str | None] = {}
+    ready: set[int] = set()
+    starting: set[int] = set()
+    early_deaths: dict[int, int] = {}  # deaths before ready, in a row, per slot
     outcome = Outcome()
-    alive: set[int] = set()
     try:
         for worker in range(min(workers, len(shards))):
             pool.start(worker)
             holding[worker] = None
-            alive.add(worker)
+            starting.add(worker)
+            early_deaths[worker] = 0
         while queue or any(holding.values()):
             for worker, held in holding.items():
-                if worker not in alive and queue:  # a worker that died: replaced while work is left
-                    pool.start(worker)
-                    alive.add(worker)
+                if queue and worker not in ready | starting and worker not in outcome.given_up:
+                    pool.start(worker)  # a worker that died: replaced while work is left
+                    starting.add(worker)
                     outcome.restarts += 1
-                if worker in alive and held is None and queue:
+                if queue and worker in ready and held is None:
                     shard = queue.popleft()
                     holding[worker] = shard.name
                     pool.submit(worker, shard)
+            if not ready and not starting:
+                raise NoWorkers(f"no worker is left to take the {len(queue)} shards not done "
+                                f"({_reasons(outcome.given_up)}); rerun the same command to finish them once "
+                                "workers can start")
             for event in pool.wait():
-                shard = event.shard or holding.get(event.worker)
-                if event.kind == "done":
-                    holding[event.worker] = None
+                worker = event.worker
+                shard = event.shard or holding.get(worker)
+                if event.kind == "died":
+                    event.shard = shard  # the shard it held, for whoever reports the death
+                if event.kind == "ready":
+                    if worker in starting:
+                        starting.discard(worker)
+                        ready.add(worker)
+                        early_deaths[worker] = 0
+                elif event.kind == "done":
+                    holding[worker] = None
                     outcome.done.append(event.stats)
-                elif event.kind in ("failed", "died"):
-                    if holding.get(event.worker) == shard:
-                        holding[event.worker] = None
+                elif event.kind in ("failed", "died", "unplaced"):
+                    if holding.get(worker) == shard:
+                        holding[worker] = None
                     if shard is not None:
                         attempts[shard] += 1
                         if attempts[shard] <= retries:
@@ -84,11 +112,30 @@ def hand_out(pool: Pool, shards: list[Shard], workers: int, retries: int,
                             outcome.retried += 1
                         else:
                             outcome.failed[shard] = event.error or "its worker died"
-                    if event.kind == "died":
-                        alive.discard(event.worker)
-                outcome.alive = len(alive)
+                    if event.kind == "died" and worker in starting:
+                        early_deaths[worker] += 1
+                        if early_deaths[worker] > retries:
+                            outcome.given_up[worker] = (f"died {early_deaths[worker]} times before it was ready: "
+                                                        f"{event.error}")
+                    if event.kind == "unplaced":
+                        outcome.given_up[worker] = event.error or "not placed"
+                    if event.kind in ("died", "unplaced"):
+                        ready.discard(worker)
+                        starting.discard(worker)
+                outcome.alive = len(ready)
                 if on_event:
                     on_event(event, outcome)
-    finally:
-        pool.stop()
+    except BaseException:
+        pool.stop(now=True)  # interrupted (Ctrl-C) or stuck: the workers' shards are abandoned, not awaited
+        raise
+    pool.stop()
     return outcome
+
+
+def _reasons(given_up: dict[int, str]) -> str:
+    """'workers 0, 1: why; worker 2: why else': one entry per distinct reason."""
+    slots: dict[str, list[int]] = {}
+    for worker, why in sorted(given_up.items()):
+        slots.setdefault(why, []).append(worker)
+    return "; ".join(f"{'workers' if len(ws) > 1 else 'worker'} {', '.join(map(str, ws))}: {why}"
+                     for why, ws in slots.items())

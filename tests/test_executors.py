@@ -1,14 +1,19 @@
 """Every executor runs the same per-shard unit: a local process pool and a Ray actor pool give
 the in-process rows, recover from a killed worker with every row once, hand shards out
 dynamically and retry them a bounded number of times; slices cover the plan exactly once and
-cannot delete each other's work; the schedule is one pure decision."""
+cannot delete each other's work; the schedule is one pure decision. A Ray pool finishes on a
+cluster with fewer CPUs than actors asked for, and after a node dies; Ctrl-C ends any executor
+as it ends a local run; a killed driver leaves no worker behind. Tests signal only processes
+they started: the Ray tests run on a cluster of their own (a head and a second node, 1 CPU each)."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,7 +23,6 @@ import pytest
 
 from imgindex.errors import ConfigError
 from imgindex.pipeline.config import RuntimeConfig
-from imgindex.pipeline.handout import Event, hand_out
 from imgindex.pipeline.schedule import Machine, decide
 
 CLI = [sys.executable, "-m", "imgindex"]
@@ -49,33 +53,78 @@ def assert_same_output(ours: Path, theirs: Path) -> dict:
     return stats
 
 
-def worker_pids(parent: int, marker: str) -> list[int]:
-    """Live processes whose command line holds `marker` (and, if given, whose parent is `parent`)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if marker in cmdline and (not parent or ppid == parent) and "resource_tracker" not in cmdline:
-            found.append(int(proc.name))
+def stats_files(out: Path) -> list[Path]:
+    return sorted((out / "_stats").glob("*.json")) if (out / "_stats").exists() else []
+
+
+def wait_for_shards(job: subprocess.Popen, out: Path, count: int = 1, seconds: float = 240) -> None:
+    """Until `count` shards are done (the workers are then warm and busy); the bound turns a hang
+    into a failure."""
+    deadline = time.time() + seconds
+    while len(stats_files(out)) < count:
+        if job.poll() is not None:
+            raise AssertionError(f"the job ended (code {job.returncode}) before {count} shards were done")
+        if time.time() > deadline:
+            raise AssertionError(f"fewer than {count} shards done after {seconds} s")
+        time.sleep(0.02)
+
+
+def proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, parent pid, start time) of a live process, or None when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], int(fields[1]), int(fields[19])
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def descendants(pid: int) -> dict[int, int]:
+    """pid -> start time of every live process below `pid` (its children, theirs, ...)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := proc_stat(int(entry.name))):
+            parents[int(entry.name)] = stat
+    found, frontier = {}, [pid]
+    while frontier:
+        below = [p for p, (_, ppid, _) in parents.items() if ppid in frontier and p not in found]
+        found.update({p: parents[p][2] for p in below})
+        frontier = below
     return found
 
 
-def kill_one_worker_when_busy(job: subprocess.Popen, out: Path, marker: str, parent: bool) -> int:
-    """SIGKILL one worker once the first shard is done (the workers are then warm and busy)."""
+def still_running(pid: int, started: int) -> bool:
+    """The same process (not a reused pid) and not a zombie."""
+    stat = proc_stat(pid)
+    return stat is not None and stat[2] == started and stat[0] != "Z"
+
+
+def kill_one_worker_when_busy(job: subprocess.Popen, out: Path, marker: str) -> int:
+    """SIGKILL one of this job's own workers once shards are done (the workers are then warm and
+    busy). Its pid comes from the job itself: a finished shard's stats name the worker that made
+    it, `<kind>-<slot>-<pid>`; it is killed only if it still runs the job's worker (`marker`)."""
     deadline = time.time() + 240
     while time.time() < deadline and job.poll() is None:
-        if (out / "_stats").exists() and list((out / "_stats").glob("*.json")):
-            pids = worker_pids(job.pid if parent else 0, marker)
-            if pids:
-                os.kill(pids[0], signal.SIGKILL)
-                return pids[0]
+        for path in stats_files(out):
+            pid = int(json.loads(path.read_text())["worker"].rsplit("-", 1)[1])
+            if marker in cmdline(pid):
+                os.kill(pid, signal.SIGKILL)
+                return pid
         time.sleep(0.02)
     raise AssertionError("the job ended before a worker could be killed")
+
+
+def end_job(job: subprocess.Popen) -> None:
+    """A test's own job, still running after a failure: its whole session goes (it was started in one)."""
+    if job.poll() is None:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.communicate()
 
 
 @pytest.fixture(scope="module")
@@ -98,13 +147,77 @@ def corpus(tmp_path_factory, checkpoint, photos):
     return root, tars, reference
 
 
+@pytest.fixture(scope="module")
+def many_tars(corpus) -> list[Path]:
+    """Thirty shards (the corpus' ten, three times under other names): work enough that a job is
+    still running when a test interrupts it or kills its driver."""
+    root, tars, _ = corpus
+    many = root / "many"
+    many.mkdir(exist_ok=True)
+    return [Path(shutil.copy(tar, many / f"{copy}-{tar.name}")) for copy in "abc" for tar in tars]
+
+
+class RayCluster:
+    """A local Ray cluster that the tests started: a head and a second node, 1 CPU each. Jobs
+    reach it through `env` (RAY_ADDRESS); `kill_node` kills the second node's processes."""
+
+    def __init__(self, cluster, temp: str):
+        self.cluster, self.temp = cluster, temp
+        self.node = cluster.add_node(num_cpus=1, node_ip_address=LOOPBACK)
+        self.env = {**os.environ, "RAY_ADDRESS": cluster.address, "RAY_TMPDIR": temp, **LOOPBACK_ONLY}
+
+    def kill_node(self) -> None:
+        self.cluster.remove_node(self.node, allow_graceful=False)
+        self.node = None
+
+    def add_node(self) -> None:
+        if self.node is None:
+            self.node = self.cluster.add_node(num_cpus=1, node_ip_address=LOOPBACK)
+
+
+LOOPBACK = "127.0.0.1"  # the test cluster talks to this machine's loopback only
+# Ray's switch for single-machine use: every process (nodes, drivers, actors) takes the loopback
+# address as its node address instead of the machine's network interface.
+LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One Ray cluster for this module's Ray tests: each job joins it instead of starting a local
+    Ray, and nothing joins a Ray of another job on this machine (RAY_TMPDIR keeps the address
+    file, which a plain ray.init() reads, in the tests' own folder)."""
+    cluster_utils = pytest.importorskip("ray.cluster_utils")
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    saved = {name: os.environ.get(name) for name in ("RAY_TMPDIR", *LOOPBACK_ONLY)}
+    os.environ.update({"RAY_TMPDIR": temp, **LOOPBACK_ONLY})
+    try:
+        cluster = cluster_utils.Cluster(initialize_head=True,
+                                        head_node_args={"num_cpus": 1, "include_dashboard": False,
+                                                        "node_ip_address": LOOPBACK})
+        try:
+            yield RayCluster(cluster, temp)
+        finally:
+            cluster.shutdown()
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        shutil.rmtree(temp, ignore_errors=True)
+
+
 def test_procs_pool_gives_the_in_process_output_and_survives_a_killed_process(corpus, checkpoint):
     root, tars, reference = corpus
     out = root / "procs"
     job = subprocess.Popen(embed_cmd(tars, out, checkpoint, "--procs", "2"), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
-    kill_one_worker_when_busy(job, out, "multiprocessing.spawn", parent=True)
-    stdout, stderr = job.communicate(timeout=300)
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        killed = kill_one_worker_when_busy(job, out, "multiprocessing.spawn")
+        stdout, stderr = job.communicate(timeout=300)
+    finally:
+        end_job(job)
+    assert killed != job.pid
     assert job.returncode == 0, stderr
     assert "embedded 80 images (1 failed) from 10 shards" in stdout
     assert "exited with code -9" in stderr  # the death was seen and said
@@ -121,79 +234,162 @@ def test_procs_refuse_what_cannot_hold(corpus, checkpoint, tmp_path):
         assert bad.returncode == 2 and message in bad.stderr, bad.stderr
 
 
-def test_ray_actor_pool_gives_the_in_process_output_and_survives_a_killed_actor(corpus, checkpoint):
-    pytest.importorskip("ray")
+def test_ray_actor_pool_gives_the_in_process_output_and_survives_a_killed_actor(corpus, checkpoint, ray_cluster):
     root, tars, reference = corpus
     out = root / "ray"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # A process that looks like a Ray actor of another job on this machine: it must survive.
+    decoy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "ray::EmbedActor"])
     job = subprocess.Popen(embed_cmd(tars, out, checkpoint, "--ray", "2"), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, env=env)
+                           stderr=subprocess.PIPE, text=True, env=ray_cluster.env, start_new_session=True)
     try:
-        kill_one_worker_when_busy(job, out, "ray::EmbedActor", parent=False)
+        killed = kill_one_worker_when_busy(job, out, "ray::EmbedActor")
         stdout, stderr = job.communicate(timeout=300)  # the hang guard: a stuck pool fails here
     finally:
-        if job.poll() is None:
-            job.kill()
+        end_job(job)
+        decoy_alive = decoy.poll() is None
+        decoy.kill()
+        decoy.wait()
+    assert decoy_alive and killed != decoy.pid
     assert job.returncode == 0, stderr[-3000:]
+    assert "imgindex: warning: Ray actor" in stderr  # the actor's death was seen and said
     assert "embedded 80 images (1 failed) from 10 shards" in stdout
     stats = assert_same_output(out, reference)
     assert all(s["worker"].startswith("ray-") for s in stats.values())
 
 
-class FakePool:
-    """Workers that take `seconds[w]` per shard (simulated), die or raise when told to."""
-
-    def __init__(self, seconds: list[float], die: set[tuple[int, str]] = frozenset(), fail: set[str] = frozenset()):
-        self.seconds, self.die, self.fail = seconds, set(die), set(fail)
-        self.now, self.running, self.started = 0.0, {}, []
-
-    def start(self, worker):
-        self.started.append(worker)
-
-    def submit(self, worker, shard):
-        self.running[worker] = (self.now + self.seconds[worker], shard.name)
-
-    def wait(self):
-        worker, (at, shard) = min(self.running.items(), key=lambda item: item[1][0])
-        del self.running[worker]
-        self.now = at
-        if (worker, shard) in self.die:
-            self.die.discard((worker, shard))
-            return [Event("died", worker, shard, error="killed")]
-        if shard in self.fail:
-            return [Event("failed", worker, shard, error="OSError: disk full")]
-        return [Event("done", worker, shard, stats={"shard": shard, "worker": worker})]
-
-    def stop(self):
-        pass
+def test_ray_auto_starts_one_actor_per_node_of_the_cluster(corpus, checkpoint, ray_cluster, tmp_path):
+    _, tars, reference = corpus
+    out = tmp_path / "auto"
+    done = subprocess.run(embed_cmd(tars, out, checkpoint, "--ray", "auto"), capture_output=True, text=True,
+                          env=ray_cluster.env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stats = assert_same_output(out, reference)
+    assert {s["worker"].split("-")[1] for s in stats.values()} == {"0", "1"}  # 2 nodes x 1 CPU: two actors
 
 
-def shards(count):
+def test_ray_asked_for_more_actors_than_the_cluster_holds_says_so_and_finishes(corpus, checkpoint, ray_cluster,
+                                                                              tmp_path):
+    _, tars, reference = corpus
+    out = tmp_path / "capped"
+    job = subprocess.Popen(embed_cmd(tars, out, checkpoint, "--ray", "3"), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env=ray_cluster.env, start_new_session=True)
+    try:
+        stdout, stderr = job.communicate(timeout=300)  # before: 9 of 10 shards, then a wait without end
+    finally:
+        end_job(job)
+    assert job.returncode == 0, stderr[-3000:]
+    capped = [line for line in stderr.splitlines() if line.startswith("imgindex: --ray 3")]
+    assert len(capped) == 1 and "hold 2 actors of 1 CPU each; starting 2" in capped[0], stderr[-3000:]
+    assert "embedded 80 images (1 failed) from 10 shards" in stdout
+    assert_same_output(out, reference)
+
+
+def test_ray_pool_finishes_when_a_node_dies_and_its_replacement_cannot_be_placed(many_tars, checkpoint,
+                                                                                  ray_cluster, tmp_path):
+    """The second node dies with its actor's shard: the replacement actor finds no free CPU (the
+    survivor holds the only one) and stays pending; the shard goes to the survivor instead."""
+    out = tmp_path / "node-died"
+    job = subprocess.Popen(embed_cmd(many_tars, out, checkpoint, "--ray", "2"), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env=ray_cluster.env, start_new_session=True)
+    try:
+        wait_for_shards(job, out)
+        ray_cluster.kill_node()
+        stdout, stderr = job.communicate(timeout=300)  # before: the last shard waited on the replacement forever
+    finally:
+        end_job(job)
+        ray_cluster.add_node()
+    assert job.returncode == 0, stderr[-3000:]
+    assert "imgindex: warning: Ray actor" in stderr
+    assert f"from {len(many_tars)} shards" in stdout and len(stats_files(out)) == len(many_tars)
+
+
+def test_ray_pool_that_cannot_place_any_actor_stops_with_a_clear_error(ray_cluster, config_for, tmp_path):
+    ray = pytest.importorskip("ray")
+    from imgindex.pipeline.handout import NoWorkers, hand_out
+    from imgindex.pipeline.ray_executor import RayPool
     from imgindex.pipeline.sources import Shard
 
-    return [Shard(name=f"s{i:02d}", kind="tar", url=f"s{i}.tar") for i in range(count)]
+    config = config_for()
+    schedule = decide(config.runtime, Machine(cores=2, gpus=0))
+    sigterm = signal.getsignal(signal.SIGTERM)  # ray.init sets its own in this process
+    ray.init(address=ray_cluster.cluster.address, include_dashboard=False)
+    try:
+        pool = RayPool(ray, str(tmp_path / "out"), config, schedule, cpus=2, placement_timeout=5)  # no node has 2
+        shards = [Shard(name=f"s{i}", kind="tar", url=str(tmp_path / f"s{i}.tar")) for i in range(3)]
+        with pytest.raises(NoWorkers, match="workers 0, 1: not placed by Ray within 5 s: no node has 2 CPU free"):
+            hand_out(pool, shards, workers=2, retries=2)
+    finally:
+        ray.shutdown()
+        signal.signal(signal.SIGTERM, sigterm)
 
 
-def test_a_slow_worker_takes_fewer_shards():
-    outcome = hand_out(FakePool([1.0, 5.0]), shards(12), workers=2, retries=2)
-    taken = [s["worker"] for s in outcome.done]
-    assert sorted(s["shard"] for s in outcome.done) == [f"s{i:02d}" for i in range(12)]
-    assert taken.count(0) >= 4 * taken.count(1)
+INTERRUPTED = "imgindex: interrupted; rerun the same command to finish the remaining shards"
 
 
-def test_a_died_workers_shard_goes_to_another_and_the_worker_is_replaced():
-    pool = FakePool([1.0, 1.0], die={(1, "s01")})
-    outcome = hand_out(pool, shards(6), workers=2, retries=2)
-    assert sorted(s["shard"] for s in outcome.done) == [f"s{i:02d}" for i in range(6)]
-    assert outcome.retried == 1 and outcome.restarts == 1 and pool.started == [0, 1, 1]
-    assert not outcome.failed
+@pytest.mark.parametrize("executor", [[], ["--procs", "2"], ["--ray", "2"]], ids=["local", "procs", "ray"])
+def test_ctrl_c_ends_any_executor_as_it_ends_a_local_run_and_the_rerun_finishes(executor, many_tars, checkpoint,
+                                                                               request, tmp_path):
+    """Ctrl-C in a terminal signals the job's whole process group (the job runs in a session of its own)."""
+    out = tmp_path / "interrupted"
+    command = embed_cmd(many_tars, out, checkpoint, *executor)
+    env = request.getfixturevalue("ray_cluster").env if "--ray" in executor else None
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                           start_new_session=True)
+    try:
+        wait_for_shards(job, out)
+        os.killpg(job.pid, signal.SIGINT)
+        stdout, stderr = job.communicate(timeout=120)
+    finally:
+        end_job(job)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert job.returncode == 130 and lines[-1] == INTERRUPTED, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert len(stats_files(out)) < len(many_tars)
+    rerun = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "already done" in rerun.stdout and len(stats_files(out)) == len(many_tars)
 
 
-def test_a_shard_that_fails_every_attempt_is_named_and_the_rest_finish():
-    pool = FakePool([1.0, 1.0], fail={"s02"})
-    outcome = hand_out(pool, shards(5), workers=2, retries=2)
-    assert outcome.failed == {"s02": "OSError: disk full"} and outcome.retried == 2
-    assert sorted(s["shard"] for s in outcome.done) == ["s00", "s01", "s03", "s04"]
+def test_sigterm_ends_a_ray_run_as_ctrl_c_does(many_tars, checkpoint, ray_cluster, tmp_path):
+    """`kill PID` (or a scheduler's stop) reaches the driver alone: it ends as Ctrl-C does, not in
+    an abort (it gave exit 134)."""
+    out = tmp_path / "terminated"
+    job = subprocess.Popen(embed_cmd(many_tars, out, checkpoint, "--ray", "2"), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env=ray_cluster.env, start_new_session=True)
+    try:
+        wait_for_shards(job, out)
+        os.kill(job.pid, signal.SIGTERM)
+        _, stderr = job.communicate(timeout=120)
+    finally:
+        end_job(job)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert job.returncode == 130 and lines[-1] == INTERRUPTED, stderr[-3000:]
+
+
+def test_killing_the_procs_driver_ends_its_workers(many_tars, checkpoint, tmp_path):
+    out = tmp_path / "orphans"
+    job = subprocess.Popen(embed_cmd(many_tars, out, checkpoint, "--procs", "2"), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    below: dict[int, int] = {}
+    left: dict[int, str] = {}
+    try:
+        wait_for_shards(job, out)
+        below = descendants(job.pid)
+        assert sum("multiprocessing.spawn" in cmdline(pid) for pid in below) >= 2, below
+        os.kill(job.pid, signal.SIGKILL)
+        job.wait(timeout=60)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            left = {pid: cmdline(pid) for pid, started in below.items() if still_running(pid, started)}
+            if not left:
+                break
+            time.sleep(0.2)
+    finally:
+        end_job(job)
+        for pid, started in below.items():  # what the test's own job left behind
+            if still_running(pid, started):
+                os.kill(pid, signal.SIGKILL)
+    assert not left, f"still running after their driver was killed: {left}"
 
 
 def test_slices_cover_every_shard_exactly_once(corpus, checkpoint, tmp_path):
