@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -586,6 +588,8 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None, func) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="imgindex: %(levelname)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build it tried, even with -v
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop)  # `kill`, a scheduler's stop: the same clean end as Ctrl-C
     try:
         _check_one_faiss()
         return (func or args.func)(args)
@@ -606,6 +610,10 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None, func) -> int:
             hint = f"{command} did not finish and wrote nothing new; rerun the same command"
         print(f"imgindex: interrupted; {hint}", file=sys.stderr)
         return 130
+
+
+def _stop(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _check_one_faiss() -> None:

@@ -23,7 +23,7 @@ from urllib.parse import urlencode
 
 import numpy as np
 
-from imgindex.indexes.query import Searcher
+from imgindex.indexes.query import Hit, Searcher
 from imgindex.errors import ConfigError, install_hint
 from imgindex.pipeline.decode import SampleError
 from imgindex.pipeline.sources import text_key
@@ -190,17 +190,8 @@ def create_app(index_dir: str | Path, token: str | None = None, max_upload: int 
                   docs_url=None, redoc_url=None)
     app.state.searcher, app.state.batcher = searcher, batcher
 
-    class Hit(BaseModel):
-        rank: int
-        score: float
-        shard: str
-        key: str
-        path: str | None = None
-        url: str | None = None
-        caption: str | None = None
-
     class Hits(BaseModel):
-        hits: list[Hit]
+        hits: list[Hit]  # the Searcher's own dataclass: one definition of a hit
 
     class Error(BaseModel):
         error: str

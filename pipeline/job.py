@@ -11,6 +11,7 @@ import platform
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -118,6 +119,7 @@ class Job:
     config: EmbedConfig
     schedule: Schedule
     overwrite: bool
+    machine: Machine  # the facts of the machine it was planned on (a worker's share is in the schedule)
 
     def finished(self) -> bool:
         """Every planned shard is done, under a manifest made with the same model, weights file,
@@ -150,9 +152,10 @@ class Job:
 
 
 def plan_job(sources: list[str], out: str, config: EmbedConfig, overwrite: bool = False,
-             slice_: str | None = None, machine: Machine | None = None) -> Job:
-    """List the shards (once), check OUT can be written and decide the schedule; nothing is
-    written yet. `--overwrite` with `--slice` is refused: a slice clearing OUT would delete the
+             slice_: str | None = None, machine: Machine | None = None,
+             share: Callable[[Machine], Machine] | None = None) -> Job:
+    """List the shards (once), check OUT can be written and decide the schedule for a worker on
+    `machine` (default: this one, or `share` of it); nothing is written yet. `--overwrite` with `--slice` is refused: a slice clearing OUT would delete the
     parts other slices finished."""
     part = parse_slice(slice_)
     if part and overwrite:
@@ -164,12 +167,13 @@ def plan_job(sources: list[str], out: str, config: EmbedConfig, overwrite: bool 
         shards = shards[part[0]::part[1]]
     store = EmbeddingStore(out)
     store.check_writable()
-    schedule = decide(config.runtime, machine or machine_facts())
+    machine = machine or machine_facts()  # (torch, for the GPUs: only once the inputs are checked)
+    schedule = decide(config.runtime, share(machine) if share else machine)
     if config.runtime.device == "auto" and schedule.device == "cpu":
         log.warning("no CUDA GPU visible: embedding on the CPU in fp32 (slow for large models); "
                     "--device cpu silences this")
     config.runtime.workers, config.runtime.lanes = schedule.workers, schedule.lanes  # recorded as resolved
-    return Job(shards, store, config, schedule, overwrite)
+    return Job(shards, store, config, schedule, overwrite, machine)
 
 
 def prepare_output(job: Job, backbone: "Backbone") -> list[Shard]:
