@@ -224,7 +224,8 @@ def _print_hits(label: str, hits: list) -> None:
 def _write_search_html(path: str, searcher, results: list[tuple[str, bytes | None, list]]) -> None:
     from imgindex.indexes.gallery import Page, fetch_images
 
-    images = fetch_images(searcher.sources(), {(h.shard, h.key) for _, _, hits in results for h in hits})
+    images = fetch_images(searcher.sources(), {(h.shard, h.key) for _, _, hits in results for h in hits},
+                          searcher.member_ranges)
     page = Page("imgindex search")
     for number, (label, data, hits) in enumerate(results):
         figs = [page.figure(("query", number), data, "query", [label], css="query")]

@@ -365,7 +365,8 @@ def create_app(index_dir: str | Path, token: str | None = None, max_upload: int 
     def thumbnail(shard: str, key: str) -> bytes | None:
         from imgindex.indexes.gallery import fetch_images, thumbnail_jpeg
 
-        return thumbnail_jpeg(fetch_images(searcher.sources(), [(shard, key)]).get((shard, key)))
+        found = fetch_images(searcher.sources(), [(shard, key)], searcher.member_ranges)  # a tar member: its bytes
+        return thumbnail_jpeg(found.get((shard, key)))
 
     a_jpeg = {200: {"description": "a JPEG", "content": {"image/jpeg": {"schema": {"type": "string",
                                                                                      "format": "binary"}}}}}

@@ -245,3 +245,25 @@ def test_thumbnails_read_the_embedded_member_by_its_recorded_range(tmp_path, jpe
     run_embed([str(gz)], str(tmp_path / "out-gz"), config_for(), progress=False)
     (row,), _, _ = outputs(tmp_path / "out-gz")
     assert row["key"] == "c" and row["member_offset"] is None  # compressed: no byte range to read
+
+
+def test_thumbnails_of_an_index_read_one_byte_range_not_the_tar(tmp_path, jpeg, config_for):
+    """Searcher.member_ranges gives the recorded range, so a thumbnail is read even when every
+    byte before it is junk a scan of the tar could not get past."""
+    from imgindex.indexes.build import build_index
+    from imgindex.indexes.gallery import fetch_images
+    from imgindex.indexes.query import Searcher
+
+    other = jpeg_bytes(Image.new("RGB", (32, 32), (10, 200, 30)))
+    path = write_members(tmp_path / "range-00000.tar", [(member(f"{i}.jpg", other), other) for i in range(3)] +
+                         [(member("last.jpg", jpeg), jpeg)])
+    run_embed([str(path)], str(tmp_path / "emb"), config_for(), progress=False)
+    build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), progress=False)
+    searcher = Searcher(tmp_path / "idx")
+    (offset, size), = searcher.member_ranges("range-00000", ["last"]).values()
+    raw = bytearray(path.read_bytes())
+    raw[:offset] = b"\x5a" * offset  # every header before it destroyed
+    path.write_bytes(bytes(raw))
+    assert fetch_images(searcher.sources(), [("range-00000", "last")], searcher.member_ranges) == {
+        ("range-00000", "last"): jpeg}
+    assert fetch_images(searcher.sources(), [("range-00000", "last")]) == {}  # a scan cannot reach it
