@@ -26,7 +26,7 @@ import numpy as np
 from imgindex.indexes.query import Hit, Searcher
 from imgindex.errors import ConfigError, install_hint
 from imgindex.pipeline.decode import SampleError
-from imgindex.pipeline.sources import text_key
+from imgindex.pipeline.sources import printable
 
 log = logging.getLogger(__name__)
 
@@ -141,23 +141,8 @@ def _each(members: list[int], run: Callable[[list[int]], Any], answers: list) ->
     return results
 
 
-def json_text(text: str) -> str:
-    """A string as valid JSON text: a name that is not UTF-8 (held with surrogate escapes, as
-    Python decodes it) gets its bytes as `\\xNN`, as keys have them; any other lone surrogate
-    its `\\uXXXX`."""
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        pass
-    try:
-        return text_key(text)[0]
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
 def _json_values(row: dict) -> dict:
-    return {name: json_text(value) if isinstance(value, str) else value for name, value in row.items()}
+    return {name: printable(value) if isinstance(value, str) else value for name, value in row.items()}
 
 
 def create_app(index_dir: str | Path, token: str | None = None, max_upload: int = 20 * 2**20,
@@ -186,7 +171,7 @@ def create_app(index_dir: str | Path, token: str | None = None, max_upload: int 
     manifest = searcher.manifest
     dim = int(searcher.index.d)
     vector_limit = FORM_OVERHEAD + VECTOR_NUMBER_BYTES * dim
-    app = FastAPI(title="imgindex", description=json_text(f"Search the index at {index_dir}"), version="1",
+    app = FastAPI(title="imgindex", description=printable(f"Search the index at {index_dir}"), version="1",
                   docs_url=None, redoc_url=None)
     app.state.searcher, app.state.batcher = searcher, batcher
 
@@ -226,7 +211,7 @@ def create_app(index_dir: str | Path, token: str | None = None, max_upload: int 
                 for code in sorted({*codes, *([401] if token else [])})}
 
     def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-        return JSONResponse({"error": json_text(message)}, status_code=status, headers=headers)
+        return JSONResponse({"error": printable(message)}, status_code=status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def refused(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -60,10 +60,17 @@ def fetch_images(sources: dict[str, dict], wanted: Iterable[tuple[str, str]],
     return found
 
 
+def escape(text: str) -> str:
+    """Text as HTML: markup escaped, and a name that is not UTF-8 shown with its bytes as `\\xNN`
+    (a page must be UTF-8 whatever the corpus's names are)."""
+    from imgindex.pipeline.sources import printable
+
+    return html.escape(printable(text))
+
+
 def breakable(text: str) -> str:
     """Escaped text that wraps after path and name separators (/ _ -) rather than mid-word."""
-    return "".join(html.escape(piece) + ("<wbr>" if piece in "/_-" else "")
-                   for piece in re.split(r"([/_-])", text) if piece)
+    return "".join(escape(piece) + ("<wbr>" if piece in "/_-" else "") for piece in re.split(r"([/_-])", text) if piece)
 
 
 STYLE = """
@@ -123,9 +130,9 @@ class Page:
             notes.append(f"{self.missing} images show no preview: their source (tar, folder or list file) could not be "
                          "read back here, or they could not be decoded. Previews are read from where the images were "
                          "embedded from.")
-        body = "".join(f'<h2>{html.escape(heading)}</h2><div class="row">{"".join(figs)}</div>'
+        body = "".join(f'<h2>{escape(heading)}</h2><div class="row">{"".join(figs)}</div>'
                        for heading, figs in self.sections)
-        note_html = "".join(f'<p class="note">{html.escape(n)}</p>' for n in notes)
-        return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
-                f"<style>{STYLE}{''.join(self._rules)}</style></head><body><h1>{html.escape(self.title)}</h1>"
-                f"<p>{html.escape(intro)}</p>{note_html}{body}</body></html>")
+        note_html = "".join(f'<p class="note">{escape(n)}</p>' for n in notes)
+        return (f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(self.title)}</title>"
+                f"<style>{STYLE}{''.join(self._rules)}</style></head><body><h1>{escape(self.title)}</h1>"
+                f"<p>{escape(intro)}</p>{note_html}{body}</body></html>")

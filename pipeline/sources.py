@@ -231,6 +231,21 @@ def text_key(name: str) -> tuple[str, bytes | None]:
     return raw.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace"), raw
 
 
+def printable(text: str) -> str:
+    """Any string as valid UTF-8 text for JSON and HTML: a name that is not UTF-8 (held with
+    surrogate escapes, as Python decodes it) shows its bytes as `\\xNN`, as its key does; any
+    other lone surrogate its `\\uXXXX`."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text_key(text)[0]
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def raw_name(key: str) -> str:
     """The name a key came from (text_key undone; bytes that are not UTF-8 as Python's surrogate
     escapes, as os.fsdecode gives them)."""

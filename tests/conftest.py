@@ -3,6 +3,7 @@ helpers that write them (and broken samples) into real tar shards at test time."
 from __future__ import annotations
 
 import io
+import os
 import struct
 import sys
 import zlib
@@ -18,6 +19,10 @@ from imgindex.pipeline.config import load_config
 from imgindex.pipeline.demo_corpus import jpeg_bytes, photo_files, write_tar
 
 MODEL = "xcit_nano_12_p16_224.fb_in1k"
+# Ray in the tests talks over loopback only: this switch makes every Ray process (nodes, drivers,
+# actors) take 127.0.0.1 as its address. Ray reads it once, when it is imported, so it is set
+# here, before any test imports Ray; the jobs the tests start inherit it.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # Planted-neighbour vectors (synthetic.py) are a helper the tests share with the benchmarks.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 

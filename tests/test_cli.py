@@ -92,7 +92,7 @@ def test_a_missing_faiss_is_an_install_hint():
     code = ("import sys; sys.modules['faiss'] = None; from imgindex.cli import main; "
             "sys.exit(main(['index', 'emb', '--out', 'idx']))")
     line = one_line(run("-c", code))
-    assert "faiss is not installed: pip install 'imgindex[cpu]'" in line
+    assert "faiss is not installed: pip install -c constraints.txt '.[cpu]'" in line
 
 
 def test_offline_hub_fails_at_once_with_one_line(tmp_path, photos):
@@ -127,12 +127,12 @@ def test_shard_seconds_run_from_the_first_read(tmp_path, photos, config_for, mon
         (folder / f"{i}.jpg").write_bytes(jpeg_bytes(photos[name].resize((64, 48))))
     slow_read = sources.read_files
 
-    def read_files(shard, timeout=None):
+    def read_files(shard, timeout=None, max_bytes=None):
         time.sleep(0.5)  # a slow mount
-        yield from slow_read(shard, timeout)
+        yield from slow_read(shard, timeout, max_bytes)
 
     for module in ("imgindex.pipeline.sources", "imgindex.pipeline.shard_job"):
-        monkeypatch.setattr(f"{module}.read_shard", lambda shard, timeout=None: read_files(shard, timeout),
+        monkeypatch.setattr(f"{module}.read_shard", lambda shard, timeout=None, max_bytes=None: read_files(shard, timeout, max_bytes),
                             raising=False)
     embed_module.run_embed([str(folder)], str(tmp_path / "out"), config_for(), progress=False)
     (stats,) = [json.loads(p.read_text()) for p in (tmp_path / "out" / "_stats").glob("*.json")]

@@ -274,7 +274,9 @@ def test_dedup_cli_writes_lists_and_dry_run_writes_nothing(photo_index, tmp_path
 def test_dedup_cli_errors_are_one_line(planted_index, tmp_path):
     root, _, _ = planted_index
     for args, word in [(["--method", "pixels"], "--method"), ([], "--out"),
-                       (["--out", tmp_path / "o", "--against", tmp_path / "nope"], "not an embeddings directory")]:
+                       (["--out", tmp_path / "o", "--against", tmp_path / "nope", "--threshold", "0.95"],
+                        "not an embeddings directory"),
+                       (["--out", tmp_path / "o"], "pass --threshold")]:  # auto needs a model to plant copies
         result = run_cli("dedup", "--index", root / "idx", *args)
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert result.returncode == 2 and len(lines) == 1 and word in lines[0], result.stderr

@@ -150,7 +150,7 @@ def test_near_constant_images_are_embedded_and_counted(tmp_path, jpeg, config_fo
     summary = run_embed([str(tmp_path / "flat-00000.tar")], str(tmp_path / "out"), config_for(), progress=False)
     _, _, (stats,) = outputs(tmp_path / "out")
     assert stats["rows"] == 2 and stats["near_constant"] == 1 and summary.near_constant == 1
-    assert "1 near-constant images" in summary.line()
+    assert "1 near-constant image:" in summary.line()
 
 
 def test_real_but_unsupported_images_are_named_so(jpeg):
