@@ -326,10 +326,14 @@ def test_ray_pool_that_cannot_place_any_actor_stops_with_a_clear_error(ray_clust
 INTERRUPTED = "imgindex: interrupted; rerun the same command to finish the remaining shards"
 
 
-@pytest.mark.parametrize("executor", [[], ["--procs", "2"], ["--ray", "2"]], ids=["local", "procs", "ray"])
-def test_ctrl_c_ends_any_executor_as_it_ends_a_local_run_and_the_rerun_finishes(executor, many_tars, checkpoint,
+@pytest.mark.parametrize("executor, stop", [([], "ctrl-c"), (["--procs", "2"], "ctrl-c"), (["--ray", "2"], "ctrl-c"),
+                                            (["--ray", "2"], "sigterm")],
+                         ids=["local", "procs", "ray", "ray-sigterm"])
+def test_ctrl_c_ends_any_executor_as_it_ends_a_local_run_and_the_rerun_finishes(executor, stop, many_tars, checkpoint,
                                                                                request, tmp_path):
-    """Ctrl-C in a terminal signals the job's whole process group (the job runs in a session of its own)."""
+    """Ctrl-C in a terminal signals the job's whole process group (the job runs in a session of its own);
+    `kill PID` or a scheduler's stop sends SIGTERM to the driver alone, which ends the same way (with
+    Ray it aborted, exit 134)."""
     out = tmp_path / "interrupted"
     command = embed_cmd(many_tars, out, checkpoint, *executor)
     env = request.getfixturevalue("ray_cluster").env if "--ray" in executor else None
@@ -337,7 +341,10 @@ def test_ctrl_c_ends_any_executor_as_it_ends_a_local_run_and_the_rerun_finishes(
                            start_new_session=True)
     try:
         wait_for_shards(job, out)
-        os.killpg(job.pid, signal.SIGINT)
+        if stop == "ctrl-c":
+            os.killpg(job.pid, signal.SIGINT)
+        else:
+            os.kill(job.pid, signal.SIGTERM)
         stdout, stderr = job.communicate(timeout=120)
     finally:
         end_job(job)
@@ -348,22 +355,6 @@ def test_ctrl_c_ends_any_executor_as_it_ends_a_local_run_and_the_rerun_finishes(
     rerun = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "already done" in rerun.stdout and len(stats_files(out)) == len(many_tars)
-
-
-def test_sigterm_ends_a_ray_run_as_ctrl_c_does(many_tars, checkpoint, ray_cluster, tmp_path):
-    """`kill PID` (or a scheduler's stop) reaches the driver alone: it ends as Ctrl-C does, not in
-    an abort (it gave exit 134)."""
-    out = tmp_path / "terminated"
-    job = subprocess.Popen(embed_cmd(many_tars, out, checkpoint, "--ray", "2"), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, env=ray_cluster.env, start_new_session=True)
-    try:
-        wait_for_shards(job, out)
-        os.kill(job.pid, signal.SIGTERM)
-        _, stderr = job.communicate(timeout=120)
-    finally:
-        end_job(job)
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert job.returncode == 130 and lines[-1] == INTERRUPTED, stderr[-3000:]
 
 
 def test_killing_the_procs_driver_ends_its_workers(many_tars, checkpoint, tmp_path):
