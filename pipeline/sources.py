@@ -535,17 +535,18 @@ def read_images(kind: str, source: str, keys: list[str],
     found: dict[str, bytes] = {}
     if kind == "tar":
         wanted = set(keys)
-        for key in [k for k in keys if ranges and k in ranges]:
-            offset, size = ranges[key]
+        ranged = sorted((ranges[k], k) for k in keys if ranges and k in ranges)  # in file order
+        if ranged:
             try:
-                with fsspec.open(source, "rb") as f:
-                    f.seek(offset)
-                    data = f.read(size)
+                with fsspec.open(source, "rb") as f:  # opened once for all of them
+                    for (offset, size), key in ranged:
+                        f.seek(offset)
+                        data = f.read(size)
+                        if len(data) == size:
+                            found[key] = data
+                            wanted.discard(key)
             except OSError:
-                continue
-            if len(data) == size:
-                found[key] = data
-                wanted.discard(key)
+                pass  # what is still wanted is looked for by reading the tar
         if wanted:
             for sample in read_shard(Shard(name="", kind="tar", url=source)):
                 if sample.key in wanted and sample.data is not None:

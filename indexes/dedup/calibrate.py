@@ -89,9 +89,9 @@ def calibrate(index: "str | Searcher", sample: int = 100, seed: int = 0,
     corpus = _corpus_hashes(searcher)
     held = corpus[0][np.maximum(found, 0)].ravel()  # the stored phash of each copy's neighbours
     same_picture = np.zeros(found.size, bool)
-    for hashes_ in (copy_hashes, np.asarray([originals[o][1] for o in copy_of]),
-                    np.asarray([originals[o][2] for o in copy_of])):
-        same_picture |= hamming(np.repeat(hashes_.astype(np.int64), found.shape[1]), held) <= SAME_PICTURE_BITS
+    for picture in (copy_hashes, np.asarray([originals[o][1] for o in copy_of]),
+                    np.asarray([originals[o][2] for o in copy_of])):  # the copy, its original, the mirror image
+        same_picture |= hamming(np.repeat(picture.astype(np.int64), found.shape[1]), held) <= SAME_PICTURE_BITS
     same_picture = same_picture.reshape(found.shape) & corpus[1][np.maximum(found, 0)]
     # ... or as close to the original as one of its planted copies is: what this calibration calls a copy
     hardest = np.full(len(originals), np.inf)

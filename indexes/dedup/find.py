@@ -66,8 +66,11 @@ def resolve_threshold(searcher: Searcher, options: DedupOptions) -> tuple[DedupO
                           "embeddings do not record (synthetic vectors?): pass --threshold, e.g. 0.95")
     from imgindex.indexes.dedup.calibrate import FINE_THRESHOLDS, calibrate, choose_threshold
 
-    chosen = choose_threshold(calibrate(searcher, options.calibration_sample, thresholds=FINE_THRESHOLDS),
-                              options.target_precision)
+    try:
+        measured = calibrate(searcher, options.calibration_sample, thresholds=FINE_THRESHOLDS)
+    except ConfigError as exc:
+        raise ConfigError(f"--threshold auto could not calibrate: {exc}; or pass --threshold, e.g. 0.9") from None
+    chosen = choose_threshold(measured, options.target_precision)
     options = replace(options, threshold=chosen["threshold"])
     if not chosen["met"]:
         log.warning("no threshold reached precision %.2f on %d planted copies: using %.2f (precision %.3f, "
