@@ -106,34 +106,20 @@ def _config_from(args: argparse.Namespace, base: str | None = None) -> EmbedConf
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
+    from imgindex.executors.placement import Executor
     from imgindex.pipeline.job import run_embed
 
     config = _config_from(args)
-    if sum(bool(x) for x in (args.ray, args.procs, args.slice)) > 1:
-        raise ConfigError("--ray, --procs and --slice do not mix: each runs the shards its own way")
-    progress = False if args.no_progress else None
-    if args.ray or args.procs:
-        if args.ray:
-            from imgindex.pipeline.ray_executor import run_ray
-
-            summary, outcome = run_ray(args.sources, args.out, config, args.ray, args.overwrite, args.retries,
-                                       progress)
-        else:
-            from imgindex.pipeline.processes import run_processes
-
-            summary, outcome = run_processes(args.sources, args.out, config, args.procs, args.overwrite,
-                                             args.retries, progress)
-        print(summary.line() + (f"; {outcome.retried} shards retried" if outcome.retried else ""))
-        for shard, error in sorted(outcome.failed.items()):
-            print(f"imgindex: error: shard {shard} failed {args.retries + 1} times: {error}", file=sys.stderr)
-        if outcome.failed:
-            print(f"imgindex: {len(outcome.failed)} shards not done; rerun the same command to finish them",
-                  file=sys.stderr)
-        return 1 if outcome.failed else 0
+    executor = Executor.from_flags(procs=args.procs, ray=args.ray, retries=args.retries)
     summary = run_embed(args.sources, args.out, config, overwrite=args.overwrite, slice_=args.slice,
-                        progress=progress)
+                        progress=False if args.no_progress else None, executor=executor)
     print(summary.line())
-    return 0
+    for shard, error in sorted(summary.shards_failed.items()):
+        print(f"imgindex: error: shard {shard} failed {args.retries + 1} times: {error}", file=sys.stderr)
+    if summary.shards_failed:
+        print(f"imgindex: {counted(len(summary.shards_failed), 'shard')} not done; rerun the same command to finish "
+              "them", file=sys.stderr)
+    return 1 if summary.shards_failed else 0
 
 
 def _build_options(args: argparse.Namespace):
@@ -461,7 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--overwrite", action="store_true",
                        help="delete existing parts in DIR and start again (needed to change model or preprocessing)")
     embed.add_argument("--slice", metavar="I/N", help="take only shards I, I+N, ... (SLURM arrays, one task per "
-                       "slice, all with the same --out; not with --overwrite: clear DIR once first)")
+                       "slice, all with the same --out; with any executor; not with --overwrite: clear DIR once "
+                       "first)")
     embed.add_argument("--procs", type=whole(1, 1024), metavar="N",
                        help="a pool of N worker processes on this machine, each holding the model and taking the "
                             "next shard when free: one per GPU (process k sees GPU k), each on its own share of "

@@ -1,5 +1,6 @@
-"""The embedding job's driver: plan the shards once, decide how workers run once, write (or
-check) the manifest once, then hand the shards to an executor; here, the in-process one.
+"""The embedding job's driver: plan the shards once, place the executor's workers and decide how
+each runs once, write (or check) the manifest once, then hand the shards out on the executor's
+pool (this process, `--procs` or `--ray`: executors/), with one bar and one summary.
 
 Each shard is a pure function of (shard, config) -> part (pipeline.shard_job); the job can be
 killed at any point and rerun with the same command, and only the unfinished shards are redone.
@@ -8,14 +9,16 @@ from __future__ import annotations
 
 import logging
 import platform
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from imgindex.errors import ConfigError
+from imgindex.executors.handout import Event, Outcome, Pool, hand_out
+from imgindex.executors.placement import Executor, Placement, place
 from imgindex.formats.embeddings_dir import EmbeddingStore
 from imgindex.formats.embeddings_dir import manifest as embeddings_manifest
 from imgindex.pipeline.config import EmbedConfig
@@ -41,6 +44,8 @@ class Summary:
     seconds: float = 0.0
     model_seconds: float = 0.0  # of `seconds`, spent in the model's forward (and the copies around it)
     random_weights: bool = False
+    retried: int = 0  # shards handed out again (their worker died or raised)
+    shards_failed: dict[str, str] = field(default_factory=dict)  # shard -> its last error, after every attempt
     failures_by_error: dict[str, int] = field(default_factory=dict)
     near_constant: int = 0  # embedded images of (almost) one colour
 
@@ -64,6 +69,8 @@ class Summary:
             text += f", model busy {self.model_seconds / self.seconds:.0%} of the time"
         if self.shards_skipped:
             text += f"; {counted(self.shards_skipped, 'shard')} already done"
+        if self.retried:
+            text += f"; {self.retried} shards retried"
         if self.failures_by_error:
             text += " [failures: " + ", ".join(f"{k}={v}" for k, v in sorted(self.failures_by_error.items())) + "]"
         if self.near_constant:
@@ -112,7 +119,7 @@ def parse_slice(text: str | None) -> tuple[int, int] | None:
 
 @dataclass
 class Job:
-    """The plan, made once by the driver: the shards, the output, how each worker runs."""
+    """The plan, made once by the driver: the shards, the output, where the workers run and how."""
 
     shards: list[Shard]
     store: EmbeddingStore
@@ -120,6 +127,7 @@ class Job:
     schedule: Schedule
     overwrite: bool
     machine: Machine  # the facts of the machine it was planned on (a worker's share is in the schedule)
+    placement: Placement
 
     def finished(self) -> bool:
         """Every planned shard is done, under a manifest made with the same model, weights file,
@@ -152,11 +160,17 @@ class Job:
 
 
 def plan_job(sources: list[str], out: str, config: EmbedConfig, overwrite: bool = False,
-             slice_: str | None = None, machine: Machine | None = None,
-             share: Callable[[Machine], Machine] | None = None) -> Job:
-    """List the shards (once), check OUT can be written and decide the schedule for a worker on
-    `machine` (default: this one, or `share` of it); nothing is written yet. `--overwrite` with `--slice` is refused: a slice clearing OUT would delete the
+             slice_: str | None = None, executor: Executor | None = None, machine: Machine | None = None) -> Job:
+    """List the shards (once; `--slice` keeps every n-th, with any executor), check OUT can be
+    written, place the executor's workers and decide the schedule for one of them; nothing is
+    written yet. `--overwrite` with `--slice` is refused: a slice clearing OUT would delete the
     parts other slices finished."""
+    executor = executor or Executor()
+    device = config.runtime.device
+    if executor.kind != "local" and device.startswith("cuda:"):
+        raise ConfigError(f"{executor.flag.split()[0]} gives each {executor.worker_word} its own GPU, so --device "
+                          f"{device} cannot hold in all of them: use --device cuda (or auto)"
+                          + (", and CUDA_VISIBLE_DEVICES to choose the GPUs" if executor.kind == "procs" else ""))
     part = parse_slice(slice_)
     if part and overwrite:
         raise ConfigError(f"--overwrite does not mix with --slice {slice_} (it would delete the parts other slices "
@@ -168,12 +182,17 @@ def plan_job(sources: list[str], out: str, config: EmbedConfig, overwrite: bool 
     store = EmbeddingStore(out)
     store.check_writable()
     machine = machine or machine_facts()  # (torch, for the GPUs: only once the inputs are checked)
-    schedule = decide(config.runtime, share(machine) if share else machine)
-    if config.runtime.device == "auto" and schedule.device == "cpu":
+    want_gpu = {"auto": None, "cuda": True}.get(device, device.startswith("cuda"))
+    placement = place(executor, machine.cores, machine.gpus, want_gpu)
+    share = machine if executor.kind == "local" else Machine(
+        cores=placement.cores, gpus=1 if placement.on_gpu and (machine.gpus or executor.kind == "ray") else 0,
+        mps=machine.mps)
+    schedule = decide(config.runtime, share)
+    if device == "auto" and schedule.device == "cpu":
         log.warning("no CUDA GPU visible: embedding on the CPU in fp32 (slow for large models); "
                     "--device cpu silences this")
     config.runtime.workers, config.runtime.lanes = schedule.workers, schedule.lanes  # recorded as resolved
-    return Job(shards, store, config, schedule, overwrite, machine)
+    return Job(shards, store, config, schedule, overwrite, machine, placement)
 
 
 def prepare_output(job: Job, backbone: "Backbone") -> list[Shard]:
@@ -183,35 +202,87 @@ def prepare_output(job: Job, backbone: "Backbone") -> list[Shard]:
     return [s for s in job.shards if s.name not in done]
 
 
+@dataclass(frozen=True)
+class EmbedWorkers:
+    """The job's worker factory (picklable, made again in every worker process): a Worker, with
+    the model loaded once, that writes its shards' parts into OUT."""
+
+    out: str
+    config: EmbedConfig
+    schedule: Schedule
+
+    def __call__(self, slot: int, name: str):
+        from imgindex.pipeline.shard_job import Worker  # torch and timm: only in a worker
+
+        return Worker(self.out, self.config, self.schedule, name=name)
+
+
 def run_embed(sources: list[str], out: str, config: EmbedConfig, overwrite: bool = False,
-              slice_: str | None = None, progress: bool | None = None) -> Summary:
-    """Embed every shard of `sources` into `out` in this process (one Worker, the same
-    `embed_shard` every executor runs). Bad job inputs raise ConfigError before any work."""
-    job = plan_job(sources, out, config, overwrite, slice_)
-    if job.finished():
-        return Summary(out=out, shards_total=len(job.shards), shards_skipped=len(job.shards))
-    from imgindex.pipeline.shard_job import Worker  # torch and timm: only now that there is work
+              slice_: str | None = None, progress: bool | None = None, executor: Executor | None = None,
+              machine: Machine | None = None) -> Summary:
+    """Embed every shard of `sources` into `out` on `executor` (default: this process), every
+    worker running the same `embed_shard`: plan, manifest, hand-out, one bar and the summary,
+    once for every executor. Bad job inputs raise ConfigError before any work; shards that failed
+    every attempt on a pool are in `summary.shards_failed`."""
+    job = plan_job(sources, out, config, overwrite, slice_, executor, machine)
+    executor = job.placement.executor
+    summary = Summary(out=job.store.url, shards_total=len(job.shards))
+    if job.finished():  # a rerun with nothing to do loads no model and starts no worker
+        summary.shards_skipped = len(job.shards)
+        return summary
+    factory = EmbedWorkers(out, job.config, job.schedule)
+    pool = job.placement.pool(factory, label="Embed", threads=job.schedule.threads)
+    try:
+        if executor.kind == "local":  # the one worker is made now: its model makes the manifest
+            worker = pool.open()
+            config.runtime.batch_size = worker.batch_size
+            backbone = worker.backbone
+        else:  # the manifest from the model on the CPU; the workers load their own
+            from imgindex.pipeline.model import load_backbone
 
-    with Worker(out, config, job.schedule) as worker:
-        config.runtime.batch_size = worker.batch_size
-        todo = prepare_output(job, worker.backbone)
-        summary = Summary(out=out, shards_total=len(job.shards), shards_skipped=len(job.shards) - len(todo),
-                          random_weights=worker.backbone.weights.get("source") == "random")
+            backbone = load_backbone(job.config, replace(job.schedule, device="cpu", precision="fp32",
+                                                         compile=False))
+        todo = prepare_output(job, backbone)
+        summary.shards_skipped = len(job.shards) - len(todo)
+        summary.random_weights = backbone.weights.get("source") == "random"
+        del backbone
         if not todo:
+            pool.stop()
             return summary
-        start = time.perf_counter()
-        with image_bar(todo, progress) as bar:
-            def advance(images: int, failed: int) -> None:
-                elapsed = time.perf_counter() - start
-                bar.update(images + failed)
-                bar.set_postfix(shards=f"{summary.shards_done}/{len(todo)}",
-                                model_busy=f"{worker.model_seconds / max(elapsed, 1e-9):.0%}", refresh=False)
-
-            for shard in todo:
-                summary.add(worker.embed_shard(shard, advance))
-        summary.seconds = time.perf_counter() - start
-        summary.model_seconds = worker.model_seconds
+        outcome = _hand_out(job, pool, todo, summary, progress)
+    except BaseException:
+        pool.stop(now=True)
+        raise
+    summary.retried, summary.shards_failed = outcome.retried, outcome.failed
     return summary
+
+
+def _hand_out(job: Job, pool: Pool, todo: list[Shard], summary: Summary, progress: bool | None) -> Outcome:
+    executor, count = job.placement.executor, min(job.placement.workers, len(todo))
+    start = time.perf_counter()
+    with image_bar(todo, progress) as bar:
+        if pool.reports_progress:  # the in-process worker moves the bar batch by batch
+            pool.progress = lambda images, failed: bar.update(images + failed)
+
+        def on_event(event: Event, outcome: Outcome) -> None:
+            if event.kind == "done":
+                summary.add(event.result)
+                if not pool.reports_progress:
+                    bar.update(event.result["samples"])
+            elif event.kind in ("died", "failed", "unplaced"):
+                held = f" shard {event.shard}:" if event.shard else ""
+                given_up = "; given up, the others take its shards" if event.worker in outcome.given_up else ""
+                print(f"imgindex: warning: {executor.worker_word} {event.worker}:{held} {event.error}{given_up}",
+                      file=sys.stderr)
+            postfix = {"shards": f"{summary.shards_done}/{len(todo)}"}
+            if executor.kind != "local":
+                postfix.update(workers=outcome.alive, retries=outcome.retried)
+            bar.set_postfix(**postfix, refresh=False)
+
+        outcome = hand_out(pool, todo, count, executor.retries, on_event)
+    summary.seconds = time.perf_counter() - start
+    summary.model_seconds = sum(s.get("model_seconds", 0.0) for s in outcome.done) / count  # the workers' mean
+    return outcome
 
 
 def image_bar(todo: list[Shard], progress: bool | None):

@@ -106,9 +106,3 @@ def decide(runtime: RuntimeConfig, machine: Machine) -> Schedule:
     return Schedule(device=device, precision=precision, batch_size=batch, threads=threads, decode=decode,
                     lanes=lanes, workers=workers, ahead=2 * max(1, workers) if accelerator else 0,
                     pin_memory=device.startswith("cuda"), compile=runtime.compile)
-
-
-def worker_share(machine: Machine, processes: int) -> Machine:
-    """The machine one of `processes` local workers gets: an equal share of the cores and, on a
-    GPU box, one GPU each."""
-    return Machine(cores=max(1, machine.cores // processes), gpus=1 if machine.gpus else 0, mps=machine.mps)

@@ -74,6 +74,8 @@ class Worker:
         self.store.write_shard(shard.name, rows, embeddings, done.failures, stats)
         return stats
 
+    run = embed_shard  # what a pool's worker runs (executors.handout.TaskWorker)
+
     # -- inside a shard ---------------------------------------------------------------------
     def _batches(self, shard: Shard) -> Iterator[tuple[ShardDone, Batch | None, np.ndarray | None]]:
         """(tally of a batch's samples, the batch, its vectors), in sample order."""

@@ -227,11 +227,27 @@ def test_procs_pool_gives_the_in_process_output_and_survives_a_killed_process(co
 
 def test_procs_refuse_what_cannot_hold(corpus, checkpoint, tmp_path):
     _, tars, _ = corpus
-    for extra, message in ((["--procs", "2", "--slice", "0/2"], "do not mix"),
+    for extra, message in ((["--procs", "2", "--ray", "2"], "do not mix"),
                            (["--procs", "2", "--device", "cuda:1"], "use --device cuda")):
         bad = subprocess.run(embed_cmd(tars, tmp_path / "o", checkpoint, *extra), capture_output=True, text=True,
                              timeout=300)
         assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+
+
+def test_slice_is_a_filter_on_the_plan_with_any_executor(corpus, checkpoint, tmp_path):
+    """--slice 1/5 with --procs 2: the pool embeds exactly shards 1 and 6, as the in-process run did."""
+    root, tars, reference = corpus
+    out = tmp_path / "sliced"
+    done = subprocess.run(embed_cmd(tars, out, checkpoint, "--procs", "2", "--slice", "1/5"), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "from 2 shards" in done.stdout
+    rows, stats = outputs(out)
+    _, reference_stats = outputs(reference)
+    wanted = sorted(reference_stats)[1::5]
+    assert sorted(stats) == wanted and rows.num_rows == sum(reference_stats[s]["rows"] for s in wanted)
+    assert {s: v["failures_by_error"] for s, v in stats.items()} == {
+        s: reference_stats[s]["failures_by_error"] for s in wanted}
 
 
 def test_ray_actor_pool_gives_the_in_process_output_and_survives_a_killed_actor(corpus, checkpoint, ray_cluster):
@@ -305,8 +321,9 @@ def test_ray_pool_finishes_when_a_node_dies_and_its_replacement_cannot_be_placed
 
 def test_ray_pool_that_cannot_place_any_actor_stops_with_a_clear_error(ray_cluster, config_for, tmp_path):
     ray = pytest.importorskip("ray")
-    from imgindex.pipeline.handout import NoWorkers, hand_out
-    from imgindex.pipeline.ray_executor import RayPool
+    from imgindex.executors.handout import NoWorkers, hand_out
+    from imgindex.executors.ray_actors import RayPool
+    from imgindex.pipeline.job import EmbedWorkers
     from imgindex.pipeline.sources import Shard
 
     config = config_for()
@@ -314,7 +331,8 @@ def test_ray_pool_that_cannot_place_any_actor_stops_with_a_clear_error(ray_clust
     sigterm = signal.getsignal(signal.SIGTERM)  # ray.init sets its own in this process
     ray.init(address=ray_cluster.cluster.address, include_dashboard=False)
     try:
-        pool = RayPool(ray, str(tmp_path / "out"), config, schedule, cpus=2, placement_timeout=5)  # no node has 2
+        factory = EmbedWorkers(str(tmp_path / "out"), config, schedule)
+        pool = RayPool(ray, factory, "Embed", cpus=2, placement_timeout=5)  # no node has 2
         shards = [Shard(name=f"s{i}", kind="tar", url=str(tmp_path / f"s{i}.tar")) for i in range(3)]
         with pytest.raises(NoWorkers, match="workers 0, 1: not placed by Ray within 5 s: no node has 2 CPU free"):
             hand_out(pool, shards, workers=2, retries=2)

@@ -116,7 +116,7 @@ def test_auto_workers_use_the_cores_of_this_process_and_leave_one_for_it():
 
 
 def test_procs_get_disjoint_shares_of_the_cores():
-    from imgindex.pipeline.processes import core_shares
+    from imgindex.executors.processes import core_shares
 
     shares = core_shares(list(range(16)), 3)
     assert [len(s) for s in shares] == [5, 5, 6]

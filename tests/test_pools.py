@@ -4,14 +4,22 @@ and a job no worker can take stopped with a clear error instead of a silent wait
 Ray actors a cluster holds, counted per node."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 
 from imgindex.errors import ConfigError
-from imgindex.pipeline.handout import Event, NoWorkers, hand_out
-from imgindex.pipeline.ray_executor import plan_actors
-from imgindex.pipeline.sources import Shard
+from imgindex.executors.handout import Event, NoWorkers, hand_out
+from imgindex.executors.ray_actors import plan_actors
 
 NEVER = None
+
+
+@dataclass(frozen=True)
+class Task:
+    """Any task: the hand-out knows only its name."""
+
+    name: str
 
 
 class FakePool:
@@ -67,14 +75,14 @@ class FakePool:
             return [Event("died", worker, shard, error="killed")]
         if shard in self.fail:
             return [Event("failed", worker, shard, error="OSError: disk full")]
-        return [Event("done", worker, shard, stats={"shard": shard, "worker": worker})]
+        return [Event("done", worker, shard, result={"shard": shard, "worker": worker})]
 
     def stop(self, now=False):
         self.stopped = "now" if now else "done"
 
 
 def shards(count):
-    return [Shard(name=f"s{i:02d}", kind="tar", url=f"s{i}.tar") for i in range(count)]
+    return [Task(f"s{i:02d}") for i in range(count)]
 
 
 def names(outcome):

@@ -1,5 +1,7 @@
-"""Shards to a pool of workers, dynamically, with retries: the one scheduling loop that the local
-process pool (`--procs`) and the Ray actor pool (`--ray`) share.
+"""Tasks to a pool of workers, dynamically, with retries: the one scheduling loop that every pool
+shares (this process, `--procs`, `--ray`), for every kind of task (embedding a shard, adding parts
+to an index, a dedup partition). Below, a "shard" is any task: a picklable value with a unique
+`name`.
 
 A worker is handed a shard only once it reported itself ready (it was placed and holds its
 model), so a shard never waits on a worker that may never start. The next shard goes to
@@ -16,22 +18,40 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from imgindex.errors import ConfigError
-from imgindex.pipeline.sources import Shard
+
+
+class Task(Protocol):
+    """Anything picklable with a unique name: a shard, a group of parts, a partition."""
+
+    name: str
+
+
+class TaskWorker(Protocol):
+    """What a pool's factory makes, once per worker slot: it runs tasks for its whole life."""
+
+    def run(self, task: Task, progress: Callable[[int, int], None] | None = None) -> Any: ...
+    def close(self) -> None: ...
+
+
+class WorkerFactory(Protocol):
+    """Picklable: called in the worker's own process with its slot and a name for its records."""
+
+    def __call__(self, slot: int, name: str) -> TaskWorker: ...
 
 
 @dataclass
 class Event:
-    """What a pool reports: a worker `ready` for shards, a shard `done` (with its stats), a shard
+    """What a pool reports: a worker `ready` for shards, a shard `done` (with its result), a shard
     that `failed` (raised), a worker that `died` (with the shard it held, if any), or a worker
     that was `unplaced` (not started within the pool's bound; the pool has given up on it)."""
 
     kind: str
     worker: int
     shard: str | None = None
-    stats: dict | None = None
+    result: Any = None
     error: str | None = None
 
 
@@ -41,15 +61,16 @@ class NoWorkers(ConfigError):
 
 
 class Pool(Protocol):
+    reports_progress: bool  # its worker calls `progress` (an attribute then) as a task runs: the local pool
     def start(self, worker: int) -> None: ...  # (re)start slot `worker`; it reports `ready` when it can take shards
-    def submit(self, worker: int, shard: Shard) -> None: ...  # only ever to a ready, free worker
+    def submit(self, worker: int, shard: Task) -> None: ...  # only ever to a ready, free worker
     def wait(self) -> list[Event]: ...  # what happened; may return [] after a short tick
     def stop(self, now: bool = False) -> None: ...  # now: the job was interrupted, end the workers at once
 
 
 @dataclass
 class Outcome:
-    done: list[dict] = field(default_factory=list)  # stats of every shard finished
+    done: list = field(default_factory=list)  # the result of every shard finished
     failed: dict[str, str] = field(default_factory=dict)  # shard -> last error, after every attempt
     retried: int = 0
     restarts: int = 0
@@ -57,7 +78,7 @@ class Outcome:
     given_up: dict[int, str] = field(default_factory=dict)  # worker slot -> why it is not restarted
 
 
-def hand_out(pool: Pool, shards: list[Shard], workers: int, retries: int,
+def hand_out(pool: Pool, shards: list[Task], workers: int, retries: int,
              on_event: Callable[[Event, Outcome], None] | None = None) -> Outcome:
     """Run every shard on the pool; returns what finished and what did not. Raises NoWorkers when
     shards are left and no worker can take them."""
@@ -101,7 +122,7 @@ def hand_out(pool: Pool, shards: list[Shard], workers: int, retries: int,
                         early_deaths[worker] = 0
                 elif event.kind == "done":
                     holding[worker] = None
-                    outcome.done.append(event.stats)
+                    outcome.done.append(event.result)
                 elif event.kind in ("failed", "died", "unplaced"):
                     if holding.get(worker) == shard:
                         holding[worker] = None
