@@ -68,6 +68,8 @@ def test_demo_help_names_the_demo_model():
     ("embed", "rerun the same command to finish the remaining shards"),
 ])
 def test_ctrl_c_says_what_to_do_for_each_command(monkeypatch, capsys, command, hint):
+    import importlib
+
     import imgindex.cli as cli
 
     def interrupted(args):
@@ -75,7 +77,7 @@ def test_ctrl_c_says_what_to_do_for_each_command(monkeypatch, capsys, command, h
 
     argv = {"index": ["index", "e", "--out", "o"], "dedup": ["dedup", "--index", "i"],
             "embed": ["embed", "s", "--out", "o"]}[command]
-    monkeypatch.setattr(cli, f"cmd_{command}", interrupted)
+    monkeypatch.setattr(importlib.import_module(f"imgindex.cli.{command}"), f"cmd_{command}", interrupted)
     assert cli.main(argv) == 130
     assert capsys.readouterr().err.strip() == f"imgindex: interrupted; {hint}"
 
@@ -151,3 +153,16 @@ def test_a_corrupt_index_message_is_readable(tmp_path):
     line = one_line(run("-m", "imgindex", "search", "--index", tmp_path / "idx", "--key", "syn1"))
     assert "is corrupt or truncated" in line and "faiss::" not in line and "/project" not in line
     assert "rebuild the index" in line
+
+
+def test_building_the_parser_reads_no_config(monkeypatch):
+    """The --model help names the config's model, but only help reads it: not every command."""
+    import imgindex.cli.args as args
+    from imgindex.cli import build_parser
+
+    def read(*_, **__):
+        raise AssertionError("a config was read to build the parser")
+
+    monkeypatch.setattr(args, "load_config", read)
+    parser = build_parser()
+    assert parser.parse_args(["embed", "x", "--out", "o"]).command == "embed"
