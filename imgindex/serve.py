@@ -426,9 +426,10 @@ def _check_device(device: str | None) -> None:
     answers every image query with the same refusal."""
     import torch
 
-    from imgindex.pipeline.model import resolve_device
+    from imgindex.pipeline.config import load_config
+    from imgindex.pipeline.schedule import decide, machine_facts
 
-    where = resolve_device(device or "auto")
+    where = decide(load_config(None, {"runtime.device": device or "auto"}).runtime, machine_facts()).device
     try:
         torch.zeros(1, device=where)
     except (RuntimeError, AssertionError) as exc:

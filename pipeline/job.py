@@ -191,7 +191,6 @@ def plan_job(sources: list[str], out: str, config: EmbedConfig, overwrite: bool 
     if device == "auto" and schedule.device == "cpu":
         log.warning("no CUDA GPU visible: embedding on the CPU in fp32 (slow for large models); "
                     "--device cpu silences this")
-    config.runtime.workers, config.runtime.lanes = schedule.workers, schedule.lanes  # recorded as resolved
     return Job(shards, store, config, schedule, overwrite, machine, placement)
 
 
@@ -235,7 +234,7 @@ def run_embed(sources: list[str], out: str, config: EmbedConfig, overwrite: bool
     try:
         if executor.kind == "local":  # the one worker is made now: its model makes the manifest
             worker = pool.open()
-            config.runtime.batch_size = worker.batch_size
+            job.schedule = replace(job.schedule, batch_size=worker.batch_size)  # auto on a GPU: probed
             backbone = worker.backbone
         else:  # the manifest from the model on the CPU; the workers load their own
             from imgindex.pipeline.model import load_backbone

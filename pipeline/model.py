@@ -81,11 +81,10 @@ def largest_fitting(fits: Callable[[int], bool], start: int = 8, limit: int = 20
 
 
 def auto_batch_size(backbone: "Backbone") -> int:
-    """On CUDA, the largest batch whose forward fits in memory (probed). On a CPU, 16: larger
-    batches fall out of the caches and smaller ones pay more per-batch overhead (the README's
-    benchmark table has the figures)."""
+    """On CUDA, the largest batch whose forward fits in memory (probed). Elsewhere the schedule
+    has decided the batch (`schedule.CPU_BATCH`), so `auto` never reaches here."""
     if backbone.device.type != "cuda":
-        return 16
+        raise ValueError(f"an auto batch size is probed on CUDA only, not on {backbone.device.type}")
     height, width = backbone.data_config["input_size"][1:]
 
     def fits(size: int) -> bool:
@@ -98,24 +97,6 @@ def auto_batch_size(backbone: "Backbone") -> int:
             torch.cuda.empty_cache()
 
     return largest_fitting(fits)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asked for, but no CUDA GPU is visible: use --device cpu")
-    return device
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
 
 
 def state_dict_sha256(model: torch.nn.Module) -> str:
@@ -169,15 +150,16 @@ def _reachable(url: str, timeout: float = 3.0) -> bool:
 
 
 def load_backbone(config: EmbedConfig, schedule: "Schedule | None" = None) -> Backbone:
-    """Create the configured model, on the schedule's device and precision (else the config's,
-    resolved here). Never falls back: missing weights are an error."""
+    """Create the configured model, on the schedule's device and precision (default: the one
+    `schedule.decide` makes for this machine; nothing is decided here). Never falls back:
+    missing weights are an error."""
     mc = config.model
     _check_model_name(mc.name)
-    device = resolve_device(schedule.device if schedule else config.runtime.device)
-    precision = resolve_precision(schedule.precision if schedule else config.runtime.precision, device)
-    compile_ = schedule.compile if schedule else config.runtime.compile
-    if precision == "fp16" and device.type == "cpu":
-        raise ConfigError("fp16 is not supported on CPU: use --precision fp32 or bf16")
+    if schedule is None:
+        from imgindex.pipeline.schedule import decide, machine_facts
+
+        schedule = decide(config.runtime, machine_facts())
+    device, precision, compile_ = torch.device(schedule.device), schedule.precision, schedule.compile
     if mc.checkpoint:
         model = timm.create_model(mc.name, pretrained=False, num_classes=0)
         load_checkpoint(model, mc.checkpoint)

@@ -47,6 +47,10 @@ class Schedule:
         return asdict(self)
 
 
+CPU_BATCH = 16  # `auto` off CUDA: larger batches fall out of the caches, smaller pay more overhead per batch
+# (the benchmark table in benchmarks/README.md has the figures); on CUDA the worker probes the largest that fits
+
+
 def machine_facts() -> Machine:
     """This process's cores (its affinity mask, which taskset, cgroups and SLURM set) and GPUs."""
     import torch
@@ -102,7 +106,7 @@ def decide(runtime: RuntimeConfig, machine: Machine) -> Schedule:
     if lanes > 1 and runtime.compile:
         raise ConfigError(f"--lanes {lanes} does not mix with --compile (a compiled model is not safe to run from "
                           "several threads): use --lanes 1")
-    batch = runtime.batch_size if runtime.batch_size != "auto" or device.startswith("cuda") else 16
+    batch = runtime.batch_size if runtime.batch_size != "auto" or device.startswith("cuda") else CPU_BATCH
     return Schedule(device=device, precision=precision, batch_size=batch, threads=threads, decode=decode,
                     lanes=lanes, workers=workers, ahead=2 * max(1, workers) if accelerator else 0,
                     pin_memory=device.startswith("cuda"), compile=runtime.compile)

@@ -116,6 +116,7 @@ def test_hostile_tars_through_the_job(tmp_path_factory, checkpoint, shards):
         assert len(rows) == sum(s["rows"] for s in stats)
 
 
+FAILURE_CLASSES = ("empty", "not_an_image", "unsupported", "truncated", "too_large", "decode_error")
 SIGNATURES = [b"", b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF89a", b"II*\x00", b"MM\x00*", b"BM", b"RIFF"]
 
 
@@ -125,7 +126,7 @@ def test_random_bytes_are_a_failure_class_never_a_crash(prefix, body):
     try:
         open_upright(prefix + body, 10**7)
     except SampleError as exc:
-        assert exc.kind in ("empty", "not_an_image", "unsupported", "truncated", "too_large", "decode_error")
+        assert exc.kind in FAILURE_CLASSES
 
 
 @FUZZ
@@ -136,9 +137,11 @@ def test_damaged_images_are_a_failure_class_never_a_crash(prefix, cut, flips):
     for offset, value in flips:
         data[offset] = value
     try:
-        open_upright(bytes(data[:cut]), 10**7)
-    except SampleError:
-        pass
+        decoded = open_upright(bytes(data[:cut]), 10**7)
+    except SampleError as exc:
+        assert exc.kind in FAILURE_CLASSES
+    else:  # what decodes is an upright 8-bit RGB picture within the pixel bound, ready for the model
+        assert decoded.image.mode == "RGB" and 1 <= decoded.image.width * decoded.image.height <= 10**7
 
 
 VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10**20, 10**20), st.floats(allow_nan=True),
@@ -146,25 +149,77 @@ VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10**20, 10**20), st.fl
                    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
 
 
-@FUZZ
-@given(key=st.sampled_from(sorted(RULES)), value=VALUES)
-def test_fuzzed_config_values_load_or_fail_in_one_line(tmp_path_factory, key, value):
+# The config keys' contract, written out from the README's config reference, independent of the
+# checks in pipeline/config.py (RULES): per key, values that must load and values that must be refused.
+CONTRACT = {
+    "model.name": (["xcit_nano_12_p16_224.fb_in1k"], ["", "  ", 3, None, True]),
+    "model.pretrained": ([True, False], ["yes", 1, None]),
+    "model.checkpoint": ([None, "w.safetensors"], ["", 5, True]),
+    "model.weights_package": ([None, "some-weights-package"], ["", 1, False]),
+    "model.normalize": ([True, False], ["true", 0]),
+    "runtime.device": (["auto", "cpu", "cuda", "cuda:1", "mps"], ["gpu", "cuda:", "cuda:x", "CPU", "", 0, None]),
+    "runtime.precision": (["auto", "fp32", "bf16", "fp16"], ["fp64", "", None, 16]),
+    "runtime.batch_size": ([1, 65_536, "auto"], [0, -1, 65_537, 1.5, "8", True, None]),
+    "runtime.workers": ([0, 1024, "auto"], [-1, 1025, 1.5, True, "4"]),
+    "runtime.lanes": ([1, 1024, "auto"], [0, -1, 1025, True, None]),
+    "runtime.compile": ([True, False], ["no", 0]),
+    "decode.max_pixels": ([1, 10**8], [0, -5, 2.5, True, "big"]),
+    "decode.alpha_background": ([[0, 0, 0], [255, 255, 255]],
+                                [[256, 0, 0], [0, 0], [1, 2, 3, 4], "white", [-1, 0, 0], [True, 0, 0], [0.5, 0, 0]]),
+    "decode.draft": ([True, False], [1, "yes"]),
+    "source.folder_shard_size": ([1, 1000], [0, -1, 1.5, True]),
+    "source.list_column": (["path"], ["", 3, None]),
+    "source.read_timeout_s": ([None, 0.5, 60], [0, -1, True, "60"]),
+    "source.max_file_bytes": ([1, 2**30], [0, -1, True, 1.5]),
+    "seed": ([0, 2**63 - 1], [-1, 2**63, True, 1.5]),
+}
+
+
+def config_file(directory: Path, key: str, value) -> Path:
     *sections, name = key.split(".")
     nested = {name: value}
     for section in reversed(sections):
         nested = {section: nested}
-    path = tmp_path_factory.mktemp("cfg") / "fuzz.yaml"
+    path = directory / "fuzz.yaml"
     path.write_text(yaml.safe_dump(nested))
+    return path
+
+
+def loaded_value(config, key: str):
+    holder = config
+    for part in key.split("."):
+        holder = getattr(holder, part)
+    return holder
+
+
+def test_every_config_key_has_a_written_contract():
+    assert sorted(CONTRACT) == sorted(RULES)
+
+
+@pytest.mark.parametrize("key", sorted(CONTRACT))
+def test_config_keys_take_what_their_contract_allows_and_refuse_the_rest(tmp_path, key):
+    allowed, refused = CONTRACT[key]
+    for value in allowed:
+        loaded = loaded_value(load_config(str(config_file(tmp_path, key, value))), key)
+        assert list(loaded) == value if isinstance(value, list) else loaded == value
+    for value in refused:
+        with pytest.raises(ConfigError) as caught:
+            load_config(str(config_file(tmp_path, key, value)))
+        assert key in str(caught.value) and "\n" not in str(caught.value), value
+
+
+@FUZZ
+@given(key=st.sampled_from(sorted(CONTRACT)), value=VALUES)
+def test_fuzzed_config_values_load_unchanged_or_fail_in_one_line(tmp_path_factory, key, value):
+    path = config_file(tmp_path_factory.mktemp("cfg"), key, value)
     try:
         config = load_config(str(path))
     except ConfigError as exc:
         assert "\n" not in str(exc) and key in str(exc)
         return
-    holder = config
-    for section in sections:
-        holder = getattr(holder, section)
-    ok, _ = RULES[key]
-    assert ok(getattr(holder, name))  # what loads is what the rule allows
+    loaded = loaded_value(config, key)
+    assert (list(loaded) if isinstance(loaded, tuple) else loaded) == value  # taken as written, never coerced
+    assert not any(type(bad) is type(value) and bad == value for bad in CONTRACT[key][1])
 
 
 @pytest.mark.parametrize("text", [b"\xff\xfe\x00garbage", b"model: [unclosed", b"- a list\n- of items\n",

@@ -71,7 +71,7 @@ def test_lanes_write_the_single_lane_rows_failures_and_stats(tmp_path, mixed_sha
 def test_auto_lanes_are_resolved_recorded_and_leave_the_threads_as_they_were(tmp_path, photo_tars, config_for):
     threads = torch.get_num_threads()
     run_embed([str(t) for t in photo_tars(count=2, per_shard=3)], str(tmp_path / "out"), config_for(), progress=False)
-    runtime = json.loads((tmp_path / "out" / "_manifest.json").read_text())["config"]["runtime"]
+    runtime = json.loads((tmp_path / "out" / "_manifest.json").read_text())["schedule"]
     assert runtime["workers"] == 0 and runtime["lanes"] == auto_lanes(threads)
     assert torch.get_num_threads() == threads
     assert not [t for t in threading.enumerate() if t.name.startswith("lane-")]

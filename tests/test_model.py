@@ -61,15 +61,30 @@ def test_compiled_backbone_writes_the_eager_vectors(tmp_path, photo_tars, config
     np.testing.assert_allclose(np.stack(compiled["embedding"].to_numpy(zero_copy_only=False)),
                                np.stack(eager["embedding"].to_numpy(zero_copy_only=False)), atol=1e-5)
     # a compiled model runs in one lane: torch.compile is not thread-safe
-    assert json.loads((tmp_path / "compiled" / "_manifest.json").read_text())["config"]["runtime"]["lanes"] == 1
+    manifest = json.loads((tmp_path / "compiled" / "_manifest.json").read_text())
+    assert manifest["schedule"]["lanes"] == 1 and manifest["config"]["runtime"]["lanes"] == "auto"  # as written
 
 
-def test_auto_precision_is_fp32_on_cpu_and_bf16_on_cuda():
-    from imgindex.pipeline.model import resolve_precision
+def test_auto_precision_is_fp32_on_cpu_and_bf16_on_cuda(config_for):
+    from imgindex.pipeline.schedule import Machine, decide
 
-    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
-    assert resolve_precision("auto", torch.device("cuda")) == "bf16"
-    assert resolve_precision("fp32", torch.device("cuda")) == "fp32"
+    runtime = config_for(**{"runtime.precision": "auto", "runtime.device": "auto"}).runtime
+    assert decide(runtime, Machine(cores=2, gpus=0)).precision == "fp32"
+    assert decide(runtime, Machine(cores=2, gpus=1)).precision == "bf16"
+    runtime.precision = "fp32"
+    assert decide(runtime, Machine(cores=2, gpus=1)).precision == "fp32"
+
+
+def test_a_backbone_runs_where_the_schedule_says(config_for):
+    """The model follows the one decision (schedule.decide), not one of its own."""
+    from dataclasses import replace
+
+    from imgindex.pipeline.schedule import Machine, decide
+
+    config = config_for(**{"runtime.precision": "bf16"})
+    schedule = decide(config.runtime, Machine(cores=2, gpus=0))
+    assert load_backbone(config, replace(schedule, precision="fp32")).precision == "fp32"
+    assert load_backbone(config).precision == "bf16"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -99,11 +114,13 @@ def test_auto_batch_size_and_workers_are_resolved_and_recorded(tmp_path, photo_t
 
     run_embed([str(t) for t in photo_tars(count=1, per_shard=2)], str(tmp_path / "out"),
               config_for(**{"runtime.batch_size": "auto", "runtime.workers": "auto"}), progress=False)
-    runtime = json.loads((tmp_path / "out" / "_manifest.json").read_text())["config"]["runtime"]
-    size = runtime["batch_size"]
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    schedule, written = manifest["schedule"], manifest["config"]["runtime"]
+    size = schedule["batch_size"]
     assert isinstance(size, int) and size >= 8
-    assert runtime["device"] == "cpu" and size == 16
-    assert runtime["workers"] == 0  # on a CPU the decode runs in this process (in lanes)
+    assert schedule["device"] == "cpu" and size == 16
+    assert schedule["workers"] == 0  # on a CPU the decode runs in this process (in lanes)
+    assert written["batch_size"] == written["workers"] == "auto"  # the config stays as the user wrote it
 
 
 def test_auto_workers_use_the_cores_of_this_process_and_leave_one_for_it():

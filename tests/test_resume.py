@@ -65,21 +65,36 @@ def test_rerun_after_kill_finishes_only_the_missing_shards(tmp_path, photo_tars,
 
 
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path, photo_tars, checkpoint):
-    tars = photo_tars(count=24, per_shard=4)
+    """The job cannot finish before the interrupt: its last shard is a FIFO no writer opens, and
+    its read deadline (600 s) is far beyond the test's wait, so the job is always mid-work."""
+    import os
+
+    tars = [*photo_tars(count=2, per_shard=4)]
+    os.mkfifo(tmp_path / "zz-00000.tar")  # sorted last: the job blocks here after the photo shards
+    config = tmp_path / "slow-reads.yaml"
+    config.write_text("base: test\nsource:\n  read_timeout_s: 600\n")
     out = tmp_path / "out"
+    command = embed_cmd([*tars, tmp_path / "zz-00000.tar"], out, checkpoint)
+    command[command.index("--config") + 1] = str(config)
     # A shell that starts the tests in the background makes its children ignore SIGINT, and
     # Python then installs no Ctrl-C handler: give the job the default disposition, as in a terminal.
-    job = subprocess.Popen(embed_cmd(tars, out, checkpoint), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(out.glob("_stats/part-*.json")):
-        time.sleep(0.01)
-    job.send_signal(signal.SIGINT)
-    _, err = job.communicate(timeout=60)
-    if job.returncode == 0:
-        pytest.skip("the job finished before the interrupt arrived")
-    assert job.returncode == 130
-    assert "rerun the same command" in err
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and len(list(out.glob("_stats/part-*.json"))) < len(tars):
+            assert job.poll() is None, job.communicate()[1]
+            time.sleep(0.05)
+        assert len(list(out.glob("_stats/part-*.json"))) == len(tars), "the photo shards were not done in time"
+        job.send_signal(signal.SIGINT)
+        _, err = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.communicate()
+    assert job.returncode == 130, err
+    assert err.strip().splitlines()[-1] == ("imgindex: interrupted; rerun the same command to finish the remaining "
+                                            "shards") and "Traceback" not in err
 
 
 def test_a_finished_job_reruns_as_a_no_op(tmp_path, photo_tars, config_for):
