@@ -52,7 +52,7 @@ from imgindex.pipeline.demo_corpus import jpeg_bytes, photo_files, write_tar  # 
 from imgindex.pipeline.job import run_embed  # noqa: E402
 from imgindex.pipeline.model import _DTYPES, auto_batch_size, load_backbone  # noqa: E402
 from imgindex.pipeline.schedule import decide, machine_facts  # noqa: E402
-from imgindex.cli.args import number_or_auto  # noqa: E402
+from imgindex.pipeline.config import number_or_auto  # noqa: E402
 from results import append_result  # noqa: E402
 
 SIZES = {"imagenet": (500, 375), "large": (2048, 1536)}

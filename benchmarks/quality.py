@@ -110,11 +110,11 @@ def pair_scores(pairs: set[frozenset], planted: dict[str, tuple[str, str]], name
 def photos_run(work: Path, planted: dict, config: str, label: str, random: bool) -> dict:
     import pyarrow.parquet as pq
 
-    from imgindex.indexes.query import Searcher
+    from imgindex.open_index import open_searcher
 
     cli("embed", work / "originals", "--out", work / f"emb-{label}", "--config", config, "--no-progress")
     cli("index", work / f"emb-{label}", "--out", work / f"idx-{label}", "--no-progress")
-    searcher = Searcher(work / f"idx-{label}")
+    searcher = open_searcher(work / f"idx-{label}")
     copies = sorted(planted)
     hits = searcher.search_images([work / "copies" / c for c in copies], k=1)
     top1 = {kind: [] for kind in TRANSFORMS}

@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 
 from imgindex.indexes.build import build_index
-from imgindex.indexes.query import Searcher
+from imgindex.open_index import open_searcher
 from imgindex.pipeline.config import load_config
 from imgindex.pipeline.demo_corpus import jpeg_bytes, photo_files, write_tar
 from imgindex.pipeline.job import run_embed
@@ -103,7 +103,7 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
-    searcher = Searcher(index)
+    searcher = open_searcher(index)
     searcher.search_images(images[:2], k=10)  # the model loaded, as the server's is
     in_process = timed([lambda i=i: searcher.search_images([images[i % len(images)]], k=10)
                         for i in range(args.queries)], 1)

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from imgindex.errors import ConfigError
+from imgindex.errors import ConfigError, NotFound
 
 FORMAT = "imgindex.embeddings/1"
 
@@ -258,11 +258,15 @@ class EmbeddingsDir(Layout):
         return found
 
     def part(self, shard: str, rows: int) -> Part:
-        """A part known by name (e.g. from an index manifest)."""
+        """A part known by name and row count (e.g. from an index manifest)."""
+        return Part(shard=shard, path=self.existing_part_path(shard), rows=rows)
+
+    def existing_part_path(self, shard: str) -> str:
+        """The path of a shard's part, which must be there."""
         path = self.part_path(shard)
         if not self.fs.exists(path):
             raise ConfigError(f"part of shard {shard!r} is missing from {self.url}")
-        return Part(shard=shard, path=path, rows=rows)
+        return path
 
     def iter_batches(self, parts: list[Part], normalize: bool = True) -> Iterator[tuple[Part, pa.Table, np.ndarray]]:
         """(part, shard+key table, float32 vectors), one Parquet row group at a time.
@@ -316,7 +320,7 @@ class EmbeddingsDir(Layout):
 
     def read_columns(self, shard: str, columns: list[str]) -> pa.Table:
         """Some columns of a shard's part; a column the part predates comes back as nulls."""
-        parquet = pq.ParquetFile(self.part(shard, 0).path, filesystem=self.fs)
+        parquet = pq.ParquetFile(self.existing_part_path(shard), filesystem=self.fs)
         present = [c for c in columns if c in parquet.schema_arrow.names]
         table = parquet.read(columns=present)
         schema = part_schema(self.dim)
@@ -325,8 +329,8 @@ class EmbeddingsDir(Layout):
 
     def vector_of(self, shard: str, key: str) -> np.ndarray:
         """The stored full-precision vector of one sample (normalized for cosine search)."""
-        table = pq.read_table(self.part(shard, 0).path, filesystem=self.fs, columns=["key", "embedding"],
+        table = pq.read_table(self.existing_part_path(shard), filesystem=self.fs, columns=["key", "embedding"],
                               filters=[("key", "=", key)])
         if not table.num_rows:
-            raise ConfigError(f"key {key!r} is not in shard {shard!r} of {self.url}")
+            raise NotFound(f"key {key!r} is not in shard {shard!r} of {self.url}")
         return normalize_rows(_vectors(table.column("embedding"), self.dim))[0]

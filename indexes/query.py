@@ -1,4 +1,6 @@
-"""Query an index directory: load it once, then search by vectors, image files or keys.
+"""Query an index directory: load it once, then search by vectors or keys. Images become vectors
+through the image model the caller composes the Searcher with (the command line and the service
+give the one the index's manifest records: pipeline.query_embedder); indexes load no model.
 
 Hits carry rank, score (cosine), shard and key, and the passthrough metadata read from the
 embeddings parts (caption, url) plus a `path` that says where the image lives: the file
@@ -7,8 +9,10 @@ for folders and lists, `TAR#KEY` for tar shards.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import faiss
 import numpy as np
@@ -18,7 +22,7 @@ import pyarrow.compute as pc
 from imgindex.formats.embeddings_dir import EmbeddingsDir, normalize_rows
 from imgindex.indexes.factory import search_knob, set_knob
 from imgindex.formats.index_dir import IndexDir
-from imgindex.errors import ConfigError
+from imgindex.errors import ConfigError, NotFound
 from imgindex.pipeline.sources import sample_location
 
 log = logging.getLogger(__name__)
@@ -38,11 +42,23 @@ class Hit:
         return asdict(self)
 
 
+class ImageModel(Protocol):
+    """Encoded images -> vectors, exactly as the index's embeddings were made."""
+
+    def embed_files(self, paths: list[str | Path]) -> np.ndarray: ...  # a file it cannot use: ConfigError
+    def pixels(self, data: bytes) -> np.ndarray: ...  # the model's input; SampleError for no usable image
+    def embed_pixels(self, pixels: list[np.ndarray], batch_size: int = 32) -> np.ndarray: ...
+    def picture(self, data: bytes): ...  # the upright RGB PIL image the job decodes; SampleError
+    def phash(self, picture) -> int: ...  # the 64-bit perceptual hash the parts record
+
+
 class Searcher:
-    """An index loaded once (memory-mapped where the type allows) and its row -> (shard, key) map."""
+    """An index loaded once (memory-mapped where the type allows) and its row -> (shard, key) map.
+    `image_model`: called once, with the embeddings manifest, the first time an image is asked
+    about (`embedder()`); without one, only vectors and keys can be searched."""
 
     def __init__(self, index_dir: str | Path, mmap: bool = True, params: dict | None = None,
-                 model: str | None = None):
+                 model: str | None = None, image_model: Callable[[dict], ImageModel] | None = None):
         self.dir = IndexDir(index_dir)
         self.manifest = self.dir.read_manifest()
         built_with = self.manifest["embeddings"]["model"]["name"]
@@ -57,7 +73,8 @@ class Searcher:
         self.shard_dirs = {p["shard"]: p["dir"] for p in self.manifest["parts"]}
         self._dirs: dict[str, EmbeddingsDir | None] = {}
         self._sources: dict[str, dict] | None = None
-        self._embedder = None
+        self._image_model = image_model
+        self._embedder: ImageModel | None = None
         self._missing: set[str] = set()  # shards whose part is gone (warned once each)
         self._shard_rows: dict[str, tuple[int, int]] = {}
 
@@ -89,7 +106,7 @@ class Searcher:
         if shard not in self._shard_rows:
             rows = np.nonzero(pc.equal(self.ids["shard"], shard).to_numpy(zero_copy_only=False))[0]
             if not len(rows):
-                raise ConfigError(f"shard {shard!r} is not in the index")
+                raise NotFound(f"shard {shard!r} is not in the index")
             self._shard_rows[shard] = (int(rows[0]), int(rows[-1]) + 1)
         return self._shard_rows[shard]
 
@@ -171,7 +188,7 @@ class Searcher:
             mask = pc.and_(mask, pc.equal(self.ids["shard"], shard))
         shards = self.ids.filter(mask)["shard"].to_pylist()
         if not shards:
-            raise ConfigError(f"key {key!r} is not in the index" + (f" (shard {shard})" if shard else ""))
+            raise NotFound(f"key {key!r} is not in the index" + (f" (shard {shard})" if shard else ""))
         if len(set(shards)) > 1:
             raise ConfigError(f"key {key!r} is in several shards ({', '.join(sorted(set(shards)))}): pass --shard")
         return shards[0], key
@@ -181,22 +198,22 @@ class Searcher:
         found_shard, found_key = self.locate(key, shard)
         emb = self.embeddings_for(found_shard)
         if emb is None:
-            raise ConfigError("searching by key needs the embeddings directory the index was built from")
+            raise NotFound("searching by key needs the embeddings directory the index was built from, which is gone")
         return emb.vector_of(found_shard, found_key)
 
     def search_keys(self, keys: list[str], k: int = 10, shard: str | None = None) -> list[list[Hit]]:
         """"More like this one": the stored full-precision vector of each key is the query."""
         return self.search_vectors(np.stack([self.key_vector(key, shard) for key in keys]), k)
 
-    def embedder(self, device: str | None = None, checkpoint: str | None = None):
-        """The recorded model and preprocessing, loaded once (pipeline.query_embedder.ImageEmbedder)."""
+    def embedder(self) -> ImageModel:
+        """The index's image model (images -> vectors), made once."""
         if self._embedder is None:
-            from imgindex.pipeline.query_embedder import ImageEmbedder
-
-            self._embedder = ImageEmbedder(self.manifest["embeddings"], device=device, checkpoint=checkpoint)
+            if self._image_model is None:
+                raise ConfigError("searching by image needs the index's model, and this index was opened without "
+                                  "one: query by vector or key")
+            self._embedder = self._image_model(self.manifest["embeddings"])
         return self._embedder
 
-    def search_images(self, paths: list[str | Path], k: int = 10, device: str | None = None,
-                      checkpoint: str | None = None) -> list[list[Hit]]:
-        """Embed image files with the recorded model and preprocessing, then search."""
-        return self.search_vectors(self.embedder(device, checkpoint).embed_files(paths), k)
+    def search_images(self, paths: list[str | Path], k: int = 10) -> list[list[Hit]]:
+        """Embed image files with the index's image model, then search."""
+        return self.search_vectors(self.embedder().embed_files(paths), k)

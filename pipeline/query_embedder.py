@@ -1,5 +1,6 @@
-"""Single image files -> vectors, with exactly the model, weights and preprocessing an
-embeddings manifest records (used to query an index by image)."""
+"""Single images -> vectors, with exactly the model, weights and preprocessing an embeddings
+manifest records: the image model the command line and the service compose a Searcher with
+(indexes.query.ImageModel), to query an index by image and to calibrate dedup."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,8 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from imgindex.errors import ConfigError
+from imgindex.formats.embeddings_dir import normalize_rows
 from imgindex.pipeline.config import EmbedConfig, load_config
-from imgindex.pipeline.decode import SampleError, build_preprocess, draft_side, open_upright, stack_nchw
+from imgindex.pipeline.decode import SampleError, build_preprocess, draft_side, open_upright, phash, stack_nchw
 from imgindex.pipeline.model import load_backbone
 
 
@@ -59,6 +61,15 @@ class ImageEmbedder:
                 raise ConfigError(f"query image {path} is unusable ({exc.kind}: {exc})") from None
         return self.embed_pixels(pixels, batch_size)
 
+    def picture(self, data: bytes):
+        """Encoded bytes -> the upright RGB image the job decodes (full size); SampleError."""
+        return open_upright(data, self.decode.max_pixels, tuple(self.decode.alpha_background)).image
+
+    @staticmethod
+    def phash(picture) -> int:
+        """The perceptual hash the parts record for a decoded picture."""
+        return phash(picture)
+
     def pixels(self, data: bytes) -> np.ndarray:
         """Encoded bytes -> the model's uint8 input, exactly as the job prepares it; SampleError if
         the bytes are no usable image."""
@@ -67,8 +78,9 @@ class ImageEmbedder:
         return self.preprocess(img)
 
     def embed_pixels(self, pixels: list[np.ndarray], batch_size: int = 32) -> np.ndarray:
-        """Model inputs -> L2-normalized vectors, `batch_size` at a time."""
+        """Model inputs -> vectors as the index holds them (normalized, for cosine), `batch_size` at
+        a time."""
         out = [self.backbone.embed(stack_nchw(pixels[start:start + batch_size]))
                for start in range(0, len(pixels), batch_size)]
         vectors = np.concatenate(out)
-        return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        return vectors if self.backbone.normalize else normalize_rows(vectors)

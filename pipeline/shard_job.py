@@ -51,7 +51,8 @@ class Worker:
                            else int(schedule.batch_size))
         self.decoder = SampleDecoder(self.backbone.data_config, config.decode)
         self.model_seconds = 0.0
-        self._pool: Executor | None = None
+        self._pool: Executor | None = None  # lanes, decode processes or the decode-ahead thread
+        self._threads: ThreadPoolExecutor | None = None  # decode threads inside a chunk
 
     # -- the unit of work -------------------------------------------------------------------
     def embed_shard(self, shard: Shard, progress: Progress | None = None) -> dict:
@@ -164,17 +165,17 @@ class Worker:
         return self._pool
 
     def _thread_pool(self) -> ThreadPoolExecutor:
-        if not hasattr(self, "_threads"):
+        if self._threads is None:
             self._threads = ThreadPoolExecutor(self.schedule.threads, thread_name_prefix="decode")
         return self._threads
 
     def close(self) -> None:
         """Stop the worker's pools (joining every lane and decode process) and give the caller
         its torch thread count back."""
-        for pool in (self._pool, getattr(self, "_threads", None)):
+        for pool in (self._pool, self._threads):
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
-        self._pool = None
+        self._pool = self._threads = None
         torch.set_num_threads(self.caller_threads)
 
     def __enter__(self) -> "Worker":
@@ -184,6 +185,8 @@ class Worker:
         self.close()
 
 
+# A decode process's decoder, set once by the process pool's initializer: per-process state is what
+# ProcessPoolExecutor's initializer is for, and it spares pickling the decoder with every chunk.
 _DECODER: SampleDecoder | None = None
 
 

@@ -285,8 +285,10 @@ def test_dedup_cli_errors_are_one_line(planted_index, tmp_path):
 def test_calibration_plants_copies_and_measures_each_tier(photo_index):
     from imgindex.indexes.dedup.calibrate import THRESHOLDS, TRANSFORMS, calibrate, format_table
 
+    from imgindex.open_index import open_searcher
+
     root, _ = photo_index
-    result = calibrate(str(root / "idx"), sample=8)
+    result = calibrate(open_searcher(root / "idx"), sample=8)
     assert result["images"] == 8 and result["copies"] == 8 * len(TRANSFORMS)
     assert [e["threshold"] for e in result["embedding"]] == list(THRESHOLDS)
     recalls = [e["recall"] for e in result["embedding"]]

@@ -32,7 +32,7 @@ from imgindex.indexes.query import Searcher  # noqa: E402
 from imgindex.pipeline.config import load_config  # noqa: E402
 from imgindex.pipeline.demo_corpus import jpeg_bytes, write_tar  # noqa: E402
 from imgindex.pipeline.job import run_embed  # noqa: E402
-from imgindex.serve import Query, QueryBatcher  # noqa: E402
+from imgindex.serve.batcher import Query, QueryBatcher  # noqa: E402
 
 from conftest import huge_png_header  # noqa: E402
 
@@ -185,8 +185,10 @@ def same_hits(ours: list[dict], theirs) -> None:
 
 
 def test_image_key_and_vector_queries_answer_what_searcher_answers(index, server, photos):
+    from imgindex.open_index import open_searcher
+
     root, names = index
-    searcher = Searcher(root / "idx")
+    searcher = open_searcher(root / "idx")
     photo = root / "query.png"
     photos[names[2]].resize((200, 150)).save(photo)
     raw = httpx.post(f"{server}/api/search/image?k=5", content=photo.read_bytes()).json()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from imgindex.pipeline.config import EmbedConfig, load_config
+from imgindex.pipeline.config import EmbedConfig, config_keys, load_config
 
 MAX_K = 100_000  # hits per query, neighbours per image
 
@@ -16,15 +16,6 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:
         command = self.prog.split(" ", 1)[1] + ": " if " " in self.prog else ""  # `imgindex index` -> index
         self.exit(2, f"imgindex: error: {command}{message}\n")
-
-
-def number_or_auto(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number or auto, got {text!r}") from None
 
 
 def whole(lo: int, hi: int) -> Callable[[str], int]:
@@ -59,48 +50,43 @@ def count_or_auto(text: str) -> int | str:
     return text if text == "auto" else whole(1, 100_000)(text)
 
 
-class _ModelHelp(str):
-    """--model's help names the config's model, read from the config only when help is shown
-    (argparse expands a help text with `%`), not on every command."""
+class _ConfigHelp(str):
+    """A flag's help that names the config's value ({value}), read from the config only when help
+    is shown (argparse expands a help text with `%`), not on every command."""
 
-    def __new__(cls, config: str) -> "_ModelHelp":
-        text = super().__new__(cls, "timm model name")
-        text.config = config
-        return text
+    def __new__(cls, text: str, config: str, dotted: str) -> "_ConfigHelp":
+        help_text = super().__new__(cls, text)
+        help_text.config, help_text.dotted = config, dotted
+        return help_text
 
     def __mod__(self, params) -> str:
-        return f"timm model name (default {load_config(self.config).model.name}, from the {self.config} config)"
+        value = load_config(self.config)
+        for part in self.dotted.split("."):
+            value = getattr(value, part)
+        return str(self).format(value=value, config=self.config) % params
 
 
 def add_model_flags(parser: argparse.ArgumentParser, config: str = "default") -> None:
+    """--config, then a flag for every config key that declares one (pipeline.config.key)."""
     group = parser.add_argument_group("model and runtime (override the config file)")
     group.add_argument("--config", metavar="FILE",
                        help=f"YAML config: a path, or a shipped name (default, cpu, test); default: {config}")
-    group.add_argument("--model", metavar="NAME",
-                       help=_ModelHelp(config))
-    group.add_argument("--checkpoint", metavar="FILE", help="local weights (safetensors or .pth) instead of the hub")
-    group.add_argument("--batch-size", type=number_or_auto, metavar="N",
-                       help="images per forward pass, or auto: the largest that fits in GPU memory (16 on a CPU)")
-    group.add_argument("--device", metavar="DEV", help="auto (default), cpu, cuda or cuda:N")
-    group.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
-                       help="auto = bf16 autocast on CUDA, fp32 on CPU")
-    group.add_argument("--workers", type=number_or_auto, metavar="N",
-                       help="decode worker processes (0 = in-process threads), or auto: one per core less one, "
-                            "at most 16 (0 on a CPU device)")
-    group.add_argument("--lanes", type=number_or_auto, metavar="N",
-                       help="CPU with --workers 0: N threads that each decode a batch and run the forward on it with "
-                            "their share of the cores, side by side; auto: one per core, at most 8 (1 elsewhere, and "
-                            "with --compile)")
-    group.add_argument("--compile", action="store_true", default=None, help="torch.compile the backbone")
+    for dotted, spec in config_keys().items():
+        flag, cli = spec.metadata["flag"], dict(spec.metadata["cli"])
+        if not flag:
+            continue
+        text = cli.pop("help")
+        help_text = _ConfigHelp(text, config, dotted) if "{value}" in text else text
+        if spec.type in (bool, "bool"):
+            group.add_argument(flag, dest=dotted, action="store_true", default=None, help=help_text)
+        else:
+            group.add_argument(flag, dest=dotted, type=cli.pop("parse", None), help=help_text, **cli)
 
 
 def config_from(args: argparse.Namespace, base: str | None = None) -> EmbedConfig:
-    overrides = {
-        "model.name": args.model, "model.checkpoint": args.checkpoint,
-        "runtime.batch_size": args.batch_size, "runtime.device": args.device,
-        "runtime.precision": args.precision, "runtime.workers": args.workers, "runtime.lanes": args.lanes,
-        "runtime.compile": args.compile,
-    }
+    """The config the command runs with: --config (or `base`), then every flag given."""
+    overrides = {dotted: getattr(args, dotted) for dotted, spec in config_keys().items()
+                 if spec.metadata["flag"] and hasattr(args, dotted)}
     return load_config(args.config or base, overrides)
 
 

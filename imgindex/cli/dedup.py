@@ -13,7 +13,7 @@ from imgindex.plurals import counted
 def cmd_dedup(args: argparse.Namespace) -> int:
     from imgindex.indexes.dedup import DedupOptions, find_duplicates, find_leaks
     from imgindex.formats.embeddings_dir import EmbeddingsDir
-    from imgindex.indexes.query import Searcher
+    from imgindex.open_index import open_searcher
     from imgindex.indexes.dedup.review import write_dedup, write_leaks
 
     options = DedupOptions(methods=tuple(m.strip() for m in args.method.split(",") if m.strip()),
@@ -26,7 +26,7 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     if not args.dry_run and not args.out:
         raise ConfigError("--out DEDUP is needed to write the results (or --dry-run to only print them)")
     progress = False if args.no_progress else None
-    searcher = Searcher(args.index)
+    searcher = open_searcher(args.index)
     if args.against:
         result = find_leaks(searcher, args.against, options, progress=progress)
         stats = result.stats
@@ -64,7 +64,9 @@ def print_threshold(stats: dict) -> None:
 def _calibrate(args: argparse.Namespace) -> int:
     from imgindex.indexes.dedup.calibrate import calibrate, format_table
 
-    result = calibrate(args.index, sample=args.sample)
+    from imgindex.open_index import open_searcher
+
+    result = calibrate(open_searcher(args.index), sample=args.sample)
     print(format_table(result))
     if args.out and not args.dry_run:
         Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -50,14 +50,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import pyarrow.compute as pc
 
     from imgindex.indexes.build import build_index
-    from imgindex.indexes.query import Searcher
+    from imgindex.open_index import open_searcher
     from imgindex.pipeline.demo_corpus import photo_files
 
     index_dir = out / "index"
     manifest = build_index(str(vectors), str(index_dir), overwrite=True, progress=progress)
     print_index(manifest, str(index_dir))
     query = photo_files()[0]
-    searcher = Searcher(index_dir)
+    searcher = open_searcher(index_dir)
     hits = searcher.search_images([query], k=5)[0]
     print(f"\n$ python search.py --image {query} --index {index_dir} -k 5")
     print_hits(str(query), hits)

@@ -51,16 +51,17 @@ def write_search_html(path: str, searcher, results: list[tuple[str, bytes | None
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from imgindex.indexes.query import Searcher
+    from imgindex.open_index import open_searcher
 
     files = query_files(args)
     if not files and not args.key:
         raise ConfigError("nothing to search for: pass --image FILE, --dir FOLDER or --key KEY")
     params = {"nprobe": args.nprobe, "efSearch": args.ef_search}
-    searcher = Searcher(args.index, params={k: v for k, v in params.items() if v}, model=args.model)
+    searcher = open_searcher(args.index, args.device, args.checkpoint, params={k: v for k, v in params.items() if v},
+                             model=args.model)
     results: list[tuple[str, bytes | None, list]] = []
     if files:
-        hits = searcher.search_images(files, k=args.k, device=args.device, checkpoint=args.checkpoint)
+        hits = searcher.search_images(files, k=args.k)
         results += [(str(f), f.read_bytes(), h) for f, h in zip(files, hits)]
     if args.key:
         hits = searcher.search_keys(args.key, k=args.k, shard=args.shard)

@@ -25,7 +25,7 @@ from imgindex.indexes.dedup.corpus import hashes
 from imgindex.indexes.dedup.tiers import hamming, phash_pairs
 from imgindex.indexes.gallery import fetch_images
 from imgindex.indexes.query import Searcher
-from imgindex.errors import ConfigError
+from imgindex.errors import ConfigError, SampleError
 
 THRESHOLDS = (0.80, 0.85, 0.90, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99)
 FINE_THRESHOLDS = tuple(round(t / 100, 2) for t in range(30, 100))  # what --threshold auto chooses from
@@ -52,11 +52,10 @@ TRANSFORMS: dict[str, Callable[[Image.Image], bytes]] = {
 }
 
 
-def calibrate(index: "str | Searcher", sample: int = 100, seed: int = 0,
+def calibrate(searcher: Searcher, sample: int = 100, seed: int = 0,
               thresholds: tuple[float, ...] = THRESHOLDS) -> dict:
-    """Recall and precision per threshold (embedding) and per distance (phash), by transform."""
-    from imgindex.pipeline.decode import SampleError, open_upright, phash
-    searcher = index if isinstance(index, Searcher) else Searcher(index)
+    """Recall and precision per threshold (embedding) and per distance (phash), by transform. The
+    index's image model (the Searcher's `embedder()`) decodes, hashes and embeds the copies."""
     rows = np.sort(np.random.default_rng(seed).choice(searcher.index.ntotal,
                                                       min(sample, searcher.index.ntotal), replace=False))
     chosen = searcher.ids.take(rows).to_pylist()
@@ -68,10 +67,10 @@ def calibrate(index: "str | Searcher", sample: int = 100, seed: int = 0,
         if data is None:
             continue
         try:
-            img = open_upright(data, embedder.decode.max_pixels).image
+            img = embedder.picture(data)
         except SampleError:
             continue
-        originals.append((int(row), phash(img), phash(ImageOps.mirror(img))))
+        originals.append((int(row), embedder.phash(img), embedder.phash(ImageOps.mirror(img))))
         copies += [(len(originals) - 1, name, make(img)) for name, make in TRANSFORMS.items()]
     if not copies:
         raise ConfigError("no sampled image could be read back from its source: calibration needs the "
@@ -83,7 +82,7 @@ def calibrate(index: "str | Searcher", sample: int = 100, seed: int = 0,
     copy_of = np.asarray([o for o, _, _ in copies])
     to_original = np.einsum("ij,ij->i", vectors, stored[copy_of])
     names = np.asarray([name for _, name, _ in copies])
-    copy_hashes = np.asarray([phash(open_upright(data, embedder.decode.max_pixels).image) for _, _, data in copies],
+    copy_hashes = np.asarray([embedder.phash(embedder.picture(data)) for _, _, data in copies],
                              dtype=np.int64)  # each planted copy decoded and hashed once
     distances = hamming(copy_hashes, np.asarray([originals[o][1] for o, _, _ in copies], dtype=np.int64))
     corpus = _corpus_hashes(searcher)

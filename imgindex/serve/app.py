@@ -1,6 +1,4 @@
-"""`imgindex serve`: an index answered over HTTP, as a JSON API and a self-contained web page.
-
-`create_app(index_dir)` loads the index (memory-mapped), its ids and the recorded model once and
+"""The service's routes: `create_app(index_dir)` loads the index (memory-mapped), its ids and the recorded model once and
 returns an ASGI app (FastAPI), which can be served by uvicorn or mounted in another app.
 Queries that arrive together are answered together: the images among them go through one
 forward pass and every query through one faiss search (QueryBatcher). Nothing a client sends
@@ -13,8 +11,7 @@ import asyncio
 import functools
 import hmac
 import logging
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from html import escape
 from importlib.resources import files
 from pathlib import Path
@@ -23,122 +20,17 @@ from urllib.parse import urlencode
 
 import numpy as np
 
-from imgindex.indexes.query import Hit, Searcher
-from imgindex.errors import ConfigError, install_hint
-from imgindex.pipeline.decode import SampleError
+from imgindex.errors import ConfigError, NotFound, SampleError, install_hint
+from imgindex.indexes.query import Hit
+from imgindex.open_index import open_searcher
 from imgindex.pipeline.sources import printable
+from imgindex.serve.batcher import Query, QueryBatcher
 
 log = logging.getLogger(__name__)
 
-MAX_K = 1000
-MAX_BATCH = 64  # queries answered by one forward and one search
+MAX_HITS = 1000  # hits one HTTP answer carries: a service bound on answer size (the command line allows 100,000)
 FORM_OVERHEAD = 64 * 2**10  # a multipart form's boundaries, part headers and small fields around the image
 VECTOR_NUMBER_BYTES = 48  # room for one number of a vector in JSON: "-1.2345678901234567e-300, " and indentation
-
-
-@dataclass
-class Query:
-    k: int
-    shard: str | None
-    image: bytes | None = None  # an uploaded image
-    vector: np.ndarray | None = None  # a given or stored vector
-    future: asyncio.Future = field(default=None, repr=False)
-
-
-class QueryBatcher:
-    """Queries that wait together are answered together, in a thread of their own, one batch at a
-    time (so the model and the index see one caller): one forward for the batch's images, one
-    search per shard filter. While a batch runs, the next one gathers. A query that fails (an
-    upload no decoder reads, a forward or search that fails on it alone) gets its own exception;
-    its batch-mates still get their hits."""
-
-    def __init__(self, searcher: Searcher, device: str | None = None):
-        self.searcher = searcher
-        self.device = device
-        self.queue: asyncio.Queue[Query] | None = None
-
-    async def ask(self, query: Query) -> list[dict]:
-        if self.queue is None:
-            self.queue = asyncio.Queue()
-            asyncio.get_running_loop().create_task(self._serve())
-        query.future = asyncio.get_running_loop().create_future()
-        await self.queue.put(query)
-        return await query.future
-
-    async def _serve(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = [await self.queue.get()]
-            while len(batch) < MAX_BATCH and not self.queue.empty():
-                batch.append(self.queue.get_nowait())
-            try:
-                answers = await loop.run_in_executor(None, self._answer, batch)
-            except Exception as exc:  # a failure no query can be blamed for reaches them all
-                for query in batch:
-                    if not query.future.done():
-                        query.future.set_exception(exc)
-                continue
-            for query, hits in zip(batch, answers):
-                if query.future.done():
-                    continue
-                if isinstance(hits, Exception):
-                    query.future.set_exception(hits)
-                else:
-                    query.future.set_result(hits)
-
-    def _answer(self, batch: list[Query]) -> list[list[dict] | Exception]:
-        """Decode the batch's images here too, in the one thread that runs the forward: decode
-        threads beside it would take the cores the forward's threads wait on."""
-        answers: list[list[dict] | Exception | None] = [None] * len(batch)
-        images = [i for i, q in enumerate(batch) if q.image is not None]
-        if images:
-            embedder = self.searcher.embedder(self.device)
-            pixels = {}
-            for i in images:
-                try:
-                    pixels[i] = embedder.pixels(batch[i].image)
-                except SampleError as exc:
-                    answers[i] = exc
-                except Exception as exc:  # whatever a decoder raises on one upload is that upload's failure
-                    answers[i] = SampleError("decode_error", f"{type(exc).__name__}: {exc}")
-            forward = functools.partial(_forward, embedder, pixels)
-            for i, vector in _each(list(pixels), forward, answers).items():
-                batch[i].vector = vector
-        for shard in dict.fromkeys(q.shard for q in batch):
-            members = [i for i, q in enumerate(batch) if q.shard == shard and answers[i] is None]
-            search = functools.partial(_search, self.searcher, batch, shard)
-            for i, found in _each(members, search, answers).items():
-                answers[i] = [h.to_dict() for h in found[:batch[i].k]]
-        return answers
-
-
-def _forward(embedder, pixels: dict[int, np.ndarray], members: list[int]) -> np.ndarray:
-    return embedder.embed_pixels([pixels[i] for i in members], MAX_BATCH)
-
-
-def _search(searcher: Searcher, batch: list[Query], shard: str | None, members: list[int]) -> list:
-    k = max(batch[i].k for i in members)
-    return searcher.search_vectors(np.stack([batch[i].vector for i in members]), k, shard=shard)
-
-
-def _each(members: list[int], run: Callable[[list[int]], Any], answers: list) -> dict[int, Any]:
-    """run(members) once for all of them; should that fail, once for each, so a failure becomes
-    the answer of the one query it belongs to (answers[i]) and the others still get theirs."""
-    if not members:
-        return {}
-    try:
-        return dict(zip(members, run(members)))
-    except Exception as exc:
-        if len(members) == 1:
-            answers[members[0]] = exc
-            return {}
-    results = {}
-    for i in members:
-        try:
-            results[i] = run([i])[0]
-        except Exception as exc:
-            answers[i] = exc
-    return results
 
 
 def _json_values(row: dict) -> dict:
@@ -159,15 +51,15 @@ def create_app(index_dir: str | Path, token: str | None = None, max_upload: int 
     except ImportError:
         raise ConfigError(f"imgindex serve needs its extra: {install_hint('serve')}") from None
 
-    searcher = Searcher(index_dir)
     _check_device(device)
+    searcher = open_searcher(index_dir, device)
     try:
-        searcher.embedder(device)  # the recorded model, loaded once, before the first query
+        searcher.embedder()  # the recorded model, loaded once, before the first query
         no_model = None
     except ConfigError as exc:  # e.g. synthetic vectors: key and vector queries still work
         no_model = str(exc)
         log.warning("image queries are off (key and vector queries work): %s", no_model)
-    batcher = QueryBatcher(searcher, device)
+    batcher = QueryBatcher(searcher)
     manifest = searcher.manifest
     dim = int(searcher.index.d)
     vector_limit = FORM_OVERHEAD + VECTOR_NUMBER_BYTES * dim
@@ -198,7 +90,7 @@ def create_app(index_dir: str | Path, token: str | None = None, max_upload: int 
     VectorQuery = create_model(
         "VectorQuery", __config__=ConfigDict(strict=True),
         vector=(Annotated[list[float], Field(min_length=dim, max_length=dim)], ...),
-        k=(int, Field(10, ge=1, le=MAX_K)), shard=(str | None, None))
+        k=(int, Field(10, ge=1, le=MAX_HITS)), shard=(str | None, None))
 
     refusals = {400: "the index records no model: query by key or vector", 404: "no such key, shard or sample",
                 413: "the request body or the image is over its limit", 422: "a malformed request or image"}
@@ -247,7 +139,7 @@ def create_app(index_dir: str | Path, token: str | None = None, max_upload: int 
         if shard is not None:
             try:
                 searcher.shard_rows(shard)
-            except ConfigError as exc:
+            except NotFound as exc:
                 raise HTTPException(404, str(exc)) from None
         return shard
 
@@ -256,6 +148,8 @@ def create_app(index_dir: str | Path, token: str | None = None, max_upload: int 
             hits = await batcher.ask(query)
         except SampleError as exc:
             raise HTTPException(413 if exc.kind == "too_large" else 422, f"{exc.kind}: {exc}") from None
+        except NotFound as exc:
+            raise HTTPException(404, str(exc)) from None
         except ConfigError as exc:
             raise HTTPException(400, str(exc)) from None
         return {"hits": [_json_values(hit) for hit in hits]}
@@ -289,7 +183,7 @@ def create_app(index_dir: str | Path, token: str | None = None, max_upload: int 
             raise HTTPException(422, "empty upload: send an image")
         return data
 
-    k_param = Param(ge=1, le=MAX_K, description="hits to return")
+    k_param = Param(ge=1, le=MAX_HITS, description="hits to return")
 
     @app.get("/api/health", response_model=Health, responses=answers())
     async def health() -> dict:
@@ -325,7 +219,7 @@ def create_app(index_dir: str | Path, token: str | None = None, max_upload: int 
         check_shard(within)
         try:
             vector = searcher.key_vector(key, shard)
-        except ConfigError as exc:
+        except NotFound as exc:
             raise HTTPException(404, str(exc)) from None
         return await answer(Query(k=k, shard=within, vector=vector))
 
@@ -361,7 +255,7 @@ def create_app(index_dir: str | Path, token: str | None = None, max_upload: int 
         """A small JPEG of an indexed sample, read from its source; nothing else is ever opened."""
         try:
             searcher.locate(key, shard)
-        except ConfigError:
+        except NotFound:
             raise HTTPException(404, f"({shard!r}, {key!r}) is not an indexed sample") from None
         jpeg = await asyncio.get_running_loop().run_in_executor(None, thumbnail, shard, key)
         if jpeg is None:
@@ -370,7 +264,7 @@ def create_app(index_dir: str | Path, token: str | None = None, max_upload: int 
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
-        return files("imgindex").joinpath("page.html").read_text()
+        return files("imgindex.serve").joinpath("page.html").read_text()
 
     @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
     async def docs(request: Request) -> str:
@@ -402,7 +296,7 @@ def _validation_message(errors: list[dict]) -> str:
     for problem in errors:
         where = [str(part) for part in problem.get("loc", ())]
         if where[-1:] == ["k"]:
-            said.append(f"k must be a whole number from 1 to {MAX_K}, got {problem.get('input')!r}")
+            said.append(f"k must be a whole number from 1 to {MAX_HITS}, got {problem.get('input')!r}")
         else:
             said.append(f"{' '.join(where[:1])} parameter {'.'.join(where[1:])}: {problem.get('msg')}")
     return "; ".join(said) or "a malformed request"
@@ -415,7 +309,7 @@ def _vector_message(errors: list[dict], dim: int) -> str:
     if where == "vector":
         return f"the vector must be {dim} finite numbers: {problem['msg']}"
     if where == "k":
-        return f"k must be a whole number from 1 to {MAX_K}: {problem['msg']}"
+        return f"k must be a whole number from 1 to {MAX_HITS}: {problem['msg']}"
     if where == "shard":
         return f"shard must be a shard's name or null: {problem['msg']}"
     return f'send JSON {{"vector": [{dim} numbers], "k": 10, "shard": null}}: {problem["msg"]}'
@@ -463,19 +357,3 @@ def _docs_page(spec: dict, token_query: str) -> str:
             f'load it into any OpenAPI viewer or client generator. This page is self-contained (no scripts '
             f'from elsewhere), so it works offline. Refusals answer <code>{{"error": "..."}}</code>.</p>'
             + "".join(sections) + "</body></html>")
-
-
-def serve(index_dir: str, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
-          max_upload: int = 20 * 2**20, device: str | None = None) -> None:
-    """Serve until Ctrl-C."""
-    try:
-        import uvicorn
-    except ImportError:
-        raise ConfigError(f"imgindex serve needs its extra: {install_hint('serve')}") from None
-    app = create_app(index_dir, token=token, max_upload=max_upload, device=device)
-    if host not in ("127.0.0.1", "localhost", "::1") and not token:
-        log.warning("serving %s on %s without --token: anyone who reaches this address can query the index and "
-                    "read its thumbnails", index_dir, host)
-    print(f"imgindex: serving {index_dir} ({app.state.searcher.index.ntotal} images) at http://{host}:{port}/ "
-          f"(API docs at /docs); Ctrl-C to stop", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
