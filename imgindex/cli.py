@@ -195,7 +195,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def _query_files(args: argparse.Namespace) -> list[Path]:
-    from imgindex.pipeline.sources import IMAGE_EXTENSIONS
+    from imgindex.formats.samples import IMAGE_EXTENSIONS
 
     files = [Path(p) for p in args.image or []]
     for path in files:

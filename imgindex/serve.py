@@ -26,7 +26,7 @@ import numpy as np
 from imgindex.indexes.query import Hit, Searcher
 from imgindex.errors import ConfigError, install_hint
 from imgindex.pipeline.decode import SampleError
-from imgindex.pipeline.sources import printable
+from imgindex.formats.names import printable
 
 log = logging.getLogger(__name__)
 

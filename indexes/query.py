@@ -19,7 +19,7 @@ from imgindex.formats.embeddings_dir import EmbeddingsDir, normalize_rows
 from imgindex.indexes.factory import search_knob, set_knob
 from imgindex.formats.index_dir import IndexDir
 from imgindex.errors import ConfigError
-from imgindex.pipeline.sources import sample_location
+from imgindex.formats.samples import sample_location
 
 log = logging.getLogger(__name__)
 

@@ -53,6 +53,7 @@ class DecodeConfig:
 class SourceConfig:
     folder_shard_size: int = 10_000
     list_column: str = "path"
+    image_column: str | None = None  # Parquet files holding images: the column of encoded bytes (null: detect it)
     read_timeout_s: float | None = 60.0  # a file or tar member that takes longer is a failure, not a hang
     max_file_bytes: int = 2**30  # a larger file or tar member is a `too_large` failure, read no further
 
@@ -118,6 +119,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "decode.draft": (_bool, "true or false"),
     "source.folder_shard_size": (_whole(1), "a whole number of images, at least 1"),
     "source.list_column": (_text, "a column name (text)"),
+    "source.image_column": (lambda v: v is None or _text(v), "a column name (text), or null to detect it"),
     "source.read_timeout_s": (_seconds_or_null, "a number of seconds above 0, or null"),
     "source.max_file_bytes": (_whole(1), "a whole number of bytes, at least 1"),
     "seed": (_whole(0, 2**63 - 1), "a whole number, 0 or more"),

@@ -216,7 +216,8 @@ def run_embed(sources: list[str], out: str, config: EmbedConfig, overwrite: bool
 
 def image_bar(todo: list[Shard], progress: bool | None):
     """A bar counted in samples, as the plan knows them for folders and lists; a tar's count is
-    known only once it is read, so with tars the bar counts up without a total."""
-    known = all(s.kind != "tar" for s in todo)
+    known only once it is read (and a Parquet file's rows may be skipped downloads), so with tars
+    and Parquet files the bar counts up without a total."""
+    known = all(s.kind in ("folder", "list") for s in todo)
     return progress_bar(total=sum(len(s.files) for s in todo) if known else None, unit="img", desc="embed",
                         progress=progress, smoothing=0.1)

@@ -23,7 +23,7 @@ from imgindex.indexes.gallery import Page, fetch_images
 from imgindex.indexes.dedup.groups import KEEP_RULES
 from imgindex.indexes.query import Searcher
 from imgindex.plurals import counted
-from imgindex.pipeline.sources import sample_location
+from imgindex.formats.samples import sample_location
 
 REPORT_GROUPS = 200  # groups shown in a report, largest first; all are in groups.parquet
 GROUP_MEMBERS = 12  # members shown per group, the kept one first; the rest are counted
