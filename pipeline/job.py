@@ -43,6 +43,7 @@ class Summary:
     random_weights: bool = False
     failures_by_error: dict[str, int] = field(default_factory=dict)
     near_constant: int = 0  # embedded images of (almost) one colour
+    skipped: dict[str, int] = field(default_factory=dict)  # no samples: tar directories, failed downloads...
 
     def add(self, stats: dict) -> None:
         """One finished shard's stats marker."""
@@ -52,6 +53,8 @@ class Summary:
         self.near_constant += stats.get("near_constant", 0)
         for error, count in stats["failures_by_error"].items():
             self.failures_by_error[error] = self.failures_by_error.get(error, 0) + count
+        for reason, count in stats.get("skipped_members", {}).items():
+            self.skipped[reason] = self.skipped.get(reason, 0) + count
 
     @property
     def images_per_s(self) -> float:
@@ -66,6 +69,8 @@ class Summary:
             text += f"; {counted(self.shards_skipped, 'shard')} already done"
         if self.failures_by_error:
             text += " [failures: " + ", ".join(f"{k}={v}" for k, v in sorted(self.failures_by_error.items())) + "]"
+        if self.skipped:
+            text += " [skipped, no sample: " + ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) + "]"
         if self.near_constant:
             text += f" [{counted(self.near_constant, 'near-constant image')}: embedded, but (almost) one colour]"
         text += f" -> {self.out}"
