@@ -13,6 +13,9 @@ from collections.abc import Callable, Iterable
 
 from PIL import Image, ImageOps
 
+from imgindex.formats.names import printable
+from imgindex.formats.samples import KINDS, read_images
+
 THUMB = 160
 
 
@@ -45,8 +48,6 @@ def fetch_images(sources: dict[str, dict], wanted: Iterable[tuple[str, str]],
     `ranges(shard, keys)` gives the tar members' (offset, size) where the parts record them, so
     each is read by its byte range instead of reading the tar; Parquet rows are read from their
     row groups, by the layout their shard's stats record."""
-    from imgindex.formats.samples import KINDS, read_images
-
     by_shard: dict[str, list[str]] = {}
     for shard, key in wanted:
         by_shard.setdefault(shard, []).append(key)
@@ -64,8 +65,6 @@ def fetch_images(sources: dict[str, dict], wanted: Iterable[tuple[str, str]],
 def escape(text: str) -> str:
     """Text as HTML: markup escaped, and a name that is not UTF-8 shown with its bytes as `\\xNN`
     (a page must be UTF-8 whatever the corpus's names are)."""
-    from imgindex.formats.names import printable
-
     return html.escape(printable(text))
 
 
@@ -128,9 +127,9 @@ class Page:
     def render(self, intro: str = "") -> str:
         notes = list(self.notes)
         if self.missing:
-            notes.append(f"{self.missing} images show no preview: their source (tar, folder, list or Parquet file) could not be "
-                         "read back here, or they could not be decoded. Previews are read from where the images were "
-                         "embedded from.")
+            notes.append(f"{self.missing} images show no preview: their source (tar, folder, list or Parquet file) "
+                         "could not be read back here, or they could not be decoded. Previews are read from where the "
+                         "images were embedded from.")
         body = "".join(f'<h2>{escape(heading)}</h2><div class="row">{"".join(figs)}</div>'
                        for heading, figs in self.sections)
         note_html = "".join(f'<p class="note">{escape(n)}</p>' for n in notes)

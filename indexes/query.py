@@ -2,7 +2,7 @@
 
 Hits carry rank, score (cosine), shard and key, and the passthrough metadata read from the
 embeddings parts (caption, url) plus a `path` that says where the image lives: the file
-for folders and lists, `TAR#KEY` for tar shards.
+for folders and lists, `TAR#KEY` for tar shards, `FILE.parquet#KEY` for Parquet rows.
 """
 from __future__ import annotations
 
