@@ -194,8 +194,8 @@ def _samples(batch: pa.RecordBatch, first: int, images: ParquetImages, columns: 
     values = {name: batch.column(name).to_pylist() for name in columns.names()}
     cells = None if too_large else image_cells(batch, images)
     sizes = pc.binary_length(cells).to_pylist() if cells is not None else []
-    has_paths = images.struct and batch.schema.field(images.image).type.get_field_index("path") >= 0
-    paths = pc.struct_field(batch.column(images.image), "path").to_pylist() if cells is not None and has_paths else None
+    has_paths = cells is not None and images.struct and batch.schema.field(images.image).type.get_field_index("path") >= 0
+    paths = pc.struct_field(batch.column(images.image), "path").to_pylist() if has_paths else None
     for i in range(batch.num_rows):
         number = first + i
         key = row_key(values[columns.key][i]) if columns.key else (str(number), None)
