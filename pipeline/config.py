@@ -55,7 +55,7 @@ class SourceConfig:
     list_column: str = "path"
     image_column: str | None = None  # Parquet files holding images: the column of encoded bytes (null: detect it)
     read_timeout_s: float | None = 60.0  # a file or tar member that takes longer is a failure, not a hang
-    max_file_bytes: int = 2**30  # a larger file or tar member is a `too_large` failure, read no further
+    max_file_bytes: int = 2**30  # a larger file, tar member or Parquet cell is a `too_large` failure, never decoded
 
 
 @dataclass

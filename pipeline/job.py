@@ -70,7 +70,7 @@ class Summary:
         if self.failures_by_error:
             text += " [failures: " + ", ".join(f"{k}={v}" for k, v in sorted(self.failures_by_error.items())) + "]"
         if self.skipped:
-            text += " [skipped, no sample: " + ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) + "]"
+            text += " [skipped: " + ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) + "]"
         if self.near_constant:
             text += f" [{counted(self.near_constant, 'near-constant image')}: embedded, but (almost) one colour]"
         text += f" -> {self.out}"

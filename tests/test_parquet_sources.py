@@ -114,7 +114,7 @@ def test_an_img2dataset_parquet_output_counts_failed_downloads_as_skipped(tmp_pa
     emb = tmp_path / "emb"
     assert main(["embed", str(data / "*.parquet"), "--out", str(emb), "--config", "test",
                  "--checkpoint", str(checkpoint), "--no-progress"]) == 0
-    assert "[skipped, no sample: status:failed_to_download=1, status:failed_to_resize=1]" in capsys.readouterr().out
+    assert "[skipped: status:failed_to_download=1, status:failed_to_resize=1]" in capsys.readouterr().out
     rows, failures, stats = outputs(emb)
     assert sorted(r["key"] for r in rows) == ["000000000", "000000001", "000000002", "000000003"]
     assert not failures
@@ -257,9 +257,18 @@ def test_hostile_parquet_files_give_failures_never_a_traceback(tmp_path, images,
         ("hostile", "ok", "duplicate_key"), ("hostile", "text", "not_an_image"), ("hostile", "zero", "empty"),
         ("truncated", "#unreadable", "bad_shard")]
     assert "row group 1" in next(f["message"] for f in failures if f["key"] == "b")
+    assert "not a readable Parquet file" in next(f["message"] for f in failures if f["shard"] == "truncated")
     for s in stats.values():
         assert s["samples"] == s["rows"] + s["failures"]
     assert stats["hostile"]["samples"] == 8 and summary.images == 4
+
+
+def test_a_file_changed_after_the_plan_is_one_bad_shard_failure(tmp_path, images):
+    path = grouped_file(tmp_path / "moving.parquet", images, groups=1)
+    (shard,) = plan_shards([str(path)], SourceConfig())
+    pq.write_table(pa.table({"id": [1], "png": [images["coffee"]]}), path)  # rewritten: no `key` column now
+    (sample,) = read_shard(shard)
+    assert sample.error == ("bad_shard", "column 'key' is gone: the file changed after the job was planned")
 
 
 def test_a_cell_over_the_byte_limit_is_too_large_and_a_one_row_group_declaring_it_is_not_read(

@@ -34,6 +34,7 @@ from imgindex.pipeline.sources.shards import Sample, Shard, safe_name, stem
 CAPTION_COLUMNS = ("caption", "text", "txt")
 BATCH_BYTES = 2**25  # rows are read in batches of about this many image bytes (at most 1024 rows)
 PAGE_SLACK = 2**16  # what a one-row group's image column may declare beyond the image itself
+UNREADABLE = "not a readable Parquet file (truncated, or no Parquet at all)"
 READ_ERRORS = (pa.ArrowException, OSError, ValueError, EOFError)  # TimeoutError is an OSError
 
 Footer = tuple[pa.Schema, pq.FileMetaData] | str  # the file's schema and metadata, or why it is unreadable
@@ -127,7 +128,7 @@ def read_parquet(shard: Shard, timeout: float | None = None, max_bytes: int | No
     seconds) makes each of its rows not yet read an `unreadable` (or `timeout`) failure; a file
     that cannot be opened is one `bad_shard` failure."""
     if shard.unreadable or shard.parquet is None:
-        yield _bad_shard(shard, shard.unreadable or "no image column was planned")
+        yield _bad_shard(shard, f"{UNREADABLE}: {shard.unreadable}")
         return
     images = shard.parquet
     with contextlib.ExitStack() as stack:
@@ -135,7 +136,12 @@ def read_parquet(shard: Shard, timeout: float | None = None, max_bytes: int | No
             with deadline(timeout):
                 parquet = stack.enter_context(opened(shard.url))
         except READ_ERRORS as exc:
-            yield _bad_shard(shard, _one_line(exc))
+            yield _bad_shard(shard, f"{UNREADABLE}: {_one_line(exc)}")
+            return
+        names = parquet.schema_arrow.names
+        missing = [c for c in (images.image, images.key, "status" if images.status else None) if c and c not in names]
+        if missing:
+            yield _bad_shard(shard, f"column {missing[0]!r} is gone: the file changed after the job was planned")
             return
         columns = _Columns.of(parquet.schema_arrow, images)
         row = images.first_row
@@ -145,9 +151,8 @@ def read_parquet(shard: Shard, timeout: float | None = None, max_bytes: int | No
             row += size
 
 
-def _bad_shard(shard: Shard, why: str) -> Sample:
-    return Sample(key="#unreadable", member=shard.url,
-                  error=("bad_shard", f"not a readable Parquet file (truncated, or no Parquet at all): {why}"))
+def _bad_shard(shard: Shard, message: str) -> Sample:
+    return Sample(key="#unreadable", member=shard.url, error=("bad_shard", message))
 
 
 def _one_line(exc: BaseException) -> str:
