@@ -13,6 +13,9 @@ from collections.abc import Callable, Iterable
 
 from PIL import Image, ImageOps
 
+from imgindex.formats.names import printable
+from imgindex.formats.samples import KINDS, read_images
+
 THUMB = 160
 
 
@@ -43,19 +46,18 @@ def fetch_images(sources: dict[str, dict], wanted: Iterable[tuple[str, str]],
                  ) -> dict[tuple[str, str], bytes]:
     """(shard, key) -> encoded bytes, read back from the shards' sources (one pass per shard);
     `ranges(shard, keys)` gives the tar members' (offset, size) where the parts record them, so
-    each is read by its byte range instead of reading the tar."""
-    from imgindex.pipeline.sources import read_images
-
+    each is read by its byte range instead of reading the tar; Parquet rows are read from their
+    row groups, by the layout their shard's stats record."""
     by_shard: dict[str, list[str]] = {}
     for shard, key in wanted:
         by_shard.setdefault(shard, []).append(key)
     found = {}
     for shard, keys in by_shard.items():
         stats = sources.get(shard) or {}
-        if stats.get("kind") not in ("tar", "folder", "list"):
+        if stats.get("kind") not in KINDS:
             continue
         where = ranges(shard, keys) if ranges and stats["kind"] == "tar" else None
-        for key, data in read_images(stats["kind"], stats["source"], keys, where).items():
+        for key, data in read_images(stats["kind"], stats["source"], keys, where, stats.get("parquet")).items():
             found[(shard, key)] = data
     return found
 
@@ -63,8 +65,6 @@ def fetch_images(sources: dict[str, dict], wanted: Iterable[tuple[str, str]],
 def escape(text: str) -> str:
     """Text as HTML: markup escaped, and a name that is not UTF-8 shown with its bytes as `\\xNN`
     (a page must be UTF-8 whatever the corpus's names are)."""
-    from imgindex.pipeline.sources import printable
-
     return html.escape(printable(text))
 
 
@@ -127,9 +127,9 @@ class Page:
     def render(self, intro: str = "") -> str:
         notes = list(self.notes)
         if self.missing:
-            notes.append(f"{self.missing} images show no preview: their source (tar, folder or list file) could not be "
-                         "read back here, or they could not be decoded. Previews are read from where the images were "
-                         "embedded from.")
+            notes.append(f"{self.missing} images show no preview: their source (tar, folder, list or Parquet file) "
+                         "could not be read back here, or they could not be decoded. Previews are read from where the "
+                         "images were embedded from.")
         body = "".join(f'<h2>{escape(heading)}</h2><div class="row">{"".join(figs)}</div>'
                        for heading, figs in self.sections)
         note_html = "".join(f'<p class="note">{escape(n)}</p>' for n in notes)

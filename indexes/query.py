@@ -4,7 +4,7 @@ give the one the index's manifest records: pipeline.query_embedder); indexes loa
 
 Hits carry rank, score (cosine), shard and key, and the passthrough metadata read from the
 embeddings parts (caption, url) plus a `path` that says where the image lives: the file
-for folders and lists, `TAR#KEY` for tar shards.
+for folders and lists, `TAR#KEY` for tar shards, `FILE.parquet#KEY` for Parquet rows.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from imgindex.formats.embeddings_dir import EmbeddingsDir, normalize_rows
 from imgindex.indexes.factory import search_knob, set_knob
 from imgindex.formats.index_dir import IndexDir
 from imgindex.errors import ConfigError, NotFound
-from imgindex.pipeline.sources import sample_location
+from imgindex.formats.samples import sample_location
 
 log = logging.getLogger(__name__)
 

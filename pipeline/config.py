@@ -124,9 +124,11 @@ class DecodeConfig:
 class SourceConfig:
     folder_shard_size: int = key(10_000, _whole(1), "a whole number of images, at least 1")
     list_column: str = key("path", _text, "a column name (text)")
+    # Parquet files holding images: the column of encoded bytes (null: detect it)
+    image_column: str | None = key(None, _optional_text, "a column name (text), or null to detect it")
     # a file or tar member that takes longer is a failure, not a hang
     read_timeout_s: float | None = key(60.0, _seconds_or_null, "a number of seconds above 0, or null")
-    # a larger file or tar member is a `too_large` failure, read no further
+    # a larger file, tar member or Parquet cell is a `too_large` failure, never decoded
     max_file_bytes: int = key(2**30, _whole(1), "a whole number of bytes, at least 1")
 
 

@@ -48,6 +48,7 @@ class Summary:
     shards_failed: dict[str, str] = field(default_factory=dict)  # shard -> its last error, after every attempt
     failures_by_error: dict[str, int] = field(default_factory=dict)
     near_constant: int = 0  # embedded images of (almost) one colour
+    skipped: dict[str, int] = field(default_factory=dict)  # no samples: tar directories, failed downloads...
 
     def add(self, stats: dict) -> None:
         """One finished shard's stats marker."""
@@ -57,6 +58,8 @@ class Summary:
         self.near_constant += stats.get("near_constant", 0)
         for error, count in stats["failures_by_error"].items():
             self.failures_by_error[error] = self.failures_by_error.get(error, 0) + count
+        for reason, count in stats.get("skipped_members", {}).items():
+            self.skipped[reason] = self.skipped.get(reason, 0) + count
 
     @property
     def images_per_s(self) -> float:
@@ -73,6 +76,8 @@ class Summary:
             text += f"; {self.retried} shards retried"
         if self.failures_by_error:
             text += " [failures: " + ", ".join(f"{k}={v}" for k, v in sorted(self.failures_by_error.items())) + "]"
+        if self.skipped:
+            text += " [skipped: " + ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) + "]"
         if self.near_constant:
             text += f" [{counted(self.near_constant, 'near-constant image')}: embedded, but (almost) one colour]"
         text += f" -> {self.out}"
@@ -286,7 +291,8 @@ def _hand_out(job: Job, pool: Pool, todo: list[Shard], summary: Summary, progres
 
 def image_bar(todo: list[Shard], progress: bool | None):
     """A bar counted in samples, as the plan knows them for folders and lists; a tar's count is
-    known only once it is read, so with tars the bar counts up without a total."""
-    known = all(s.kind != "tar" for s in todo)
+    known only once it is read (and a Parquet file's rows may be skipped downloads), so with tars
+    and Parquet files the bar counts up without a total."""
+    known = all(s.kind in ("folder", "list") for s in todo)
     return progress_bar(total=sum(len(s.files) for s in todo) if known else None, unit="img", desc="embed",
                         progress=progress, smoothing=0.1)

@@ -216,4 +216,5 @@ def shard_stats(done: ShardDone, source: Shard, rows: int, worker: str, batch_si
             "skipped_members": done.skipped, "worker": worker, "batch_size": batch_size,
             "seconds": round(seconds, 3), "decode_seconds": round(done.decode_seconds, 3),
             "images_per_s": round(rows / seconds, 2) if seconds > 0 else None,
-            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **({"parquet": source.parquet.to_dict()} if source.parquet else {})}

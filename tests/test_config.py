@@ -76,6 +76,7 @@ BAD_VALUES = {
     "decode.draft": [2, "true"],
     "source.folder_shard_size": ["10", None, 2.5, 0, True],
     "source.list_column": [3, "", None],
+    "source.image_column": [3, "", True, ["image"]],
     "source.read_timeout_s": [0, -1, "60", True],
     "source.max_file_bytes": [0, -1, "1G", 1.5, True, None],
     "seed": ["abc", -1, 1.5, True, None],

@@ -169,6 +169,7 @@ CONTRACT = {
     "decode.draft": ([True, False], [1, "yes"]),
     "source.folder_shard_size": ([1, 1000], [0, -1, 1.5, True]),
     "source.list_column": (["path"], ["", 3, None]),
+    "source.image_column": ([None, "image"], ["", "  ", 3, True]),
     "source.read_timeout_s": ([None, 0.5, 60], [0, -1, True, "60"]),
     "source.max_file_bytes": ([1, 2**30], [0, -1, True, 1.5]),
     "seed": ([0, 2**63 - 1], [-1, 2**63, True, 1.5]),

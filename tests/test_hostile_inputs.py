@@ -56,7 +56,7 @@ def test_names_that_are_not_utf8_are_escaped_keys_with_their_bytes_kept(tmp_path
     assert by_key["caf\\xe9"]["key_bytes"] == b"caf\xe9" and by_key["ok"]["key_bytes"] is None
     assert by_key["caf\\xe9.jpg"]["key_bytes"] == b"caf\xe9.jpg"
     assert (folder.parent / "folder" / os.fsdecode(by_key["caf\\xe9.jpg"]["key_bytes"])).is_file()
-    from imgindex.pipeline.sources import read_images
+    from imgindex.formats.samples import read_images
 
     source = next(json.loads(p.read_text()) for p in (tmp_path / "out" / "_stats").glob("*folder*.json"))
     assert read_images("folder", source["source"], ["caf\\xe9.jpg"]) == {"caf\\xe9.jpg": jpeg}
@@ -226,7 +226,7 @@ def test_a_member_over_the_byte_limit_is_too_large_and_not_read(tmp_path, jpeg, 
 
 
 def test_thumbnails_read_the_embedded_member_by_its_recorded_range(tmp_path, jpeg, config_for):
-    from imgindex.pipeline.sources import read_images
+    from imgindex.formats.samples import read_images
 
     other = jpeg_bytes(Image.new("RGB", (32, 32), (10, 200, 30)))
     path = write_members(tmp_path / "dups-00000.tar", [(member("dup.jpg", jpeg), jpeg), (member("o.jpg", other), other),

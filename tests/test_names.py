@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from imgindex.cli import main
 from imgindex.pipeline.demo_corpus import jpeg_bytes
-from imgindex.pipeline.sources import raw_name, read_images, sample_location, text_key
+from imgindex.formats.names import raw_name, text_key
+from imgindex.formats.samples import read_images, sample_location
 
 # Names as a POSIX file system holds them: any bytes but "/" and NUL, decoded as Python does.
 NAME_BYTES = st.lists(st.sampled_from([b"a", b"x", b"e", b"9", b"8", b"f", b"\\", b"\\x", b"\\\\", b"\xe9",

@@ -46,7 +46,8 @@ def register(sub) -> None:
                     "Rerunning the same command finishes only the shards that are not done.")
     embed.add_argument("sources", nargs="+", metavar="SOURCE",
                        help="tar shards (paths, globs, {000..099} patterns, fsspec URLs), "
-                            "image folders, or .txt/.parquet file lists")
+                            "image folders, .txt/.parquet file lists, or Parquet files holding the images "
+                            "(Hugging Face datasets, img2dataset's parquet output; source.image_column)")
     embed.add_argument("--out", required=True, metavar="DIR", help="embeddings directory (local path or URL)")
     embed.add_argument("--overwrite", action="store_true",
                        help="delete existing parts in DIR and start again (needed to change model or preprocessing)")

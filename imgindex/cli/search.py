@@ -10,7 +10,7 @@ from imgindex.errors import ConfigError
 
 
 def query_files(args: argparse.Namespace) -> list[Path]:
-    from imgindex.pipeline.sources import IMAGE_EXTENSIONS
+    from imgindex.formats.samples import IMAGE_EXTENSIONS
 
     files = [Path(p) for p in args.image or []]
     for path in files:

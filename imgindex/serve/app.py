@@ -23,7 +23,7 @@ import numpy as np
 from imgindex.errors import ConfigError, NotFound, SampleError, install_hint
 from imgindex.indexes.query import Hit
 from imgindex.open_index import open_searcher
-from imgindex.pipeline.sources import printable
+from imgindex.formats.names import printable
 from imgindex.serve.batcher import Query, QueryBatcher
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,8 @@ remove.txt (or leaks.txt) with NUL-separated twins, and a self-contained report.
 Nothing here deletes or moves an image: the lists are for other tools to act on.
 
 The .txt lists hold one location a line: a plain path for local files, `TAR#KEY` for tar
-members, a URL for remote objects. So that one line is always one location, a backslash in
+members, `FILE.parquet#KEY` for rows of Parquet files holding images (formats.samples says how
+to find the row), a URL for remote objects. So that one line is always one location, a backslash in
 a location is written `\\\\`, a newline `\\n` and a carriage return `\\r`. The .nul lists hold the
 same locations unescaped, each ended by a NUL byte (for `xargs -0`). Names that are not
 UTF-8 come back as their original bytes in both.
@@ -23,7 +24,7 @@ from imgindex.indexes.gallery import Page, fetch_images
 from imgindex.indexes.dedup.groups import KEEP_RULES
 from imgindex.indexes.query import Searcher
 from imgindex.plurals import counted
-from imgindex.pipeline.sources import sample_location
+from imgindex.formats.samples import sample_location
 
 REPORT_GROUPS = 200  # groups shown in a report, largest first; all are in groups.parquet
 GROUP_MEMBERS = 12  # members shown per group, the kept one first; the rest are counted
@@ -33,7 +34,7 @@ PAGE_THUMBNAILS = 1500
 
 
 def _paths(sources: dict[str, dict], shards: list[str], keys: list[str]) -> list[str]:
-    """Where each image lives (file path, TAR#KEY or URL); shard/key when the source is unknown."""
+    """Where each image lives (file path, TAR#KEY, FILE.parquet#KEY or URL); shard/key when the source is unknown."""
     out = []
     for shard, key in zip(shards, keys):
         stats = sources.get(shard, {})
