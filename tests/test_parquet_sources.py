@@ -161,14 +161,14 @@ def test_a_large_file_is_cut_at_row_groups_into_stable_shards_and_a_rerun_resume
 
 
 def test_procs_pool_embeds_parquet_shards_as_the_in_process_run(tmp_path, images, config_for):
-    from imgindex.pipeline.processes import run_processes
+    from imgindex.executors.placement import Executor
 
     path = grouped_file(tmp_path / "big.parquet", images, groups=4)
     single, pooled = tmp_path / "single", tmp_path / "pooled"
     run_embed([str(path)], str(single), config_for(**{"source.folder_shard_size": 4}), progress=False)
-    summary, outcome = run_processes([str(path)], str(pooled), config_for(**{"source.folder_shard_size": 4}), 2,
-                                     overwrite=False, progress=False)
-    assert summary.images == 8 and not outcome.failed
+    summary = run_embed([str(path)], str(pooled), config_for(**{"source.folder_shard_size": 4}), progress=False,
+                        executor=Executor("procs", 2))
+    assert summary.images == 8 and not summary.shards_failed
     a = {(r["shard"], r["key"]): r["embedding"] for r in outputs(single)[0]}
     b = {(r["shard"], r["key"]): r["embedding"] for r in outputs(pooled)[0]}
     assert a.keys() == b.keys() and len(a) == 8

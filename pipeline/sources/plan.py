@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import replace
 
 import braceexpand
 import fsspec
@@ -77,7 +78,7 @@ def _dedupe_names(shards: list[Shard]) -> list[Shard]:
     for shard in shards:
         if seen[shard.name] > 1:
             digest = hashlib.sha1(f"{shard.url}|{shard.keys[:1]}".encode()).hexdigest()[:8]
-            shard = Shard(**{**shard.__dict__, "name": f"{shard.name}-{digest}"})
+            shard = replace(shard, name=f"{shard.name}-{digest}")
         renamed.append(shard)
     names = [s.name for s in renamed]
     if len(set(names)) != len(names):
