@@ -5,13 +5,21 @@ Loading checks that the three agree, and turns every way a directory can be wron
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
+import io
 import json
 import os
+import posixpath
 import re
+import sys
+import uuid
 from pathlib import Path
 
 import faiss
+import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -19,7 +27,9 @@ from imgindex.errors import ConfigError
 
 INDEX = "index.faiss"
 IDS = "ids.parquet"
+IVFDATA = "index.ivfdata"  # an IVF index's inverted lists, when they are kept on disk
 MANIFEST = "manifest.json"
+BUILD = "_build"  # a build in progress: its plan, trained index and finished tasks (removed once built)
 FORMAT = "imgindex.index/1"
 IDS_SCHEMA = pa.schema([("shard", pa.string()), ("key", pa.string())])
 
@@ -62,9 +72,29 @@ def file_digest(path: Path, full: bool = True) -> dict:
     return digest
 
 
+def data_files(manifest: dict) -> tuple[str, ...]:
+    """The files an index manifest holds digests of."""
+    return (INDEX, IDS, IVFDATA) if manifest.get("on_disk") else (INDEX, IDS)
+
+
 def _is_digest(value: object) -> bool:
     return (isinstance(value, dict) and isinstance(value.get("bytes"), int) and not isinstance(value["bytes"], bool)
             and all(isinstance(value.get(k), str) for k in ("sampled_sha256", "sha256")))
+
+
+@contextlib.contextmanager
+def c_stdout_to_stderr():
+    """C++ code's printf output goes to stderr meanwhile, so the command's stdout stays its own."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).fflush(None)  # what C buffered goes out now, to stderr
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 class IndexDir:
@@ -95,16 +125,17 @@ class IndexDir:
                 isinstance(p, dict) and isinstance(p.get("shard"), str) for p in manifest["parts"]):
             raise ConfigError(f"{self.path / MANIFEST} is damaged (its model or parts): rebuild the index")
         files = manifest.get("files")
-        if not isinstance(files, dict) or not all(_is_digest(files.get(name)) for name in (INDEX, IDS)):
-            raise ConfigError(f"{self.path / MANIFEST} is damaged (the digests of {INDEX} and {IDS} are missing "
-                              "or malformed), so the index cannot be checked: rebuild the index")
+        if not isinstance(files, dict) or not all(_is_digest(files.get(name)) for name in data_files(manifest)):
+            raise ConfigError(f"{self.path / MANIFEST} is damaged (the digests of "
+                              f"{' and '.join(data_files(manifest))} are missing or malformed), so the index cannot "
+                              "be checked: rebuild the index")
         return manifest
 
     def verify(self, manifest: dict, full: bool = False) -> None:
         """Check the index's files against the digests its manifest records (read_manifest made sure
         it records them): every byte of files up to FULL_CHECK_BYTES, or of all with `full`; larger
         ones by size and a sampled digest (a few MB read whatever the size)."""
-        for name in (INDEX, IDS):
+        for name in data_files(manifest):
             recorded = manifest["files"][name]
             path = self.path / name
             if not path.is_file():
@@ -119,7 +150,7 @@ class IndexDir:
 
     def record_files(self, manifest: dict) -> None:
         """Digests of the index's data files, into the manifest (before it is written)."""
-        manifest["files"] = {name: file_digest(self.path / name, full=True) for name in (INDEX, IDS)}
+        manifest["files"] = {name: file_digest(self.path / name, full=True) for name in data_files(manifest)}
 
     def load_index(self, manifest: dict, mmap: bool = True) -> faiss.Index:
         """Read the index (memory-mapped where the type allows) and check it against the manifest."""
@@ -128,8 +159,11 @@ class IndexDir:
             raise ConfigError(f"{path} is missing: rebuild the index")
         self.verify(manifest)
         flags = (faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY) if mmap else 0
+        if manifest.get("on_disk"):  # the lists are memory-mapped from index.ivfdata beside it, whatever `mmap`
+            flags = faiss.IO_FLAG_ONDISK_SAME_DIR | (faiss.IO_FLAG_READ_ONLY if mmap else 0)
         try:
-            index = faiss.read_index(str(path), flags)
+            with c_stdout_to_stderr():  # faiss says where it found index.ivfdata, on stdout
+                index = faiss.read_index(str(path), flags)
         except RuntimeError as exc:
             raise ConfigError(f"{path} is corrupt or truncated ({faiss_reason(exc)}): rebuild the index") from None
         if index.ntotal != manifest["count"] or index.d != manifest["dim"]:
@@ -153,13 +187,98 @@ class IndexDir:
     def forget(self) -> None:
         (self.path / MANIFEST).unlink(missing_ok=True)
 
-    def write_data(self, index: faiss.Index, ids_tmp: Path) -> None:
-        """Write the index and move the ids into place; call write_manifest after."""
+    def write_data(self, index: faiss.Index, ids_tmp: Path, ivfdata_tmp: Path | None = None,
+                   on_disk: bool = False) -> None:
+        """Write the index and move the ids (and new on-disk lists) into place; call write_manifest after.
+        `on_disk`: the index's lists are in index.ivfdata (kept), else a stale one is removed."""
         faiss.write_index(index, str(self.tmp(INDEX)))
         os.replace(self.tmp(INDEX), self.path / INDEX)
         os.replace(ids_tmp, self.path / IDS)
+        if ivfdata_tmp is not None:
+            os.replace(ivfdata_tmp, self.path / IVFDATA)
+        elif not on_disk and (self.path / IVFDATA).exists():  # rebuilt in RAM over an index that was on disk
+            (self.path / IVFDATA).unlink()
+
+    @property
+    def build_url(self) -> str:
+        """Where a build in progress keeps its files (BuildDir)."""
+        return str(self.path / BUILD)
 
     def write_manifest(self, manifest: dict) -> None:
         """Written last: a directory with a manifest is complete."""
         self.tmp(MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         os.replace(self.tmp(MANIFEST), self.path / MANIFEST)
+
+
+class BuildDir:
+    """IDX/_build, on a local path or any fsspec URL that every worker reaches: the files a build
+    in progress shares between its driver and its workers. Each file appears whole or not at all
+    (a temporary name renamed into place locally; one PUT on object stores)."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.fs, self.root = fsspec.core.url_to_fs(url)
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        self.local = "file" in protocols or "local" in protocols
+
+    def path(self, name: str) -> str:
+        return posixpath.join(self.root, name)
+
+    def makedirs(self) -> None:
+        self.fs.makedirs(self.root, exist_ok=True)
+
+    def exists(self, name: str) -> bool:
+        return self.fs.exists(self.path(name))
+
+    def clear(self) -> None:
+        if self.fs.exists(self.root):
+            self.fs.rm(self.root, recursive=True)
+
+    def _put(self, name: str, write) -> None:
+        """`write(file object)` produces the file; it becomes visible only once complete."""
+        path = self.path(name)
+        if self.local:
+            tmp = posixpath.join(self.root, f".{name}.{uuid.uuid4().hex}.tmp")  # a retried task may race its first try
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:
+            buffer = io.BytesIO()
+            write(buffer)
+            self.fs.pipe_file(path, buffer.getvalue())
+
+    def write_index(self, name: str, index: faiss.Index) -> None:
+        self._put(name, lambda f: f.write(faiss.serialize_index(index).tobytes()))
+
+    def read_index(self, name: str, flags: int = 0) -> faiss.Index:
+        if self.local:
+            return faiss.read_index(self.path(name), flags)
+        return faiss.deserialize_index(np.frombuffer(self.fs.cat_file(self.path(name)), dtype=np.uint8))
+
+    def write_table(self, name: str, table: pa.Table) -> None:
+        self._put(name, lambda f: pq.write_table(table, f, compression="zstd"))
+
+    def read_table(self, name: str) -> pa.Table:
+        return pq.read_table(self.path(name), filesystem=self.fs)
+
+    def write_arrays(self, name: str, **arrays: np.ndarray) -> None:
+        self._put(name, lambda f: np.savez(f, **arrays))
+
+    def read_arrays(self, name: str) -> dict[str, np.ndarray]:
+        with self.fs.open(self.path(name), "rb") as f:
+            with np.load(io.BytesIO(f.read())) as found:
+                return {k: found[k] for k in found.files}
+
+    def write_json(self, name: str, value: dict) -> None:
+        self._put(name, lambda f: f.write(json.dumps(value, indent=2, sort_keys=True).encode()))
+
+    def read_json(self, name: str) -> dict | None:
+        """The JSON file, or None when it is missing or unreadable (a crashed run's leftovers)."""
+        try:
+            with self.fs.open(self.path(name), "rb") as f:
+                value = json.loads(f.read())
+        except (OSError, ValueError):
+            return None
+        return value if isinstance(value, dict) else None

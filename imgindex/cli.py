@@ -125,7 +125,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def _build_options(args: argparse.Namespace):
     from imgindex.indexes.build import BuildOptions
 
-    return BuildOptions(index_key=args.index_key, max_memory=args.max_memory, target_recall=args.target_recall)
+    return BuildOptions(index_key=args.index_key, max_memory=args.max_memory, target_recall=args.target_recall,
+                        on_disk=args.on_disk)
 
 
 def _print_index(manifest: dict, out: str) -> None:
@@ -159,9 +160,18 @@ def cmd_index(args: argparse.Namespace) -> int:
         print(f"added {added} vectors from {manifest['adds'][-1]['parts']} new parts to {args.out} "
               f"in {manifest['adds'][-1]['seconds']:.1f} s (drift ratio {manifest['adds'][-1]['drift_ratio']})")
     else:
+        from imgindex.executors.placement import Executor
+
+        executor = Executor.from_flags(procs=args.procs, ray=args.ray, retries=args.retries)
         manifest = build_index(args.emb_dir, args.out, _build_options(args), overwrite=args.overwrite,
-                               progress=progress)
-        print(f"built in {manifest['timings']['total_s']:.1f} s")
+                               progress=progress, executor=executor)
+        run = manifest["build"]["executor"]
+        word = executor.worker_word
+        how = (f" by {counted(run['workers'], word, word + 'es' if word.endswith('s') else None)} ({executor.flag})"
+               if executor.kind != "local" else "")
+        retried = f"; {counted(run['retried'], 'task')} retried" if run["retried"] else ""
+        resumed = f"; {run['resumed_tasks']} of {run['tasks']} tasks were done before" if run["resumed_tasks"] else ""
+        print(f"built in {manifest['timings']['total_s']:.1f} s{how}{retried}{resumed}")
     _print_index(manifest, args.out)
     return 0
 
@@ -428,6 +438,9 @@ def _add_index_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-memory", default="16G", metavar="SIZE", help="memory budget of the index (default 16G)")
     group.add_argument("--target-recall", type=fraction, default=0.95, metavar="R",
                        help="tune nprobe/efSearch to reach this recall@10 vs exact search (default 0.95)")
+    group.add_argument("--on-disk", choices=("auto", "always", "never"), default="auto",
+                       help="keep an IVF index's inverted lists in IDX/index.ivfdata, memory-mapped when searched: "
+                            "auto (default) when they exceed --max-memory")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -477,6 +490,15 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--add", metavar="EMB_DIR",
                        help="add the parts of EMB_DIR not yet in the index at --out, without retraining")
     index.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
+    index.add_argument("--procs", type=whole(1, 1024), metavar="N",
+                       help="add the parts on N worker processes of this machine (the driver trains once and "
+                            "merges their sub-indexes)")
+    index.add_argument("--ray", type=_count_or_auto, metavar="N",
+                       help="add the parts on N Ray actors (auto: one per node's cores) of the cluster at "
+                            "RAY_ADDRESS; EMB_DIR and IDX must be reachable from every node")
+    index.add_argument("--retries", type=whole(0, 100), default=2, metavar="K",
+                       help="with --procs or --ray: a task whose worker died or failed is handed out again up to "
+                            "K times (default 2)")
     index.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_index_flags(index)
     index.set_defaults(func=cmd_index)
@@ -594,6 +616,8 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None, func) -> int:
         command = getattr(args, "command", None) or "search"
         if command in ("embed", "build"):
             hint = "rerun the same command to finish the remaining shards"
+        elif command == "index" and not getattr(args, "add", None) and not getattr(args, "verify", None):
+            hint = "rerun the same command to resume from the finished sub-indexes"
         else:
             hint = f"{command} did not finish and wrote nothing new; rerun the same command"
         print(f"imgindex: interrupted; {hint}", file=sys.stderr)
