@@ -21,6 +21,7 @@ import faiss
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from imgindex.errors import ConfigError
@@ -28,6 +29,8 @@ from imgindex.errors import ConfigError
 INDEX = "index.faiss"
 IDS = "ids.parquet"
 IVFDATA = "index.ivfdata"  # an IVF index's inverted lists, when they are kept on disk
+IDS_MAPPED = "ids.arrow"  # ids.parquet as an uncompressed Arrow IPC file: memory-mapped by searches
+KEYS = "keys.arrow"  # (key, shard, row) sorted by key then shard: a key is found by binary search
 MANIFEST = "manifest.json"
 BUILD = "_build"  # a build in progress: its plan, trained index and finished tasks (removed once built)
 FORMAT = "imgindex.index/1"
@@ -73,8 +76,9 @@ def file_digest(path: Path, full: bool = True) -> dict:
 
 
 def data_files(manifest: dict) -> tuple[str, ...]:
-    """The files an index manifest holds digests of."""
-    return (INDEX, IDS, IVFDATA) if manifest.get("on_disk") else (INDEX, IDS)
+    """The files an index manifest holds digests of (indexes built before the mapped ids have two)."""
+    return ((INDEX, IDS) + ((IVFDATA,) if manifest.get("on_disk") else ())
+            + ((IDS_MAPPED, KEYS) if manifest.get("mapped_ids") else ()))
 
 
 def _is_digest(value: object) -> bool:
@@ -95,6 +99,16 @@ def c_stdout_to_stderr():
             ctypes.CDLL(None).fflush(None)  # what C buffered goes out now, to stderr
         os.dup2(saved, 1)
         os.close(saved)
+
+
+def _mapped(path: Path) -> pa.Table:
+    """An Arrow IPC file as a table whose buffers are the file's pages (zero copy)."""
+    return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+
+
+def _write_ipc(table: pa.Table, path: Path, batch_rows: int = 1 << 20) -> None:
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=batch_rows)
 
 
 class IndexDir:
@@ -172,14 +186,37 @@ class IndexDir:
         return index
 
     def read_ids(self, manifest: dict) -> pa.Table:
-        path = self.path / IDS
+        """Row i -> (shard, key): memory-mapped from ids.arrow (RAM holds the pages a search touches),
+        or read from ids.parquet for indexes built before it."""
+        path = self.path / (IDS_MAPPED if manifest.get("mapped_ids") else IDS)
         try:
-            ids = pq.read_table(path, schema=IDS_SCHEMA)
+            ids = _mapped(path) if manifest.get("mapped_ids") else pq.read_table(path, schema=IDS_SCHEMA)
         except (OSError, pa.ArrowInvalid) as exc:
             raise ConfigError(f"{path} is missing or unreadable ({exc}): rebuild the index") from None
         if ids.num_rows != manifest["count"]:
             raise ConfigError(f"{path} has {ids.num_rows} rows for {manifest['count']} vectors: rebuild the index")
         return ids
+
+    def read_keys(self, manifest: dict) -> pa.Table | None:
+        """The sorted key table (memory-mapped), or None for indexes built before it."""
+        if not manifest.get("mapped_ids"):
+            return None
+        try:
+            return _mapped(self.path / KEYS)
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise ConfigError(f"{self.path / KEYS} is missing or unreadable ({exc}): rebuild the index") from None
+
+    def write_lookups(self) -> None:
+        """ids.arrow and keys.arrow from ids.parquet (call after write_data, before record_files)."""
+        ids = pq.read_table(self.path / IDS, schema=IDS_SCHEMA)
+        _write_ipc(ids, self.tmp(IDS_MAPPED))
+        order = pc.sort_indices(ids, [("key", "ascending"), ("shard", "ascending")])
+        keys = pa.table({"key": ids["key"].take(order), "shard": ids["shard"].take(order),
+                         "row": order.cast(pa.int64())})
+        del ids
+        _write_ipc(keys, self.tmp(KEYS))
+        os.replace(self.tmp(IDS_MAPPED), self.path / IDS_MAPPED)
+        os.replace(self.tmp(KEYS), self.path / KEYS)
 
     def tmp(self, name: str) -> Path:
         return self.path / f".{name}.tmp"

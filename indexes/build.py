@@ -283,6 +283,7 @@ def build_index(emb_dir: str, out: str, options: BuildOptions | None = None, ove
         "selection": reason,
         "notes": notes,
         "on_disk": on_disk,
+        "mapped_ids": True,
         "metric": "inner_product",
         "normalized": True,
         "count": int(index.ntotal),
@@ -302,6 +303,7 @@ def build_index(emb_dir: str, out: str, options: BuildOptions | None = None, ove
     }
     t = time.time()
     target.write_data(index, ids_tmp, ivfdata_tmp, on_disk=on_disk)
+    target.write_lookups()
     timings["write_s"] = round(time.time() - t, 3)
     timings["total_s"] = round(time.time() - started, 3)
     target.record_files(manifest)
@@ -417,6 +419,8 @@ def add_parts(emb_dir: str, index_dir: str, target_recall: float | None = None,
                              f"recall_at_{K}_on_new": round(recall, 4), "seconds": round(time.time() - started, 3),
                              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     target.write_data(index, ids_tmp, on_disk=bool(manifest.get("on_disk")))
+    target.write_lookups()
+    manifest["mapped_ids"] = True
     target.record_files(manifest)
     target.write_manifest(manifest)
     return manifest, added

@@ -178,3 +178,65 @@ def test_lists_go_on_disk_by_themselves_when_they_exceed_the_budget(corpus, tmp_
     assert manifest["on_disk"] and any("exceed --max-memory" in n for n in manifest["notes"])
     assert "on-disk lists: its inverted lists" in capfd.readouterr().err
     assert_same_answers(tmp_path / "auto", root / "one", vectors)
+
+
+def test_the_training_sample_reads_only_the_row_groups_it_draws_from(tmp_path, monkeypatch):
+    """Before, every vector of every part was read to draw a sample: at 1B, a full pass over the parts."""
+    from imgindex.formats.embeddings_dir import EmbeddingsDir
+    from imgindex.indexes import reads
+
+    vectors = clustered_vectors(40_000, 16, clusters=50, seed=2)
+    write_embeddings_dir(str(tmp_path / "emb"), vectors, shard_size=1_000)  # 40 parts of one row group
+    emb = EmbeddingsDir(str(tmp_path / "emb"))
+    opened = []
+    real = reads._read
+    monkeypatch.setattr(reads, "_read", lambda *a: opened.append(a[1].shard) or real(*a))
+    rows, got = reads.sample(emb, emb.parts(), 500, seed=4)
+    assert len(set(rows.tolist())) == 500 and len(set(opened)) <= 5  # 8 x 500 rows: about 4 parts of 40
+    np.testing.assert_array_equal(got, vectors[rows])
+    opened.clear()
+    rows, got = reads.sample(emb, emb.parts(), 10_000, seed=4)  # a sample of a quarter draws from every part
+    assert len(set(opened)) == 40 and len(rows) == 10_000
+    np.testing.assert_array_equal(got, vectors[rows])
+
+
+def test_ids_are_memory_mapped_and_a_key_is_found_by_binary_search(tmp_path):
+    """Before, ids.parquet was read whole into RAM (25 GB at 1B) and a key lookup scanned it."""
+    import pyarrow as pa
+
+    from imgindex.errors import ConfigError
+
+    vectors = clustered_vectors(6_000, 16, clusters=30, seed=8)
+    write_embeddings_dir(str(tmp_path / "emb"), vectors[:3_000], shard_size=1_000)
+    write_embeddings_dir(str(tmp_path / "emb"), vectors[3_000:], shard_size=1_000, first_shard=3)  # keys again
+    build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), progress=False)
+    before = pa.total_allocated_bytes()
+    searcher = Searcher(tmp_path / "idx")
+    assert pa.total_allocated_bytes() - before < searcher.ids.nbytes / 10  # mapped, not read
+    assert searcher.keys is not None and searcher.keys.num_rows == 6_000
+    with pytest.raises(ConfigError, match="in several shards \\(syn-00000, syn-00003\\): pass --shard"):
+        searcher.locate("syn5")
+    assert searcher.locate("syn5", shard="syn-00003") == ("syn-00003", "syn5")
+    with pytest.raises(ConfigError, match="'syn99999' is not in the index"):
+        searcher.locate("syn99999")
+    hit = searcher.search_keys(["syn1500"], k=1, shard="syn-00004")[0][0]
+    assert (hit.shard, hit.key) == ("syn-00004", "syn1500") and hit.score > 0.999
+    assert searcher.shard_rows("syn-00004") == (4_000, 5_000)
+
+
+def test_add_appends_to_lists_on_disk_and_the_new_vectors_are_found(tmp_path):
+    from imgindex.indexes.build import add_parts, verify_index
+
+    vectors = clustered_vectors(8_000, 16, clusters=40, seed=9)
+    write_embeddings_dir(str(tmp_path / "emb"), vectors[:6_000], shard_size=2_000)
+    build_index(str(tmp_path / "emb"), str(tmp_path / "idx"),
+                BuildOptions(index_key="IVF32,Flat", on_disk="always"), progress=False)
+    write_embeddings_dir(str(tmp_path / "emb"), vectors[6_000:], shard_size=2_000, first_shard=3, prefix="new")
+    manifest, added = add_parts(str(tmp_path / "emb"), str(tmp_path / "idx"), progress=False)
+    assert added == 2_000 and manifest["count"] == 8_000 and manifest["on_disk"]
+    searcher = Searcher(tmp_path / "idx")
+    for row in (0, 5_999, 6_000, 7_999):
+        hit = searcher.search_vectors(vectors[row], k=1)[0][0]
+        assert hit.key == (f"syn{row}" if row < 6_000 else f"new{row - 6_000}") and hit.score > 0.999
+    assert searcher.locate("new1999") == ("new-00003", "new1999")
+    assert verify_index(str(tmp_path / "idx"))["files"] == 5
