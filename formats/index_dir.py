@@ -59,16 +59,40 @@ def file_digest(path: Path, full: bool = True) -> dict:
     """{"bytes", "sampled_sha256"} (and "sha256" with `full`). The sampled digest reads the first,
     last and 64 evenly spaced 64 KB blocks, so checking it costs a few MB whatever the size;
     small files are sampled whole."""
-    size = path.stat().st_size
-    sampled, whole = hashlib.sha256(), hashlib.sha256()
     with open(path, "rb") as f:
-        if full:
-            while block := f.read(1 << 22):
-                whole.update(block)
-        step = max(SAMPLE_BLOCK, (size - SAMPLE_BLOCK) // (SAMPLE_BLOCKS + 1))
-        for offset in sorted({*range(0, max(size - SAMPLE_BLOCK, 0) + 1, step), max(size - SAMPLE_BLOCK, 0)}):
-            f.seek(offset)
-            sampled.update(f.read(SAMPLE_BLOCK))
+        return _digest(f, path.stat().st_size, full)
+
+
+def part_digest(fs, path: str, local: bool) -> dict:
+    """What an index records of an embeddings part to notice it changed: size and sampled sha256
+    for local files; for objects, size and the store's ETag or checksum when it gives one (no
+    read at all), else the sampled sha256 by ranged reads."""
+    if local:
+        return file_digest(Path(path), full=False)
+    info = fs.info(path)
+    tag = next((info[k] for k in ("ETag", "etag", "checksum", "md5Hash", "crc32c") if info.get(k)), None)
+    if tag:
+        return {"bytes": int(info["size"]), "etag": str(tag).strip('"')}
+    with fs.open(path, "rb", block_size=SAMPLE_BLOCK) as f:
+        return _digest(f, int(info["size"]), full=False)
+
+
+def digest_changes(recorded: dict, found: dict) -> list[str]:
+    """The digest fields two digests both have and disagree on (empty: the same file, as far as known)."""
+    return [k for k in ("bytes", "sha256", "sampled_sha256", "etag") if k in recorded and k in found
+            and recorded[k] != found[k]]
+
+
+def _digest(f, size: int, full: bool) -> dict:
+    """The digest of an open file (local, or an fsspec object read by ranges)."""
+    sampled, whole = hashlib.sha256(), hashlib.sha256()
+    if full:
+        while block := f.read(1 << 22):
+            whole.update(block)
+    step = max(SAMPLE_BLOCK, (size - SAMPLE_BLOCK) // (SAMPLE_BLOCKS + 1))
+    for offset in sorted({*range(0, max(size - SAMPLE_BLOCK, 0) + 1, step), max(size - SAMPLE_BLOCK, 0)}):
+        f.seek(offset)
+        sampled.update(f.read(SAMPLE_BLOCK))
     digest = {"bytes": size, "sampled_sha256": sampled.hexdigest()}
     if full:
         digest["sha256"] = whole.hexdigest()
@@ -111,22 +135,89 @@ def _write_ipc(table: pa.Table, path: Path, batch_rows: int = 1 << 20) -> None:
         writer.write_table(table, max_chunksize=batch_rows)
 
 
+def is_remote(url: str) -> bool:
+    """An fsspec URL other than a local file (s3://, gs://, ...)."""
+    return "://" in url and not url.startswith("file://")
+
+
+def cache_dir(url: str) -> Path:
+    """The local copy of a remote index (written there, then uploaded; downloaded there to be mapped)."""
+    root = Path(os.environ.get("IMGINDEX_CACHE") or Path.home() / ".cache" / "imgindex") / "indexes"
+    return root / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:24]
+
+
 class IndexDir:
+    """An index directory at a local path or any fsspec URL. A remote one is written in a local
+    staging copy (`path`) and uploaded file by file, each whole, the manifest last; it is read
+    through the same local copy, where each file is downloaded only when its digest differs."""
+
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        self.url = str(path).rstrip("/") or str(path)
+        self.remote = is_remote(self.url)
+        if self.remote:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url)
+            self.path = cache_dir(self.url)
+        else:
+            self.fs, self.root = None, None
+            self.path = Path(self.url.removeprefix("file://"))
+
+    def _remote(self, name: str) -> str:
+        return posixpath.join(self.root, name)
 
     def exists(self) -> bool:
+        if self.remote:
+            return self.fs.exists(self._remote(MANIFEST))
         return (self.path / MANIFEST).is_file()
 
-    def read_manifest(self) -> dict:
+    def _manifest_text(self) -> str:
+        if self.remote:
+            if not self.fs.exists(self.root) and not self.exists():
+                raise ConfigError(f"no index at {self.url}: build one with `imgindex index EMB_DIR --out {self.url}`"
+                                  " or pass --index")
+            if not self.exists():
+                raise ConfigError(f"{self.url} is not an index directory (no {MANIFEST}): pass the folder "
+                                  "`imgindex index --out` wrote")
+            return self.fs.cat_file(self._remote(MANIFEST)).decode()
         if not self.path.exists():
             raise ConfigError(f"no index at {self.path}: build one with `imgindex index EMB_DIR --out {self.path}`"
                               " or pass --index")
         if not self.exists():
             raise ConfigError(f"{self.path} is not an index directory (no {MANIFEST}): pass the folder "
                               "`imgindex index --out` wrote")
+        return (self.path / MANIFEST).read_text()
+
+    def fetch(self, manifest: dict, again: bool = False) -> None:
+        """A remote index's data files into the local copy, each only when missing or different there
+        (`again`: every one, as --verify checks what the store holds)."""
+        if not self.remote:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        for name in data_files(manifest):
+            local, recorded = self.path / name, manifest["files"].get(name) or {}
+            if not again and local.is_file() and local.stat().st_size == recorded.get("bytes") and \
+                    file_digest(local, full=False)["sampled_sha256"] == recorded.get("sampled_sha256"):
+                continue
+            tmp = self.path / f".{name}.download"
+            try:
+                self.fs.get_file(self._remote(name), str(tmp))
+            except (OSError, FileNotFoundError) as exc:
+                raise ConfigError(f"{self.url}/{name} cannot be read ({exc}): rebuild the index") from None
+            os.replace(tmp, local)
+
+    def publish(self) -> None:
+        """Upload the local copy's data files (each in one piece); call write_manifest after."""
+        if not self.remote:
+            return
+        for name in (INDEX, IDS, IVFDATA, IDS_MAPPED, KEYS):
+            if (self.path / name).is_file():
+                self.fs.put_file(str(self.path / name), self._remote(name))
+            elif self.fs.exists(self._remote(name)):
+                self.fs.rm_file(self._remote(name))
+
+    def read_manifest(self) -> dict:
+        text = self._manifest_text()
         try:
-            manifest = json.loads((self.path / MANIFEST).read_text())
+            manifest = json.loads(text)
         except ValueError as exc:
             raise ConfigError(f"{self.path / MANIFEST} is not valid JSON ({exc}): rebuild the index") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -149,6 +240,7 @@ class IndexDir:
         """Check the index's files against the digests its manifest records (read_manifest made sure
         it records them): every byte of files up to FULL_CHECK_BYTES, or of all with `full`; larger
         ones by size and a sampled digest (a few MB read whatever the size)."""
+        self.fetch(manifest, again=full)
         for name in data_files(manifest):
             recorded = manifest["files"][name]
             path = self.path / name
@@ -168,6 +260,7 @@ class IndexDir:
 
     def load_index(self, manifest: dict, mmap: bool = True) -> faiss.Index:
         """Read the index (memory-mapped where the type allows) and check it against the manifest."""
+        self.fetch(manifest)
         path = self.path / INDEX
         if not path.is_file():
             raise ConfigError(f"{path} is missing: rebuild the index")
@@ -188,6 +281,7 @@ class IndexDir:
     def read_ids(self, manifest: dict) -> pa.Table:
         """Row i -> (shard, key): memory-mapped from ids.arrow (RAM holds the pages a search touches),
         or read from ids.parquet for indexes built before it."""
+        self.fetch(manifest)
         path = self.path / (IDS_MAPPED if manifest.get("mapped_ids") else IDS)
         try:
             ids = _mapped(path) if manifest.get("mapped_ids") else pq.read_table(path, schema=IDS_SCHEMA)
@@ -222,6 +316,8 @@ class IndexDir:
         return self.path / f".{name}.tmp"
 
     def forget(self) -> None:
+        if self.remote and self.fs.exists(self._remote(MANIFEST)):
+            self.fs.rm_file(self._remote(MANIFEST))
         (self.path / MANIFEST).unlink(missing_ok=True)
 
     def write_data(self, index: faiss.Index, ids_tmp: Path, ivfdata_tmp: Path | None = None,
@@ -238,13 +334,16 @@ class IndexDir:
 
     @property
     def build_url(self) -> str:
-        """Where a build in progress keeps its files (BuildDir)."""
-        return str(self.path / BUILD)
+        """Where a build in progress keeps its files (BuildDir): beside the index, where workers reach it."""
+        return f"{self.url}/{BUILD}" if self.remote else str(self.path / BUILD)
 
     def write_manifest(self, manifest: dict) -> None:
-        """Written last: a directory with a manifest is complete."""
+        """Written last: a directory with a manifest is complete (a remote one: after its files are uploaded)."""
         self.tmp(MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         os.replace(self.tmp(MANIFEST), self.path / MANIFEST)
+        if self.remote:
+            self.publish()
+            self.fs.put_file(str(self.path / MANIFEST), self._remote(MANIFEST))
 
 
 class BuildDir:
@@ -288,6 +387,14 @@ class BuildDir:
 
     def write_index(self, name: str, index: faiss.Index) -> None:
         self._put(name, lambda f: f.write(faiss.serialize_index(index).tobytes()))
+
+    def local_file(self, name: str, where: Path) -> str:
+        """A local path of the file: itself, or a copy downloaded into `where`."""
+        if self.local:
+            return self.path(name)
+        where.mkdir(parents=True, exist_ok=True)
+        self.fs.get_file(self.path(name), str(where / name))
+        return str(where / name)
 
     def read_index(self, name: str, flags: int = 0) -> faiss.Index:
         if self.local:

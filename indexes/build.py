@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 import platform
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -30,11 +32,12 @@ from imgindex.errors import ConfigError
 from imgindex.executors.handout import Event, Outcome, hand_out
 from imgindex.executors.placement import Executor, place
 from imgindex.formats.embeddings_dir import EmbeddingsDir, Part, identity_changes
-from imgindex.formats.index_dir import FORMAT, IDS, IDS_SCHEMA, IVFDATA, BuildDir, IndexDir, faiss_reason
+from imgindex.formats.index_dir import (BUILD, FORMAT, IDS, IDS_SCHEMA, IVFDATA, BuildDir, IndexDir, digest_changes,
+                                       faiss_reason, part_digest)
 from imgindex.indexes import parallel
 from imgindex.indexes.factory import (FLAT_THRESHOLD, MIN_TRAIN_PER_LIST, choose_index_key, codes_bytes, human,
                                       parse_memory, search_knob)
-from imgindex.indexes.ondisk import choose_on_disk, merge_to_disk
+from imgindex.indexes.ondisk import choose_on_disk, merge_to_disk, one_thread_if
 from imgindex.indexes.reads import sample
 from imgindex.indexes.recall import TIE_SLACK, exact_neighbors, tune
 from imgindex.plurals import counted
@@ -260,8 +263,9 @@ def build_index(emb_dir: str, out: str, options: BuildOptions | None = None, ove
     ivfdata_tmp = None
     if on_disk:
         ivfdata_tmp = target.tmp(IVFDATA)
-        index = merge_to_disk(index, [build.path(f"{task.name}.faiss") for task in tasks], str(ivfdata_tmp),
-                              str(target.path / IVFDATA))
+        local = target.path / BUILD  # merge_ondisk maps the sub-indexes: local files (downloaded if remote)
+        index = merge_to_disk(index, [build.local_file(f"{task.name}.faiss", local) for task in tasks],
+                              str(ivfdata_tmp), str(target.path / IVFDATA))
     else:
         index = parallel.merge_in_memory(build, tasks)
     ids_tmp = target.tmp(IDS)
@@ -292,7 +296,7 @@ def build_index(emb_dir: str, out: str, options: BuildOptions | None = None, ove
                   "executor": {"kind": executor.kind, "asked": executor.flag, "workers": workers,
                                "tasks": len(tasks), "resumed_tasks": len(done), "retried": outcome.retried,
                                "restarts": outcome.restarts}},
-        "parts": [{"shard": p.shard, "rows": p.rows, "dir": emb.location, "file": emb.digest(p)} for p in parts],
+        "parts": _part_records(emb, parts),
         **measured_recall(knob, value, recall, curve, len(query_ids)),
         "train_residual": plan["train_residual"],
         "faiss_gpus": faiss_gpus(),
@@ -310,7 +314,15 @@ def build_index(emb_dir: str, out: str, options: BuildOptions | None = None, ove
     target.write_manifest(manifest)
     del index
     build.clear()
+    if target.remote:  # the staging copy keeps the index files (the cache searches map), not the build's
+        shutil.rmtree(target.path / BUILD, ignore_errors=True)
     return manifest
+
+
+def _part_records(emb: EmbeddingsDir, parts: list[Part]) -> list[dict]:
+    """The manifest's record of each part: shard, rows, directory and a digest (local or remote)."""
+    return [{"shard": p.shard, "rows": p.rows, "dir": emb.location, "file": part_digest(emb.fs, p.path, emb.local)}
+            for p in parts]
 
 
 def _add(placement, factory: parallel.AddWorkers, todo: list[parallel.AddTask], already: int, count: int,
@@ -387,7 +399,8 @@ def add_parts(emb_dir: str, index_dir: str, target_recall: float | None = None,
         for _, ids, vectors in emb.iter_batches(new):
             residual = mean_residual(index, vectors)
             residual_sum += (residual or 0.0) * len(vectors)
-            index.add(vectors)
+            with one_thread_if(bool(manifest.get("on_disk"))):
+                index.add(vectors)
             ids_writer.write_table(ids.cast(IDS_SCHEMA))
             added += len(vectors)
             bar.update(len(vectors))
@@ -412,7 +425,7 @@ def add_parts(emb_dir: str, index_dir: str, target_recall: float | None = None,
     knob = search_knob(index)
     value, recall, curve = tune(index, knob, queries, query_ids, exact,
                                 target_recall or manifest["build"]["target_recall"], K)
-    manifest["parts"] += [{"shard": p.shard, "rows": p.rows, "dir": emb.location, "file": emb.digest(p)} for p in new]
+    manifest["parts"] += _part_records(emb, new)
     manifest["count"] = int(index.ntotal)
     manifest.update(measured_recall(knob, value, recall, curve, len(query_ids)))
     manifest["adds"].append({"vectors": added, "parts": len(new), "drift_ratio": drift,
@@ -449,9 +462,15 @@ def verify_index(index_dir: str) -> dict:
         emb = EmbeddingsDir(where)
         for recorded in group:
             part = emb.part(recorded["shard"], recorded["rows"])
-            found = emb.digest(part)
-            if recorded.get("file") and found and found["sha256"] != recorded["file"]["sha256"]:
-                raise ConfigError(f"the part of shard {part.shard} in {where} changed since it was indexed: "
-                                  "rebuild the index")
+            if not recorded.get("file"):
+                raise ConfigError(f"the index records no digest of the part of shard {part.shard} in {where} (built "
+                                  "before remote parts had one), so it cannot be checked: rebuild the index")
+            found = part_digest(emb.fs, part.path, emb.local)
+            if "sha256" in recorded["file"] and emb.local:  # recorded whole by older builds: checked whole
+                from imgindex.formats.index_dir import file_digest
+                found = file_digest(Path(part.path), full=True)
+            if digest_changes(recorded["file"], found):
+                raise ConfigError(f"the part of shard {part.shard} in {where} changed since it was indexed "
+                                  f"({', '.join(digest_changes(recorded['file'], found))} differ): rebuild the index")
             checked += 1
     return {"files": len(manifest.get("files") or {}), "parts": checked}
