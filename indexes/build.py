@@ -1,14 +1,24 @@
-"""Embeddings directory -> FAISS index directory, streaming the parts with bounded memory.
+"""Embeddings directory -> FAISS index directory, on any executor (this process, `--procs N`,
+`--ray N|auto`), with bounded memory and resumable.
 
-Pass 1 draws a seeded sample (training vectors and evaluation queries); pass 2 adds every
-part in batches and, over the same blocks, computes the queries' exact neighbours. Then
-the search knob is tuned to the target recall, and everything is written with the
-manifest last. `add_parts` appends new parts to a trained index without retraining.
+The driver plans once: it chooses the index, draws a seeded sample (training vectors and
+evaluation queries, reading only the row groups it draws from), trains, and writes the trained
+index, the queries and the plan to IDX/_build. Workers then add disjoint runs of parts into
+sub-indexes that share the trained quantizer, each with the exact neighbours of the queries among
+its vectors (indexes.parallel); the driver merges them in RAM, or into one on-disk file of
+inverted lists when they exceed the budget (indexes.ondisk), tunes the search knob to the target
+recall and writes everything with the manifest last. A rerun of an interrupted build reuses the
+plan, the trained index and every finished sub-index. `add_parts` appends new parts to a trained
+index without retraining.
 """
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 import platform
+import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -18,18 +28,26 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from imgindex.progress import progress_bar
-from imgindex.formats.embeddings_dir import EmbeddingsDir, Part
-from imgindex.indexes.factory import FLAT_THRESHOLD, choose_index_key, parse_memory, search_knob
-from imgindex.formats.index_dir import FORMAT, IDS, IDS_SCHEMA, IndexDir, faiss_reason
-from imgindex.indexes.recall import exact_neighbors, tune
 from imgindex.errors import ConfigError
-from imgindex.formats.embeddings_dir import identity_changes
+from imgindex.executors.handout import Event, Outcome, hand_out
+from imgindex.executors.placement import Executor, place
+from imgindex.formats.embeddings_dir import EmbeddingsDir, Part, identity_changes
+from imgindex.formats.index_dir import (BUILD, FORMAT, IDS, IDS_SCHEMA, IVFDATA, BuildDir, IndexDir, digest_changes,
+                                       faiss_reason, part_digest)
+from imgindex.indexes import parallel
+from imgindex.indexes.factory import (FLAT_THRESHOLD, MIN_TRAIN_PER_LIST, choose_index_key, codes_bytes, human,
+                                      parse_memory, search_knob)
+from imgindex.indexes.ondisk import choose_on_disk, merge_to_disk, one_thread_if
+from imgindex.indexes.reads import sample
+from imgindex.indexes.recall import TIE_SLACK, exact_neighbors, tune
+from imgindex.plurals import counted
+from imgindex.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
 K = 10
 DRIFT_WARNING = 1.5  # new data's mean residual / the training sample's
+ON_DISK_MODES = ("auto", "always", "never")
 
 
 @dataclass
@@ -38,10 +56,11 @@ class BuildOptions:
     max_memory: str = "16G"
     target_recall: float = 0.95
     eval_queries: int = 1000
-    train_per_list: int = 50  # training vectors per IVF list (faiss wants >= 39)
-    max_train: int = 1_000_000
+    train_per_list: int = 50  # training vectors per IVF list wanted (faiss warns below 39)
+    max_train: int | None = None  # None: as many as train_per_list asks and the budget holds
     flat_threshold: int = FLAT_THRESHOLD
     seed: int = 0
+    on_disk: str = "auto"  # IVF lists on disk: auto (when they exceed max_memory) | always | never
 
 
 def faiss_gpus() -> int:
@@ -55,13 +74,22 @@ def _make_index(key: str, dim: int) -> faiss.Index:
         raise ConfigError(f"--index-key {key!r} is not a valid faiss.index_factory string ({faiss_reason(exc)})") from None
 
 
-def _train_size(index: faiss.Index, count: int, options: BuildOptions) -> int:
+def _train_size(index: faiss.Index, count: int, dim: int, budget: int, options: BuildOptions) -> tuple[int, str | None]:
+    """(training vectors, a note when an IVF index gets fewer than faiss advises a list). The sample
+    is held to the memory budget (it is the driver's largest allocation)."""
     if index.is_trained:
-        return 0
+        return 0, None
     ivf = faiss.try_extract_index_ivf(index)
     nlist = ivf.nlist if ivf is not None else 256
     want = max(options.train_per_list * nlist, 256 * 40)
-    return min(count, want, options.max_train)
+    size = min(count, want, max(1, budget // (dim * 4)), options.max_train or count)
+    note = None
+    if ivf is not None and size < MIN_TRAIN_PER_LIST * nlist:
+        why = "the corpus has no more" if size == count else (
+            f"--max-memory {human(budget)} holds no more" if size < (options.max_train or count) else "max_train")
+        note = (f"training {ivf.nlist:,} lists on {size:,} vectors ({size / nlist:.1f} a list; faiss advises "
+                f"{MIN_TRAIN_PER_LIST}): {why}")
+    return size, note
 
 
 def _check_trainable(index: faiss.Index, key: str, count: int) -> None:
@@ -82,6 +110,8 @@ def _train(index: faiss.Index, vectors: np.ndarray) -> None:
     except RuntimeError as exc:  # e.g. PQ codes with fewer vectors than centroids
         raise ConfigError(f"cannot train {faiss.downcast_index(index).__class__.__name__} on {len(vectors):,} "
                           f"vectors ({faiss_reason(exc)}): choose another --index-key, or leave it out") from None
+    if ivf is not None:
+        ivf.clustering_index = None
 
 
 def mean_residual(index: faiss.Index, vectors: np.ndarray) -> float | None:
@@ -106,15 +136,72 @@ def _versions() -> dict:
 def _queries(emb: EmbeddingsDir, parts: list[Part], count: int, extra: int, seed: int):
     """Seeded sample of count+extra rows; returns (query ids, query vectors, training vectors)."""
     total = sum(p.rows for p in parts)
-    ids, vectors = emb.sample(parts, min(total, count + extra), seed=seed)
+    ids, vectors = sample(emb, parts, min(total, count + extra), seed=seed)
     pick = np.sort(np.random.default_rng(seed + 1).choice(len(ids), size=min(count, len(ids)), replace=False))
     return ids[pick], np.ascontiguousarray(vectors[pick]), vectors
 
 
+def _say(text: str) -> None:
+    """A choice made for the user, or a step they should know of, on stderr (also recorded in the manifest)."""
+    print(f"imgindex: {text}", file=sys.stderr)
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _plan_identity(key: str, parts: list[Part], options: BuildOptions, train_size: int) -> dict:
+    """What a finished sub-index depends on: a rerun with the same identity resumes the build."""
+    return {"factory": key, "parts": [[p.shard, p.rows] for p in parts], "seed": options.seed,
+            "eval_queries": options.eval_queries, "train_size": train_size}
+
+
+def _start_or_resume(build: BuildDir, emb: EmbeddingsDir, parts: list[Part], index: faiss.Index, identity: dict,
+                     workers: int, max_task_rows: int, options: BuildOptions) -> tuple[dict, faiss.Index]:
+    """The plan and the trained index: those of an interrupted build of the same identity, else new
+    ones (sample, train, split into tasks), written to IDX/_build before any task runs."""
+    plan = build.read_json(parallel.PLAN)
+    if plan is not None and plan.get("identity") == identity and build.exists(parallel.TRAINED) \
+            and build.exists(parallel.QUERIES):
+        return plan, build.read_index(parallel.TRAINED)
+    if plan is not None:
+        _say(f"discarding the unfinished build in {build.url} (made from other parts or options)")
+    build.clear()
+    build.makedirs()
+    count = sum(p.rows for p in parts)
+    timings = {}
+    t = time.time()
+    query_ids, queries, train = _queries(emb, parts, options.eval_queries, identity["train_size"], options.seed)
+    timings["sample_s"] = round(time.time() - t, 3)
+    t = time.time()
+    if not index.is_trained:
+        _train(index, train)
+    timings["train_s"] = round(time.time() - t, 3)
+    residual = mean_residual(index, train)
+    del train
+    if parallel.mergeable(index):
+        tasks = parallel.split_tasks(parts, parallel.rows_per_task(count, workers, max_task_rows))
+    else:  # e.g. HNSW: one graph, built by one worker
+        tasks = [parallel.AddTask("add-00000", tuple(parts), 0)]
+    build.write_index(parallel.TRAINED, index)
+    build.write_arrays(parallel.QUERIES, ids=query_ids, vectors=queries)
+    plan = {"identity": identity, "tasks": [t.to_json() for t in tasks], "train_residual": residual,
+            "timings": timings}
+    parallel.save_plan(build, plan)
+    return plan, index
+
+
 def build_index(emb_dir: str, out: str, options: BuildOptions | None = None, overwrite: bool = False,
-                progress: bool | None = None) -> dict:
-    """Build IDX from every complete part of EMB_DIR; returns the index manifest."""
+                progress: bool | None = None, executor: Executor | None = None) -> dict:
+    """Build IDX from every complete part of EMB_DIR on `executor` (default: this process);
+    returns the index manifest. Rerun after an interruption, it resumes."""
     options = options or BuildOptions()
+    executor = executor or Executor()
+    if options.on_disk not in ON_DISK_MODES:
+        raise ConfigError(f"--on-disk {options.on_disk!r}: use one of {', '.join(ON_DISK_MODES)}")
     started = time.time()
     emb = EmbeddingsDir(emb_dir)
     parts = emb.parts()
@@ -131,41 +218,62 @@ def build_index(emb_dir: str, out: str, options: BuildOptions | None = None, ove
         key, reason = choose_index_key(count, emb.dim, budget, options.flat_threshold)
     index = _make_index(key, emb.dim)
     _check_trainable(index, key, count)
+    on_disk, disk_reason = choose_on_disk(index, count, budget, options.on_disk)
+    train_size, train_note = _train_size(index, count, emb.dim, budget, options)
+    notes = [n for n in (train_note, disk_reason and f"on-disk lists: {disk_reason}") if n]
+    placement = place(executor, _cores(), 0, want_gpu=False)
+    workers = placement.workers
+    if not parallel.mergeable(index) and executor.kind != "local":
+        notes.append(f"{faiss.downcast_index(index).__class__.__name__} cannot be built in parts and merged: "
+                     f"one {executor.worker_word} builds it")
+    for note in notes:
+        _say(note)
     log.info("index %s: %s", key, reason)
 
-    timings = {}
-    t = time.time()
-    train_size = _train_size(index, count, options)
-    query_ids, queries, train = _queries(emb, parts, options.eval_queries, train_size, options.seed)
-    timings["sample_s"] = round(time.time() - t, 3)
-    t = time.time()
-    if not index.is_trained:
-        _train(index, train)
-    timings["train_s"] = round(time.time() - t, 3)
-    residual = mean_residual(index, train)
-    del train
     target.path.mkdir(parents=True, exist_ok=True)  # only now: a refused build leaves no folder behind
     target.forget()  # until the new manifest is written, the directory is not an index
+    build = BuildDir(target.build_url)
+    per_vector = max(1, codes_bytes(index, 1) or emb.dim * 4)
+    identity = _plan_identity(key, parts, options, train_size)
+    plan, index = _start_or_resume(build, emb, parts, index, identity, workers,
+                                   max(1, budget // (4 * per_vector)), options)
+    tasks = [parallel.AddTask.from_json(t) for t in plan["tasks"]]
+    done = parallel.done_tasks(build, tasks)
+    if done:
+        _say(f"resuming the build in {build.url}: {counted(len(done), 'task')} of {len(tasks)} already done")
+    todo = [t for t in tasks if t.name not in done]
+    timings = dict(plan["timings"])
+    t = time.time()
+    outcome = _add(placement, parallel.AddWorkers(emb.location, build.url, K + 1, faiss.try_extract_index_ivf(index)
+                                                  is not None), todo, count - sum(t.rows for t in todo), count,
+                   progress)
+    timings["add_s"] = round(time.time() - t, 3)
+    if outcome.failed:
+        name, error = next(iter(outcome.failed.items()))
+        raise ConfigError(f"{counted(len(outcome.failed), 'task')} of the build failed every attempt (task {name}: "
+                          f"{error}); rerun the same command to finish them: the {len(tasks) - len(outcome.failed)} "
+                          "done are kept")
 
+    t = time.time()
+    exact = parallel.read_exact(build, tasks, K + 1 + TIE_SLACK)
+    query_ids = build.read_arrays(parallel.QUERIES)
+    queries, query_ids = query_ids["vectors"], query_ids["ids"]
+    timings["ground_truth_s"] = round(time.time() - t, 3)
+    t = time.time()
+    ivfdata_tmp = None
+    if on_disk:
+        ivfdata_tmp = target.tmp(IVFDATA)
+        local = target.path / BUILD  # merge_ondisk maps the sub-indexes: local files (downloaded if remote)
+        index = merge_to_disk(index, [build.local_file(f"{task.name}.faiss", local) for task in tasks],
+                              str(ivfdata_tmp), str(target.path / IVFDATA))
+    else:
+        index = parallel.merge_in_memory(build, tasks)
     ids_tmp = target.tmp(IDS)
-    add_seconds = 0.0
-    bar = progress_bar(total=count, unit="vec", desc="index", progress=progress)
-    with pq.ParquetWriter(ids_tmp, IDS_SCHEMA) as ids_writer:
-        def blocks():
-            nonlocal add_seconds
-            for _, ids, vectors in emb.iter_batches(parts):
-                t_add = time.time()
-                index.add(vectors)
-                add_seconds += time.time() - t_add
-                ids_writer.write_table(ids.cast(IDS_SCHEMA))
-                bar.update(len(vectors))
-                yield vectors
-
-        t = time.time()
-        exact = exact_neighbors(queries, blocks(), K + 1)
-        timings["add_s"] = round(add_seconds, 3)
-        timings["ground_truth_s"] = round(time.time() - t - add_seconds, 3)
-    bar.close()
+    parallel.concat_ids(build, tasks, ids_tmp)
+    timings["merge_s"] = round(time.time() - t, 3)
+    if index.ntotal != count:
+        raise ConfigError(f"the merged index holds {index.ntotal:,} vectors, the parts {count:,}: a part changed "
+                          "during the build; rerun with --overwrite")
 
     t = time.time()
     knob = search_knob(index)
@@ -177,14 +285,20 @@ def build_index(emb_dir: str, out: str, options: BuildOptions | None = None, ove
         "embeddings": emb.manifest,
         "factory": key,
         "selection": reason,
+        "notes": notes,
+        "on_disk": on_disk,
+        "mapped_ids": True,
         "metric": "inner_product",
         "normalized": True,
         "count": int(index.ntotal),
         "dim": emb.dim,
-        "build": {**asdict(options), "train_size": train_size},
-        "parts": [{"shard": p.shard, "rows": p.rows, "dir": emb.location, "file": emb.digest(p)} for p in parts],
+        "build": {**asdict(options), "train_size": train_size,
+                  "executor": {"kind": executor.kind, "asked": executor.flag, "workers": workers,
+                               "tasks": len(tasks), "resumed_tasks": len(done), "retried": outcome.retried,
+                               "restarts": outcome.restarts}},
+        "parts": _part_records(emb, parts),
         **measured_recall(knob, value, recall, curve, len(query_ids)),
-        "train_residual": residual,
+        "train_residual": plan["train_residual"],
         "faiss_gpus": faiss_gpus(),
         "versions": _versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -192,12 +306,49 @@ def build_index(emb_dir: str, out: str, options: BuildOptions | None = None, ove
         "timings": timings,
     }
     t = time.time()
-    target.write_data(index, ids_tmp)
+    target.write_data(index, ids_tmp, ivfdata_tmp, on_disk=on_disk)
+    target.write_lookups()
     timings["write_s"] = round(time.time() - t, 3)
     timings["total_s"] = round(time.time() - started, 3)
     target.record_files(manifest)
     target.write_manifest(manifest)
+    del index
+    build.clear()
+    if target.remote:  # the staging copy keeps the index files (the cache searches map), not the build's
+        shutil.rmtree(target.path / BUILD, ignore_errors=True)
     return manifest
+
+
+def _part_records(emb: EmbeddingsDir, parts: list[Part]) -> list[dict]:
+    """The manifest's record of each part: shard, rows, directory and a digest (local or remote)."""
+    return [{"shard": p.shard, "rows": p.rows, "dir": emb.location, "file": part_digest(emb.fs, p.path, emb.local)}
+            for p in parts]
+
+
+def _add(placement, factory: parallel.AddWorkers, todo: list[parallel.AddTask], already: int, count: int,
+         progress: bool | None) -> Outcome:
+    """Hand the tasks out on the placement's pool, with one bar counted in vectors."""
+    executor = placement.executor
+    if not todo:
+        return Outcome()
+    pool = placement.pool(factory, label="IndexAdd", threads=placement.cores)
+    bar = progress_bar(total=count, initial=already, unit="vec", desc="index", progress=progress)
+    if pool.reports_progress:
+        pool.progress = lambda vectors, _: bar.update(vectors)
+
+    def on_event(event: Event, outcome: Outcome) -> None:
+        if event.kind == "done" and not pool.reports_progress:
+            bar.update(event.result["rows"])
+        elif event.kind in ("died", "failed", "unplaced"):
+            held = f" task {event.shard}:" if event.shard else ""
+            given_up = "; given up, the others take its tasks" if event.worker in outcome.given_up else ""
+            print(f"imgindex: warning: {executor.worker_word} {event.worker}:{held} {event.error}{given_up}",
+                  file=sys.stderr)
+
+    try:
+        return hand_out(pool, todo, min(placement.workers, len(todo)), executor.retries, on_event)
+    finally:
+        bar.close()
 
 
 def measured_recall(knob: str | None, value: int | None, recall: float, curve: list[dict], queries: int) -> dict:
@@ -248,7 +399,8 @@ def add_parts(emb_dir: str, index_dir: str, target_recall: float | None = None,
         for _, ids, vectors in emb.iter_batches(new):
             residual = mean_residual(index, vectors)
             residual_sum += (residual or 0.0) * len(vectors)
-            index.add(vectors)
+            with one_thread_if(bool(manifest.get("on_disk"))):
+                index.add(vectors)
             ids_writer.write_table(ids.cast(IDS_SCHEMA))
             added += len(vectors)
             bar.update(len(vectors))
@@ -273,13 +425,15 @@ def add_parts(emb_dir: str, index_dir: str, target_recall: float | None = None,
     knob = search_knob(index)
     value, recall, curve = tune(index, knob, queries, query_ids, exact,
                                 target_recall or manifest["build"]["target_recall"], K)
-    manifest["parts"] += [{"shard": p.shard, "rows": p.rows, "dir": emb.location, "file": emb.digest(p)} for p in new]
+    manifest["parts"] += _part_records(emb, new)
     manifest["count"] = int(index.ntotal)
     manifest.update(measured_recall(knob, value, recall, curve, len(query_ids)))
     manifest["adds"].append({"vectors": added, "parts": len(new), "drift_ratio": drift,
                              f"recall_at_{K}_on_new": round(recall, 4), "seconds": round(time.time() - started, 3),
                              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-    target.write_data(index, ids_tmp)
+    target.write_data(index, ids_tmp, on_disk=bool(manifest.get("on_disk")))
+    target.write_lookups()
+    manifest["mapped_ids"] = True
     target.record_files(manifest)
     target.write_manifest(manifest)
     return manifest, added
@@ -308,9 +462,15 @@ def verify_index(index_dir: str) -> dict:
         emb = EmbeddingsDir(where)
         for recorded in group:
             part = emb.part(recorded["shard"], recorded["rows"])
-            found = emb.digest(part)
-            if recorded.get("file") and found and found["sha256"] != recorded["file"]["sha256"]:
-                raise ConfigError(f"the part of shard {part.shard} in {where} changed since it was indexed: "
-                                  "rebuild the index")
+            if not recorded.get("file"):
+                raise ConfigError(f"the index records no digest of the part of shard {part.shard} in {where} (built "
+                                  "before remote parts had one), so it cannot be checked: rebuild the index")
+            found = part_digest(emb.fs, part.path, emb.local)
+            if "sha256" in recorded["file"] and emb.local:  # recorded whole by older builds: checked whole
+                from imgindex.formats.index_dir import file_digest
+                found = file_digest(Path(part.path), full=True)
+            if digest_changes(recorded["file"], found):
+                raise ConfigError(f"the part of shard {part.shard} in {where} changed since it was indexed "
+                                  f"({', '.join(digest_changes(recorded['file'], found))} differ): rebuild the index")
             checked += 1
     return {"files": len(manifest.get("files") or {}), "parts": checked}

@@ -8,6 +8,7 @@ for folders and lists, `TAR#KEY` for tar shards, `FILE.parquet#KEY` for Parquet 
 """
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -52,6 +53,19 @@ class ImageModel(Protocol):
     def phash(self, picture) -> int: ...  # the 64-bit perceptual hash the parts record
 
 
+class _Sorted:
+    """A sorted Arrow string column as a sequence `bisect` can search, one value read per probe."""
+
+    def __init__(self, column: pa.ChunkedArray):
+        self.column = column
+
+    def __len__(self) -> int:
+        return len(self.column)
+
+    def __getitem__(self, i: int) -> str:
+        return self.column[i].as_py()
+
+
 class Searcher:
     """An index loaded once (memory-mapped where the type allows) and its row -> (shard, key) map.
     `image_model`: called once, with the embeddings manifest, the first time an image is asked
@@ -67,6 +81,7 @@ class Searcher:
                               "query it without --model, or pass the matching index")
         self.index = self.dir.load_index(self.manifest, mmap=mmap)
         self.ids = self.dir.read_ids(self.manifest)
+        self.keys = self.dir.read_keys(self.manifest)
         self.knob = search_knob(self.index)
         settings = {**self.manifest.get("search_params", {}), **(params or {})}
         set_knob(self.index, self.knob, settings.get(self.knob) if self.knob else None)
@@ -102,12 +117,15 @@ class Searcher:
         return self._sources
 
     def shard_rows(self, shard: str) -> tuple[int, int]:
-        """The index rows of one shard: [start, end) (parts are added whole, so they are contiguous)."""
+        """The index rows of one shard: [start, end) (parts are added whole and in the manifest's
+        order, so they are contiguous and known without reading the ids)."""
+        if not self._shard_rows:
+            start = 0
+            for part in self.manifest["parts"]:
+                self._shard_rows[part["shard"]] = (start, start + int(part["rows"]))
+                start += int(part["rows"])
         if shard not in self._shard_rows:
-            rows = np.nonzero(pc.equal(self.ids["shard"], shard).to_numpy(zero_copy_only=False))[0]
-            if not len(rows):
-                raise NotFound(f"shard {shard!r} is not in the index")
-            self._shard_rows[shard] = (int(rows[0]), int(rows[-1]) + 1)
+            raise NotFound(f"shard {shard!r} is not in the index")
         return self._shard_rows[shard]
 
     def _params(self, rows: tuple[int, int]) -> faiss.SearchParameters:
@@ -182,11 +200,19 @@ class Searcher:
                 if row["member_offset"] is not None and row["bytes"] is not None}
 
     def locate(self, key: str, shard: str | None = None) -> tuple[str, str]:
-        """(shard, key) of a key in the index; ambiguous keys need a shard."""
-        mask = pc.equal(self.ids["key"], key)
-        if shard:
-            mask = pc.and_(mask, pc.equal(self.ids["shard"], shard))
-        shards = self.ids.filter(mask)["shard"].to_pylist()
+        """(shard, key) of a key in the index; ambiguous keys need a shard. A binary search of the
+        sorted keys (O(log N) reads of the mapped file); a scan of the ids for older indexes."""
+        if self.keys is not None:
+            column = _Sorted(self.keys["key"])
+            lo, hi = bisect.bisect_left(column, key), bisect.bisect_right(column, key)
+            shards = self.keys["shard"][lo:hi].to_pylist()
+            if shard:
+                shards = [s for s in shards if s == shard]
+        else:
+            mask = pc.equal(self.ids["key"], key)
+            if shard:
+                mask = pc.and_(mask, pc.equal(self.ids["shard"], shard))
+            shards = self.ids.filter(mask)["shard"].to_pylist()
         if not shards:
             raise NotFound(f"key {key!r} is not in the index" + (f" (shard {shard})" if shard else ""))
         if len(set(shards)) > 1:

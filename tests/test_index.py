@@ -36,9 +36,27 @@ def test_automatic_choice_follows_count_and_memory_budget():
     key, reason = choose_index_key(100_000_000, 768, parse_memory("16G"))
     assert key.startswith("IVF32768_HNSW32,PQ") and "fits" in reason
     with pytest.raises(ConfigError, match="too small"):
-        choose_index_key(100_000_000, 768, parse_memory("100M"))
+        choose_index_key(100_000_000, 768, parse_memory("5M"))
     with pytest.raises(ConfigError, match="not a size"):
         parse_memory("lots")
+
+
+def test_the_choice_at_1b_builds_with_lists_on_disk_and_enough_training_vectors_a_list():
+    """Before: a 1B build was refused at the default budget, and trained 7.6 vectors a list."""
+    from imgindex.indexes.build import _train_size
+    from imgindex.indexes.factory import MIN_TRAIN_PER_LIST
+    from imgindex.indexes.ondisk import choose_on_disk
+    import faiss
+
+    budget = parse_memory("16G")
+    key, reason = choose_index_key(1_000_000_000, 768, budget)
+    assert key == "IVF131072_HNSW32,PQ96" and "on disk" in reason
+    index = faiss.index_factory(768, key, faiss.METRIC_INNER_PRODUCT)
+    size, note = _train_size(index, 1_000_000_000, 768, budget, BuildOptions())
+    assert size >= MIN_TRAIN_PER_LIST * 131072 and size * 768 * 4 <= budget and note is None
+    assert choose_on_disk(index, 1_000_000_000, budget, "auto")[0]
+    key, reason = choose_index_key(100_000_000, 768, parse_memory("100M"))  # fewer lists, said
+    assert key == "IVF512,PQ96" and "512 lists instead of 32,768" in reason and "on disk" in reason
 
 
 def test_build_measures_and_reaches_the_target_recall(ivf_index):
@@ -206,7 +224,7 @@ def test_a_bit_flipped_index_is_refused_and_verify_checks_every_byte(tmp_path, c
                 progress=False)
     ok = subprocess.run([sys.executable, "-m", "imgindex", "index", "--verify", str(tmp_path / "idx")],
                         capture_output=True, text=True)
-    assert ok.returncode == 0 and "2 index files and 2 parts match" in ok.stdout, ok.stderr
+    assert ok.returncode == 0 and "4 index files and 2 parts match" in ok.stdout, ok.stderr
     path = tmp_path / "idx" / "index.faiss"
     raw = bytearray(path.read_bytes())
     rng = np.random.default_rng(0)

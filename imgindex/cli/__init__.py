@@ -67,6 +67,8 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None, func=None) -> i
         command = getattr(args, "command", None) or "search"
         if command in ("embed", "build"):
             hint = "rerun the same command to finish the remaining shards"
+        elif command == "index" and not getattr(args, "add", None) and not getattr(args, "verify", None):
+            hint = "rerun the same command to resume from the finished sub-indexes"
         else:
             hint = f"{command} did not finish and wrote nothing new; rerun the same command"
         print(f"imgindex: interrupted; {hint}", file=sys.stderr)

@@ -97,6 +97,9 @@ def add_index_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-memory", default="16G", metavar="SIZE", help="memory budget of the index (default 16G)")
     group.add_argument("--target-recall", type=fraction, default=0.95, metavar="R",
                        help="tune nprobe/efSearch to reach this recall@10 vs exact search (default 0.95)")
+    group.add_argument("--on-disk", choices=("auto", "always", "never"), default="auto",
+                       help="keep an IVF index's inverted lists in IDX/index.ivfdata, memory-mapped when searched: "
+                            "auto (default) when they exceed --max-memory")
 
 
 def add_executor_flags(parser: argparse.ArgumentParser, task: str, holding: str, storage: str) -> None:

@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import argparse
 
-from imgindex.cli.args import add_index_flags
+from imgindex.cli.args import add_executor_flags, add_index_flags, executor_from
 from imgindex.errors import ConfigError
+from imgindex.plurals import counted
 
 
 def build_options(args: argparse.Namespace):
     from imgindex.indexes.build import BuildOptions
 
-    return BuildOptions(index_key=args.index_key, max_memory=args.max_memory, target_recall=args.target_recall)
+    return BuildOptions(index_key=args.index_key, max_memory=args.max_memory, target_recall=args.target_recall,
+                        on_disk=args.on_disk)
 
 
 def print_index(manifest: dict, out: str) -> None:
@@ -44,9 +46,16 @@ def cmd_index(args: argparse.Namespace) -> int:
         print(f"added {added} vectors from {manifest['adds'][-1]['parts']} new parts to {args.out} "
               f"in {manifest['adds'][-1]['seconds']:.1f} s (drift ratio {manifest['adds'][-1]['drift_ratio']})")
     else:
+        executor = executor_from(args)
         manifest = build_index(args.emb_dir, args.out, build_options(args), overwrite=args.overwrite,
-                               progress=progress)
-        print(f"built in {manifest['timings']['total_s']:.1f} s")
+                               progress=progress, executor=executor)
+        run = manifest["build"]["executor"]
+        word = executor.worker_word
+        how = (f" by {counted(run['workers'], word, word + 'es' if word.endswith('s') else None)} ({executor.flag})"
+               if executor.kind != "local" else "")
+        retried = f"; {counted(run['retried'], 'task')} retried" if run["retried"] else ""
+        resumed = f"; {run['resumed_tasks']} of {run['tasks']} tasks were done before" if run["resumed_tasks"] else ""
+        print(f"built in {manifest['timings']['total_s']:.1f} s{how}{retried}{resumed}")
     print_index(manifest, args.out)
     return 0
 
@@ -65,6 +74,9 @@ def register(sub) -> None:
     index.add_argument("--add", metavar="EMB_DIR",
                        help="add the parts of EMB_DIR not yet in the index at --out, without retraining")
     index.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
+    add_executor_flags(index, "task", "adding its runs of parts into a sub-index",
+                       "the driver trains once and merges the sub-indexes; EMB_DIR and IDX must be reachable from "
+                       "every node")
     index.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_index_flags(index)
     index.set_defaults(func=cmd_index)

@@ -1,0 +1,102 @@
+"""The index build at scale: one process vs `--procs N` vs `--ray N`, same factory, one run.
+
+    python benchmarks/index_scale.py [--count 200000] [--dim 768] [--workers 2] [--index-key IVF1024,Flat]
+                                     [--on-disk never] [--no-ray] [--results results.jsonl]
+
+Writes a clustered synthetic embeddings directory, then builds it with `imgindex index` three
+times (each in a fresh process) and prints, for each: wall time, the build's own timings (sample,
+train, add, merge, tune), the driver's peak RSS and the largest worker's (local processes; Ray
+actors are not the driver's children, so theirs is not measured), recall@10 as measured, and the
+ratios to the one-process build. The merged indexes must agree with the one-process one in count
+and recall (same trained quantizer and sample). Also prints the rates the README's scale table is
+derived from (vectors added a second per worker, training and merge seconds).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from synthetic import clustered_vectors, write_embeddings_dir
+from results import append_result
+
+RUN = """
+import resource, sys
+from imgindex.cli import main
+code = main(sys.argv[1:])
+me = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(f"RSS {me} {kids}", file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def build(emb: Path, out: Path, key: str, on_disk: str, extra: list[str], env: dict) -> dict:
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", RUN, "index", str(emb), "--out", str(out), "--index-key", key,
+                           "--on-disk", on_disk, "--no-progress", *extra], capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - start
+    if done.returncode:
+        raise SystemExit(f"build {extra or 'in-process'} failed:\n{done.stderr[-3000:]}")
+    me, kids = next(line.split()[1:] for line in done.stderr.splitlines() if line.startswith("RSS "))
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {"wall_s": round(seconds, 2), "timings": manifest["timings"], "recall_at_10": manifest["recall_at_10"],
+            "nprobe": manifest["search_params"].get("nprobe"), "count": manifest["count"],
+            "tasks": manifest["build"]["executor"]["tasks"], "driver_rss_mb": int(me) // 1024,
+            "worker_rss_mb": int(kids) // 1024 if "--procs" in extra else None,
+            "bytes_on_disk": sum(p.stat().st_size for p in out.iterdir() if p.is_file())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--count", type=int, default=200_000)
+    parser.add_argument("--dim", type=int, default=768)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--index-key", default=None, help="default: IVF{4 sqrt(N)},Flat")
+    parser.add_argument("--on-disk", default="never", choices=("auto", "always", "never"))
+    parser.add_argument("--no-ray", action="store_true")
+    parser.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (default: a temporary folder)")
+    parser.add_argument("--results", metavar="FILE", help="append the figures as one JSON line")
+    args = parser.parse_args()
+    from imgindex.indexes.factory import choose_nlist
+
+    key = args.index_key or f"IVF{choose_nlist(args.count)},Flat"
+    root = Path(args.keep or tempfile.mkdtemp(prefix="index-scale-"))
+    emb = root / "emb"
+    if not (emb / "_manifest.json").exists():
+        t = time.perf_counter()
+        for start in range(0, args.count, 1_000_000):  # bounded memory however large
+            n = min(1_000_000, args.count - start)
+            write_embeddings_dir(str(emb), clustered_vectors(n, args.dim, seed=start), shard_size=50_000,
+                                 first_shard=start // 50_000, prefix=f"b{start // 1_000_000}-")
+        print(f"wrote {args.count:,} x {args.dim} in {time.perf_counter() - t:.0f} s -> {emb}")
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # a local Ray on loopback only
+    runs = {"one": build(emb, root / "one", key, args.on_disk, [], env)}
+    runs["procs"] = build(emb, root / "procs", key, args.on_disk, ["--procs", str(args.workers)], env)
+    if not args.no_ray:
+        runs["ray"] = build(emb, root / "ray", key, args.on_disk, ["--ray", str(args.workers)], env)
+    one = runs["one"]
+    print(f"\n{args.count:,} x {args.dim}, {key}, lists on disk: {args.on_disk}, {os.cpu_count()} CPUs")
+    print(f"{'build':<8}{'wall s':>8}{'add s':>8}{'merge s':>8}{'driver MB':>11}{'worker MB':>11}"
+          f"{'recall@10':>11}{'vs one':>8}")
+    for name, run in runs.items():
+        print(f"{name:<8}{run['wall_s']:>8.1f}{run['timings']['add_s']:>8.1f}{run['timings']['merge_s']:>8.1f}"
+              f"{run['driver_rss_mb']:>11}{run['worker_rss_mb'] or '-':>11}{run['recall_at_10']:>11.4f}"
+              f"{one['wall_s'] / run['wall_s']:>7.2f}x")
+        assert run["count"] == one["count"] and run["recall_at_10"] == one["recall_at_10"], (name, run, one)
+    rates = {"add_vec_per_s_per_worker": round(args.count / one["timings"]["add_s"]),
+             "sample_s": one["timings"]["sample_s"], "train_s": one["timings"]["train_s"],
+             "merge_vec_per_s": round(args.count / max(one["timings"]["merge_s"], 1e-3)),
+             "tune_s": one["timings"]["tune_s"], "index_bytes_per_vector": round(one["bytes_on_disk"] / args.count, 1)}
+    print("rates:", json.dumps(rates))
+    append_result(args.results, {"benchmark": "index_scale", "count": args.count, "dim": args.dim, "key": key,
+                                 "on_disk": args.on_disk, "runs": runs, "rates": rates})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""The index build's unit of work, the same on every executor (this process, `--procs`, `--ray`):
+one AddTask (a run of consecutive parts) -> one sub-index that shares the trained quantizer, its
+rows' (shard, key) and the exact neighbours of the evaluation queries among its vectors.
+
+The driver trains once and writes `IDX/_build/trained.faiss` and the queries; every worker loads
+them once and then adds the parts it is handed. A task's files are written whole (temporary name,
+then rename; one PUT on object stores) and its marker `<task>.json` last, so a task is done
+exactly when its marker exists: a rerun of an interrupted build, or a retry of a task whose
+worker died, redoes only tasks without one. Only task descriptions and small records travel
+between the driver and the workers; the sub-indexes go through storage every node reaches.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from imgindex.formats.embeddings_dir import EmbeddingsDir, Part
+from imgindex.formats.index_dir import IDS_SCHEMA, BuildDir
+from imgindex.indexes.reads import iter_batches
+from imgindex.indexes.recall import Exact, exact_neighbors
+
+TRAINED = "trained.faiss"
+QUERIES = "queries.npz"
+PLAN = "plan.json"
+TASKS_PER_WORKER = 4  # enough tasks that a slow or lost worker costs a fraction of the build
+
+
+def mergeable(index: faiss.Index) -> bool:
+    """Sub-indexes of this type merge into one: IVF (inverted lists, any codes) and flat codes."""
+    return faiss.try_extract_index_ivf(index) is not None or isinstance(faiss.downcast_index(index),
+                                                                           faiss.IndexFlatCodes)
+
+
+@dataclass(frozen=True)
+class AddTask:
+    """Consecutive parts; `start` is the index row of its first vector."""
+
+    name: str
+    parts: tuple[Part, ...]
+    start: int
+
+    @property
+    def rows(self) -> int:
+        return sum(p.rows for p in self.parts)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "start": self.start, "parts": [[p.shard, p.path, p.rows] for p in self.parts]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "AddTask":
+        return cls(data["name"], tuple(Part(*p) for p in data["parts"]), int(data["start"]))
+
+
+def split_tasks(parts: list[Part], rows_per_task: int) -> list[AddTask]:
+    """Consecutive parts grouped into tasks of at least `rows_per_task` rows (a part is never split)."""
+    tasks, group, start, rows = [], [], 0, 0
+    for part in parts:
+        group.append(part)
+        rows += part.rows
+        if rows >= rows_per_task:
+            tasks.append(AddTask(f"add-{len(tasks):05d}", tuple(group), start))
+            start, group, rows = start + rows, [], 0
+    if group:
+        tasks.append(AddTask(f"add-{len(tasks):05d}", tuple(group), start))
+    return tasks
+
+
+def rows_per_task(count: int, workers: int, max_rows: int) -> int:
+    """TASKS_PER_WORKER tasks a worker, none larger than `max_rows` (what a worker holds at once)."""
+    return max(1, min(math.ceil(count / (TASKS_PER_WORKER * max(1, workers))), max_rows))
+
+
+@dataclass(frozen=True)
+class AddWorkers:
+    """The build's worker factory (picklable, made again in every worker process)."""
+
+    emb_url: str
+    build_url: str
+    k: int  # exact neighbours kept per query (the driver merges every task's)
+    with_ids: bool  # IVF: vectors carry their index row, so sub-indexes merge in any order
+
+    def __call__(self, slot: int, name: str) -> "AddWorker":
+        return AddWorker(self, name)
+
+
+class AddWorker:
+    """Holds the trained index and the queries for its life; turns each task into its files."""
+
+    def __init__(self, spec: AddWorkers, name: str):
+        self.spec, self.name = spec, name
+        self.emb = EmbeddingsDir(spec.emb_url)
+        self.build = BuildDir(spec.build_url)
+        self.trained = self.build.read_index(TRAINED)
+        self.queries = self.build.read_arrays(QUERIES)["vectors"]
+
+    def run(self, task: AddTask, progress: Callable[[int, int], None] | None = None) -> dict:
+        started = time.perf_counter()
+        index = faiss.clone_index(self.trained)
+        tables = []
+
+        def blocks() -> Iterator[np.ndarray]:
+            row = task.start
+            for _, ids, vectors in iter_batches(self.emb, list(task.parts)):
+                if self.spec.with_ids:
+                    index.add_with_ids(vectors, np.arange(row, row + len(vectors), dtype=np.int64))
+                else:
+                    index.add(vectors)
+                row += len(vectors)
+                tables.append(ids.cast(IDS_SCHEMA))
+                if progress:
+                    progress(len(vectors), 0)
+                yield vectors
+
+        exact = exact_neighbors(self.queries, blocks(), self.spec.k)
+        exact = Exact(exact.scores, np.where(exact.ids >= 0, exact.ids + task.start, -1))
+        if index.ntotal != task.rows:
+            raise RuntimeError(f"task {task.name}: read {index.ntotal} vectors, its parts list {task.rows} "
+                               "(a part changed during the build?)")
+        self.build.write_index(f"{task.name}.faiss", index)
+        self.build.write_table(f"{task.name}.ids.parquet", pa.concat_tables(tables) if tables else
+                               IDS_SCHEMA.empty_table())
+        self.build.write_arrays(f"{task.name}.exact.npz", scores=exact.scores, ids=exact.ids)
+        record = {"task": task.name, "rows": task.rows, "worker": self.name,
+                  "seconds": round(time.perf_counter() - started, 3)}
+        self.build.write_json(f"{task.name}.json", record)  # last: the task is done
+        return record
+
+    def close(self) -> None:
+        self.trained = None
+
+
+def done_tasks(build: BuildDir, tasks: list[AddTask]) -> dict[str, dict]:
+    """Task name -> its marker, for the tasks a previous run finished."""
+    done = {}
+    for task in tasks:
+        record = build.read_json(f"{task.name}.json")
+        if record is not None and record.get("rows") == task.rows:
+            done[task.name] = record
+    return done
+
+
+def merge_exact(parts: list[Exact], k: int) -> Exact:
+    """The exact top-k over all tasks from each task's own top-k (ids are already global)."""
+    scores = np.concatenate([p.scores for p in parts], axis=1)
+    ids = np.concatenate([p.ids for p in parts], axis=1)
+    scores = np.where(ids >= 0, scores, -np.inf)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return Exact(np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1))
+
+
+def merge_in_memory(build: BuildDir, tasks: list[AddTask]) -> faiss.Index:
+    """The tasks' sub-indexes in one index held in RAM, in task order (one sub-index read at a time):
+    the first one, with every other one's lists or codes moved into it."""
+    index = build.read_index(f"{tasks[0].name}.faiss")
+    ivf = faiss.try_extract_index_ivf(index)
+    for task in tasks[1:]:
+        sub = build.read_index(f"{task.name}.faiss")
+        if ivf is not None:
+            ivf.merge_from(faiss.extract_index_ivf(sub), 0)
+        else:
+            faiss.downcast_index(index).merge_from(faiss.downcast_index(sub), 0)
+        del sub
+    if ivf is not None:
+        index.ntotal = ivf.ntotal  # an IndexPreTransform around it counts its own
+    return index
+
+
+def concat_ids(build: BuildDir, tasks: list[AddTask], path: str | os.PathLike) -> None:
+    """Every task's (shard, key) rows, in task order, into one Parquet file at `path`."""
+    with pq.ParquetWriter(path, IDS_SCHEMA) as writer:
+        for task in tasks:
+            writer.write_table(build.read_table(f"{task.name}.ids.parquet"))
+
+
+def read_exact(build: BuildDir, tasks: list[AddTask], k: int) -> Exact:
+    found = [build.read_arrays(f"{task.name}.exact.npz") for task in tasks]
+    return merge_exact([Exact(f["scores"], f["ids"]) for f in found], k)
+
+
+def save_plan(build: BuildDir, plan: dict) -> None:
+    build.write_json(PLAN, json.loads(json.dumps(plan)))
