@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from imgindex.errors import ConfigError
-from imgindex.executors.handout import Pool, WorkerFactory
+from imgindex.executors.handout import Event, Outcome, Pool, WorkerFactory
 from imgindex.executors.local import LocalPool
 from imgindex.executors.processes import ProcessPool, visible_gpus
 from imgindex.executors.ray_actors import PLACEMENT_TIMEOUT_S, RayPool, connect, plan_actors
@@ -43,6 +43,14 @@ class Executor:
     def worker_word(self) -> str:
         """One worker, as warnings name it."""
         return {"procs": "process", "ray": "Ray actor"}.get(self.kind, "worker")
+
+    def warn(self, event: Event, outcome: Outcome, task: str = "shard") -> None:
+        """Say on stderr that a worker died, failed a task or was never placed (and was given up)."""
+        if event.kind in ("died", "failed", "unplaced"):
+            held = f" {task} {event.shard}:" if event.shard else ""
+            given_up = f"; given up, the others take its {task}s" if event.worker in outcome.given_up else ""
+            print(f"imgindex: warning: {self.worker_word} {event.worker}:{held} {event.error}{given_up}",
+                  file=sys.stderr)
 
 
 @dataclass

@@ -339,11 +339,7 @@ def _add(placement, factory: parallel.AddWorkers, todo: list[parallel.AddTask], 
     def on_event(event: Event, outcome: Outcome) -> None:
         if event.kind == "done" and not pool.reports_progress:
             bar.update(event.result["rows"])
-        elif event.kind in ("died", "failed", "unplaced"):
-            held = f" task {event.shard}:" if event.shard else ""
-            given_up = "; given up, the others take its tasks" if event.worker in outcome.given_up else ""
-            print(f"imgindex: warning: {executor.worker_word} {event.worker}:{held} {event.error}{given_up}",
-                  file=sys.stderr)
+        executor.warn(event, outcome, "task")
 
     try:
         return hand_out(pool, todo, min(placement.workers, len(todo)), executor.retries, on_event)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import platform
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -273,11 +272,7 @@ def _hand_out(job: Job, pool: Pool, todo: list[Shard], summary: Summary, progres
                 summary.add(event.result)
                 if not pool.reports_progress:
                     bar.update(event.result["samples"])
-            elif event.kind in ("died", "failed", "unplaced"):
-                held = f" shard {event.shard}:" if event.shard else ""
-                given_up = "; given up, the others take its shards" if event.worker in outcome.given_up else ""
-                print(f"imgindex: warning: {executor.worker_word} {event.worker}:{held} {event.error}{given_up}",
-                      file=sys.stderr)
+            executor.warn(event, outcome)
             postfix = {"shards": f"{summary.shards_done}/{len(todo)}"}
             if executor.kind != "local":
                 postfix.update(workers=outcome.alive, retries=outcome.retried)

@@ -63,7 +63,7 @@ def test_demo_help_names_the_demo_model():
 
 
 @pytest.mark.parametrize("command, hint", [
-    ("index", "index did not finish and wrote nothing new; rerun the same command"),
+    ("index", "rerun the same command to resume from the finished sub-indexes"),
     ("dedup", "dedup did not finish and wrote nothing new; rerun the same command"),
     ("embed", "rerun the same command to finish the remaining shards"),
 ])

@@ -107,7 +107,7 @@ def test_a_worker_killed_in_the_middle_of_a_task_has_it_redone_elsewhere(corpus,
     manifest = build_index(str(root / "emb"), str(out), IVF_FLAT, progress=False,
                            executor=Executor.from_flags(procs=2, retries=2))
     run = manifest["build"]["executor"]
-    assert run["retried"] == 1 and run["restarts"] >= 1
+    assert run["retried"] == 1  # (the dead slot is restarted only if work is left when it is seen dead)
     assert "exited with code -9" in capfd.readouterr().err  # the death was seen and said
     assert_same_answers(out, root / "one", vectors)
 
