@@ -249,6 +249,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_dedup(args: argparse.Namespace) -> int:
+    from imgindex.executors.placement import Executor
     from imgindex.indexes.dedup import DedupOptions, find_duplicates, find_leaks
     from imgindex.formats.embeddings_dir import EmbeddingsDir
     from imgindex.indexes.query import Searcher
@@ -264,9 +265,13 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     if not args.dry_run and not args.out:
         raise ConfigError("--out DEDUP is needed to write the results (or --dry-run to only print them)")
     progress = False if args.no_progress else None
+    executor = Executor.from_flags(procs=args.procs, ray=args.ray, retries=args.retries)
+    work = {"workdir": args.work_dir or args.out, "keep_work": args.keep_work}
     searcher = Searcher(args.index)
     if args.against:
-        result = find_leaks(searcher, args.against, options, progress=progress)
+        if executor.kind != "local" or args.device != "cpu" or args.keep_work:
+            raise ConfigError("--against runs in this process for now: drop --procs, --ray, --device and --keep-work")
+        result = find_leaks(searcher, args.against, options, progress=progress, workdir=args.work_dir)
         stats = result.stats
         _print_threshold(stats)
         print(f"{stats['leaked']:,} of {counted(stats['images'], 'image')} of {args.against} have a duplicate in "
@@ -275,7 +280,7 @@ def cmd_dedup(args: argparse.Namespace) -> int:
             written = write_leaks(result, searcher, EmbeddingsDir(args.against).shard_sources(), Path(args.out))
             print("wrote " + ", ".join(str(p) for p in written))
         return 0
-    result = find_duplicates(searcher, options, progress=progress)
+    result = find_duplicates(searcher, options, progress=progress, executor=executor, device=args.device, **work)
     stats = result.stats
     found = ", ".join(f"{stats.get(f'{m}_pairs', 0):,} {m}" for m in options.methods)
     _print_threshold(stats)
@@ -533,6 +538,23 @@ def build_parser() -> argparse.ArgumentParser:
                        help="images sampled by --calibrate and --threshold auto (default 100)")
     dedup.add_argument("--dry-run", action="store_true",
                        help="print the counts of pairs, groups and images to remove; write nothing")
+    dedup.add_argument("--procs", type=whole(1, 1024), metavar="N",
+                       help="run the partitioned tiers' tasks on a pool of N local processes (as embed --procs)")
+    dedup.add_argument("--ray", type=_count_or_auto, metavar="N",
+                       help="run them on N Ray actors (auto: as many as the cluster holds); --work-dir must be "
+                            "reachable from every node")
+    dedup.add_argument("--retries", type=whole(0, 100), default=2, metavar="K",
+                       help="with --procs or --ray: a task whose worker died or failed is handed out again up to K "
+                            "times (default 2)")
+    dedup.add_argument("--work-dir", metavar="DIR",
+                       help="where the partitions and finished tasks go, in DIR/imgindex-dedup-work (default: "
+                            "--out; with neither, the system's temporary folder); removed when the run ends")
+    dedup.add_argument("--keep-work", action="store_true",
+                       help="keep the work folder after an interrupt or a failure: rerunning the same command then "
+                            "resumes from the finished partitions and tasks")
+    dedup.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                       help="where the embedding tier's products run: cpu (float32, default) or cuda (bf16, every "
+                            "candidate re-scored in float32; with --procs/--ray, one GPU per worker)")
     dedup.add_argument("--no-progress", action="store_true", help="no progress bar")
     dedup.set_defaults(func=cmd_dedup)
 

@@ -4,7 +4,6 @@ besides the index and a disk-backed copy of the vectors."""
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -14,7 +13,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from imgindex.errors import ConfigError
+from imgindex.executors.placement import Executor
 from imgindex.indexes.dedup.corpus import Corpus
+from imgindex.indexes.dedup.partitions import Scale, partitioned_join
+from imgindex.indexes.dedup.workdir import WorkDir
 from imgindex.indexes.dedup.groups import GROUP_SCHEMA, group_duplicates
 from imgindex.indexes.dedup.tiers import METHODS, PAIR_SCHEMA, DedupOptions, Pairs, find_pairs
 from imgindex.formats.embeddings_dir import EmbeddingsDir
@@ -88,20 +90,36 @@ def _tiers(options: DedupOptions) -> dict:
 
 
 def find_duplicates(index: str | Path | Searcher, options: DedupOptions | None = None, progress: bool | None = None,
-                    workdir: str | None = None) -> DedupResult:
+                    workdir: str | Path | None = None, executor: Executor | None = None, keep_work: bool = False,
+                    device: str = "cpu", precision: str = "auto") -> DedupResult:
     """Duplicates among the images of an index (a directory or a loaded Searcher): pairs (every
-    tier that is on) and kept/removed groups."""
+    tier that is on) and kept/removed groups.
+
+    The work (partitions, finished tasks) goes to `workdir`/imgindex-dedup-work (default: the
+    system's temporary folder) and is removed when the run ends, also when it is interrupted
+    unless `keep_work`; a rerun reuses what it finds there. The tasks run on `executor` (default
+    this process), the embedding products on `device` (cpu, or cuda) in `precision`."""
     options = options or DedupOptions()
     options.check()
+    scale = Scale(None, executor or Executor(), device, precision)
+    scale.check()
     started = time.time()
     searcher = _searcher(index)
     options, chosen = resolve_threshold(searcher, options)
     stats: dict = {"images": int(searcher.manifest["count"]), **_tiers(options), **chosen}
-    with tempfile.TemporaryDirectory(dir=workdir, prefix="imgindex-dedup-") as tmp:
-        corpus = Corpus.of_index(searcher, Path(tmp), progress)
-        found = find_pairs(searcher, corpus, corpus, options, True, stats, progress)
+    with WorkDir(workdir, keep_work) as work:
+        scale.work = work
+
+        def partitioned(threshold: float, cap: int):
+            q, d, s, capped, stats["partitions"] = partitioned_join(searcher, scale, threshold, cap, progress)
+            return q, d, s, capped
+
+        corpus = Corpus.of_index(searcher, work.root, progress)
+        found = find_pairs(searcher, corpus, corpus, options, True, stats, progress, partitioned)
         pairs = _pairs_table(corpus, corpus, found)
         groups = group_duplicates(corpus, found.a, found.b, options)
+        if work.reused:
+            stats["work"] = dict(work.reused)
     stats.update(pairs=pairs.num_rows, groups=len(set(groups["group_id"].to_pylist())),
                  in_groups=groups.num_rows, seconds=round(time.time() - started, 2))
     result = DedupResult(pairs, groups, stats)
@@ -127,9 +145,9 @@ def find_leaks(index: str | Path | Searcher, against: str, options: DedupOptions
     if not test_parts:
         raise ConfigError(f"{against} has no complete parts: run `imgindex embed` first")
     stats: dict = {"against": against, **_tiers(options), **chosen}
-    with tempfile.TemporaryDirectory(dir=workdir, prefix="imgindex-leaks-") as tmp:
-        train = Corpus.of_index(searcher, Path(tmp), progress)
-        queries = Corpus([(test, p) for p in test_parts], test.dim, Path(tmp), progress, name="against")
+    with WorkDir(workdir, name="imgindex-leaks-work") as work:
+        train = Corpus.of_index(searcher, work.root, progress)
+        queries = Corpus([(test, p) for p in test_parts], test.dim, work.root, progress, name="against")
         found = find_pairs(searcher, queries, train, options, False, stats, progress)
         pairs = _pairs_table(queries, train, found)
         stats.update(images=len(queries), leaked=int(len(np.unique(found.a))), pairs=pairs.num_rows,

@@ -168,15 +168,20 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def embedding_candidates(index: faiss.Index, queries: Corpus, db: Corpus, threshold: float, max_neighbors: int,
-                         self_join: bool, progress: bool | None = None, desc: str = "neighbours"):
+                         self_join: bool, progress: bool | None = None, desc: str = "neighbours",
+                         partitioned=None):
     """(query row, index row, capped queries): each query's index neighbours at cosine >= threshold,
     at most `max_neighbors` of them (not counting itself in a self-join).
 
     A plain IVF index is joined list by list on the stored vectors (dedup.ivf_join: the same
-    candidates as a search at its nprobe, at the speed of matrix products); other index types
-    are searched query by query.
+    candidates as a search at its nprobe, at the speed of matrix products); in a self-join with
+    `partitioned(threshold, max_neighbors)`, as partition and join tasks (dedup.partitions);
+    other index types are searched query by query.
     """
     ivf = faiss.downcast_index(index)
+    if isinstance(ivf, faiss.IndexIVF) and self_join and partitioned is not None:
+        q, d, _, capped = partitioned(threshold, max_neighbors)
+        return q, d, capped
     if isinstance(ivf, faiss.IndexIVF):
         q, d, _, capped = range_join(ivf, queries, db.vectors, ivf.nprobe, threshold, max_neighbors, self_join,
                                      progress, desc)
@@ -221,8 +226,9 @@ class Pairs:
 
 
 def find_pairs(searcher: Searcher, queries: Corpus, db: Corpus, options: DedupOptions, self_join: bool,
-               stats: dict, progress: bool | None = None) -> Pairs:
-    """The three tiers, the same code for the self-join (queries is db) and for `--against`.
+               stats: dict, progress: bool | None = None, partitioned=None) -> Pairs:
+    """The three tiers, the same code for the self-join (queries is db) and for `--against`;
+    `partitioned(threshold, cap)`: the embedding tier's IVF join as tasks (dedup.partitions).
 
     Each enabled tier proposes pairs; a pair takes the strictest tier that holds for it, so
     identical bytes are `exact` whichever tier found them first.
@@ -247,7 +253,8 @@ def find_pairs(searcher: Searcher, queries: Corpus, db: Corpus, options: DedupOp
     if "embedding" in options.methods:
         stats["search"] = tune_for_threshold(searcher, db, options.threshold, options.max_neighbors + int(self_join))
         q, d, capped = embedding_candidates(searcher.index, queries, db, options.threshold, options.max_neighbors,
-                                            self_join, progress, desc="neighbours" if self_join else "against")
+                                            self_join, progress, desc="neighbours" if self_join else "against",
+                                            partitioned=partitioned)
         if self_join:
             q, d = _unique_pairs(q, d)
         confirmed = cosines(queries, q, db, d) >= options.threshold

@@ -1,0 +1,203 @@
+"""Dedup at scale: the partitioned tiers give the one-process pairs on every executor, a killed
+task is retried, an interrupted run resumes (or leaves nothing behind), and the bf16 products
+lose no pair. Small synthetic vectors with planted copies and a crowd that hits the cap."""
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import imgindex.indexes.dedup.partitions as partitions
+from imgindex.errors import ConfigError
+from imgindex.executors.placement import Executor
+from imgindex.formats.embeddings_dir import normalize_rows
+from imgindex.indexes.build import BuildOptions, build_index
+from imgindex.indexes.dedup import DedupOptions, find_duplicates
+from imgindex.indexes.dedup.ivf_join import range_join
+from imgindex.indexes.dedup.partitions import Scale, partitioned_join
+from imgindex.indexes.dedup.workdir import WorkDir
+from imgindex.indexes.query import Searcher
+from synthetic import clustered_vectors, write_embeddings_dir
+
+THRESHOLD = 0.95
+CAP = 6
+
+
+def planted_with_crowd(count=6000, dim=32, copies=400, crowd=30, seed=3) -> np.ndarray:
+    """Clustered vectors, near copies of `copies` of them, and a crowd of `crowd` copies of one
+    vector (more neighbours than CAP above the threshold)."""
+    rng = np.random.default_rng(seed)
+    base = clustered_vectors(count, dim, clusters=60, spread=1.0, seed=seed)
+    origin = rng.choice(count, copies, replace=False)
+    near = base[origin] + rng.standard_normal((copies, dim)).astype(np.float32) * 0.2 / np.sqrt(dim)
+    many = base[[7] * crowd] + rng.standard_normal((crowd, dim)).astype(np.float32) * 0.05 / np.sqrt(dim)
+    return normalize_rows(np.vstack([base, near, many])).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scale")
+    vectors = planted_with_crowd()
+    write_embeddings_dir(str(root / "emb"), vectors, shard_size=1700)
+    build_index(str(root / "emb"), str(root / "idx"), BuildOptions(flat_threshold=1000, eval_queries=200),
+                progress=False)
+    return root / "idx", vectors
+
+
+class Rows:
+    def __init__(self, vectors):
+        self.vectors = vectors
+
+    def blocks(self, rows=1000):
+        for start in range(0, len(self.vectors), rows):
+            yield self.vectors[start:start + rows]
+
+
+def pair_set(q, d) -> set[tuple[int, int]]:
+    return set(zip(np.asarray(q).tolist(), np.asarray(d).tolist()))
+
+
+def dedup_pairs(result) -> set[tuple[str, str]]:
+    return {(p["a_key"], p["b_key"]) for p in result.pairs.select(["a_key", "b_key"]).to_pylist()}
+
+
+EMBEDDING = DedupOptions(methods=("embedding",), threshold=THRESHOLD, max_neighbors=CAP)
+
+
+@pytest.mark.parametrize("nprobe", [1, 4, 32])
+def test_partitioned_join_gives_exactly_the_one_process_join(index, tmp_path, monkeypatch, nprobe):
+    monkeypatch.setattr(partitions, "MIN_TASKS", 40)  # many groups of lists, each its own task
+    path, vectors = index
+    searcher = Searcher(path)
+    searcher.index.nprobe = nprobe
+    ivf = searcher.index
+    q1, d1, s1, capped1 = range_join(ivf, Rows(vectors), vectors, nprobe, THRESHOLD, CAP, self_join=True)
+    with WorkDir(tmp_path) as work:
+        q, d, s, capped, stats = partitioned_join(searcher, Scale(work), THRESHOLD, CAP)
+        assert stats["join_tasks"] == 40 and stats["partition_tasks"] == 4
+    assert pair_set(q, d) == pair_set(q1, d1) and len(q) == len(q1) > 400
+    assert capped == capped1 >= 30  # the crowd's members had more than CAP neighbours
+    order, order1 = np.lexsort((d, q)), np.lexsort((d1, q1))
+    np.testing.assert_allclose(s[order], s1[order1], atol=1e-6)
+    assert not (tmp_path / "imgindex-dedup-work").exists()  # removed after success
+
+
+class KillsItsWorkerOnce(partitions.JoinWorkers):
+    """The real workers, except that the first worker to take join task 3 SIGKILLs its own process."""
+
+    def __call__(self, slot, name):
+        worker = super().__call__(slot, name)
+        run = worker.run
+
+        def run_or_die(task, progress=None):
+            if task.name == "join-000003":
+                try:
+                    os.close(os.open(Path(self.stage) / "killed-once", os.O_CREAT | os.O_EXCL))
+                    os.kill(os.getpid(), signal.SIGKILL)
+                except FileExistsError:
+                    pass
+            return run(task, progress)
+
+        worker.run = run_or_die
+        return worker
+
+
+def test_procs_give_the_in_process_pairs_and_a_killed_task_is_retried(index, tmp_path, monkeypatch, capfd):
+    path, _ = index
+    single = find_duplicates(path, EMBEDDING, progress=False, workdir=tmp_path / "one")
+    monkeypatch.setattr(partitions, "JoinWorkers", KillsItsWorkerOnce)
+    pooled = find_duplicates(path, EMBEDDING, progress=False, workdir=tmp_path / "two",
+                             executor=Executor.from_flags(procs=2, retries=1))
+    assert "exited with code -9" in capfd.readouterr().err  # the death was seen and said
+    assert dedup_pairs(pooled) == dedup_pairs(single) and len(dedup_pairs(single)) > 400
+    assert pooled.stats["partitions"]["workers"] == 2
+    assert pooled.groups.equals(single.groups)
+    assert not (tmp_path / "two" / "imgindex-dedup-work").exists()
+
+
+JOIN = partitions.JoinWorker.join
+
+
+def interrupt_the_join_after(monkeypatch, tasks: int) -> None:
+    """The next run's join tasks raise KeyboardInterrupt (Ctrl-C) after `tasks` of them finished."""
+    join, calls = JOIN, []
+
+    def join_then_interrupt(self, task):
+        calls.append(task.name)
+        if len(calls) > tasks:
+            raise KeyboardInterrupt
+        return join(self, task)
+
+    monkeypatch.setattr(partitions.JoinWorker, "join", join_then_interrupt)
+
+
+def test_an_interrupted_run_leaves_no_files_unless_kept_and_then_resumes_with_the_same_output(index, tmp_path,
+                                                                                              monkeypatch):
+    path, _ = index
+    reference = find_duplicates(path, EMBEDDING, progress=False, workdir=tmp_path / "ref")
+    work = tmp_path / "w" / "imgindex-dedup-work"
+    with monkeypatch.context() as patch:
+        interrupt_the_join_after(patch, 5)
+        with pytest.raises(KeyboardInterrupt):
+            find_duplicates(path, EMBEDDING, progress=False, workdir=tmp_path / "w")
+        assert not work.exists()  # not kept: gone after the interrupt
+        interrupt_the_join_after(patch, 5)
+        with pytest.raises(KeyboardInterrupt):
+            find_duplicates(path, EMBEDDING, progress=False, workdir=tmp_path / "w", keep_work=True)
+    assert len(list((work / "embedding" / "pairs").glob("*.npz"))) == 5
+    resumed = find_duplicates(path, EMBEDDING, progress=False, workdir=tmp_path / "w")
+    part = resumed.stats["partitions"]
+    assert part["reused_tasks"] == part["partition_tasks"] + 5 and resumed.stats["work"] == {"embedding": "resumed"}
+    assert dedup_pairs(resumed) == dedup_pairs(reference) and resumed.groups.equals(reference.groups)
+    assert not work.exists()
+
+
+def test_a_rerun_with_other_settings_starts_the_stage_again(index, tmp_path, monkeypatch):
+    path, _ = index
+    with monkeypatch.context() as patch:
+        interrupt_the_join_after(patch, 3)
+        with pytest.raises(KeyboardInterrupt):
+            find_duplicates(path, EMBEDDING, progress=False, workdir=tmp_path, keep_work=True)
+    other = DedupOptions(methods=("embedding",), threshold=0.97, max_neighbors=CAP)
+    result = find_duplicates(path, other, progress=False, workdir=tmp_path)
+    assert result.stats["partitions"]["reused_tasks"] == 0
+    assert result.stats["work"]["embedding"].startswith("cleared (changed: ") and "threshold" in \
+        result.stats["work"]["embedding"]
+    assert min(result.pairs["similarity"].to_pylist()) >= 0.97
+
+
+def test_bf16_products_re_scored_in_fp32_lose_no_pair(index, tmp_path):
+    """The GPU's code path (torch products in bf16, candidates re-scored in float32), run on the CPU."""
+    pytest.importorskip("torch")
+    path, _ = index
+    fp32 = find_duplicates(path, EMBEDDING, progress=False, workdir=tmp_path)
+    bf16 = find_duplicates(path, EMBEDDING, progress=False, workdir=tmp_path, precision="bf16")
+    assert bf16.stats["partitions"]["precision"] == "bf16"
+    assert dedup_pairs(bf16) == dedup_pairs(fp32)
+    np.testing.assert_allclose(np.sort(bf16.pairs["similarity"].to_numpy()),
+                               np.sort(fp32.pairs["similarity"].to_numpy()), atol=1e-6)
+
+
+def test_products_on_a_gpu_give_the_cpu_pairs(index, tmp_path):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    path, _ = index
+    cpu = find_duplicates(path, EMBEDDING, progress=False, workdir=tmp_path)
+    for precision in ("bf16", "fp32"):
+        gpu = find_duplicates(path, EMBEDDING, progress=False, workdir=tmp_path, device="cuda", precision=precision)
+        assert dedup_pairs(gpu) == dedup_pairs(cpu)
+
+
+def test_bad_scale_options_are_clear_errors(index, tmp_path):
+    path, _ = index
+    with pytest.raises(ConfigError, match="--ray and --procs do not mix"):
+        Executor.from_flags(procs=2, ray=2)
+    with pytest.raises(ConfigError, match="--keep-work needs a place"):
+        find_duplicates(path, EMBEDDING, progress=False, keep_work=True)
+    with pytest.raises(ConfigError, match="--device for dedup is cpu or cuda"):
+        find_duplicates(path, EMBEDDING, progress=False, device="tpu")
