@@ -266,7 +266,7 @@ def cmd_dedup(args: argparse.Namespace) -> int:
         raise ConfigError("--out DEDUP is needed to write the results (or --dry-run to only print them)")
     progress = False if args.no_progress else None
     executor = Executor.from_flags(procs=args.procs, ray=args.ray, retries=args.retries)
-    work = {"workdir": args.work_dir or args.out, "keep_work": args.keep_work}
+    work = {"workdir": args.work_dir or (None if args.dry_run else args.out), "keep_work": args.keep_work}
     searcher = Searcher(args.index)
     if args.against:
         if executor.kind != "local" or args.device != "cpu" or args.keep_work:
@@ -548,7 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "times (default 2)")
     dedup.add_argument("--work-dir", metavar="DIR",
                        help="where the partitions and finished tasks go, in DIR/imgindex-dedup-work (default: "
-                            "--out; with neither, the system's temporary folder); removed when the run ends")
+                            "--out; with --dry-run, the system's temporary folder); removed when the run ends")
     dedup.add_argument("--keep-work", action="store_true",
                        help="keep the work folder after an interrupt or a failure: rerunning the same command then "
                             "resumes from the finished partitions and tasks")
