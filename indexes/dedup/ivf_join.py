@@ -49,11 +49,14 @@ def list_ids(ivf: faiss.IndexIVF, number: int) -> np.ndarray:
     return ids
 
 
-def list_numbers(ivf: faiss.IndexIVF) -> np.ndarray:
-    """The inverted list that holds each stored id (ids are rows 0..ntotal-1)."""
-    lists = np.full(ivf.ntotal, -1, np.int32)
+def lists_of(ivf: faiss.IndexIVF, rows: np.ndarray) -> np.ndarray:
+    """The inverted list of each of `rows` (ascending ids): one pass over the lists' ids, memory
+    O(rows + the largest list), not O(ntotal) as list_numbers."""
+    lists = np.full(len(rows), -1, np.int32)
     for number in range(ivf.nlist):
-        lists[list_ids(ivf, number)] = number
+        ids = list_ids(ivf, number)
+        hit = ids[np.isin(ids, rows)]
+        lists[np.searchsorted(rows, hit)] = number
     return lists
 
 

@@ -55,15 +55,34 @@ def record_dtype(dim: int) -> np.dtype:
 
 
 @dataclass(frozen=True)
-class PartitionTask:
-    """One part of the index -> its run file (records sorted by list) and the offsets of each group."""
+class IndexPart:
+    """One part of the index, as a partition task reads it."""
 
-    name: str
-    number: int  # the part's place in the index: its run file's name
+    number: int  # the part's place in the index: its run files' name
     embeddings: str  # the embeddings directory that holds the part
     shard: str
     start: int  # the index row of its first vector
     rows: int
+
+
+def index_parts(searcher) -> list[IndexPart]:
+    """The index's parts in index order, with the row each starts at."""
+    parts, start = [], 0
+    for number, part in enumerate(searcher.manifest["parts"]):
+        emb = searcher.embeddings_for(part["shard"])
+        if emb is None:
+            raise ConfigError(f"the embeddings of shard {part['shard']} are gone: dedup reads the stored vectors")
+        parts.append(IndexPart(number, emb.location, part["shard"], start, part["rows"]))
+        start += part["rows"]
+    return parts
+
+
+@dataclass(frozen=True)
+class PartitionTask:
+    """One part of the index -> its run file (records sorted by list) and the offsets of each group."""
+
+    name: str
+    part: IndexPart
 
 
 @dataclass(frozen=True)
@@ -106,11 +125,11 @@ class JoinWorker:
 
     def run(self, task, progress=None) -> dict:
         started = time.perf_counter()
-        result = self.partition(task) if isinstance(task, PartitionTask) else self.join(task)
+        result = self.partition(task.part) if isinstance(task, PartitionTask) else self.join(task)
         return {**result, "task": task.name, "worker": self.name, "seconds": time.perf_counter() - started}
 
-    def partition(self, task: PartitionTask) -> dict:
-        emb = self.dirs.setdefault(task.embeddings, EmbeddingsDir(task.embeddings))
+    def partition(self, task: IndexPart) -> dict:
+        emb = self.embeddings(task.embeddings)
         nprobe, blocks, read = self.spec.nprobe, [], 0
         for _, _, vectors in emb.iter_batches([emb.part(task.shard, task.rows)]):
             rows = np.arange(task.start + read, task.start + read + len(vectors), dtype=np.int64)
@@ -163,6 +182,11 @@ class JoinWorker:
         q, d, s, capped = pairs.final()
         save_arrays(self.pairs / f"{task.group:06d}.npz", q=q, d=d, s=s, capped=capped)
         return {"records": len(records), "pairs": len(q)}
+
+    def embeddings(self, url: str) -> EmbeddingsDir:
+        if url not in self.dirs:
+            self.dirs[url] = EmbeddingsDir(url)
+        return self.dirs[url]
 
     def close(self) -> None:
         self.dirs.clear()
@@ -296,17 +320,10 @@ def partitioned_join(searcher, scale: Scale, threshold: float, cap: int,
                 "threshold": threshold, "max_neighbors": cap, "precision": precision}
     stage = scale.work.stage("embedding", identity)
     _write_layout(ivf, stage, nprobe, manifest["dim"])
-    parts, start = [], 0
-    for number, part in enumerate(manifest["parts"]):
-        emb = searcher.embeddings_for(part["shard"])
-        if emb is None:
-            raise ConfigError(f"the embeddings of shard {part['shard']} are gone: dedup reads the stored vectors")
-        parts.append(PartitionTask(f"partition-{part['shard']}", number, emb.location, part["shard"], start,
-                                   part["rows"]))
-        start += part["rows"]
+    parts = [PartitionTask(f"partition-{p.shard}", p) for p in index_parts(searcher)]
     groups = len(np.load(stage / "groups.npy")) - 1
     joins = [JoinTask(f"join-{g:06d}", g) for g in range(groups)]
-    todo_parts = [t for t in parts if not (stage / "runs" / f"{t.number:06d}.off.npy").exists()]
+    todo_parts = [t for t in parts if not (stage / "runs" / f"{t.part.number:06d}.off.npy").exists()]
     todo_joins = [t for t in joins if not (stage / "pairs" / f"{t.group:06d}.npz").exists()]
     stats = {"nprobe": nprobe, "partition_tasks": len(parts), "join_tasks": groups,
              "reused_tasks": len(parts) - len(todo_parts) + groups - len(todo_joins), "precision": precision}
@@ -315,7 +332,7 @@ def partitioned_join(searcher, scale: Scale, threshold: float, cap: int,
     started = time.perf_counter()
     done = run_tasks(placement, factory, todo_parts, "partition", progress)
     stats["partition_s"] = round(time.perf_counter() - started, 2)
-    stats["records"] = int(sum(np.load(stage / "runs" / f"{t.number:06d}.off.npy")[-1] for t in parts))
+    stats["records"] = int(sum(np.load(stage / "runs" / f"{t.part.number:06d}.off.npy")[-1] for t in parts))
     started = time.perf_counter()
     done += run_tasks(placement, factory, todo_joins, "join", progress)
     stats["join_s"] = round(time.perf_counter() - started, 2)
