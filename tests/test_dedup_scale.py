@@ -201,3 +201,62 @@ def test_bad_scale_options_are_clear_errors(index, tmp_path):
         find_duplicates(path, EMBEDDING, progress=False, keep_work=True)
     with pytest.raises(ConfigError, match="--device for dedup is cpu or cuda"):
         find_duplicates(path, EMBEDDING, progress=False, device="tpu")
+
+
+@pytest.fixture(scope="module")
+def hashed_index(tmp_path_factory):
+    """Rows with planted byte-identical copies (one file 130 times: beyond the 100 partners each
+    row is paired with) and planted perceptual hashes 0 to 7 bits from their originals; some nulls."""
+    rng = np.random.default_rng(11)
+    count = 3000
+    sha = [rng.bytes(32).hex() for _ in range(count)]
+    for g in range(60):
+        for copy in range(1, 2 + g % 3):
+            sha[1000 + 10 * g + copy] = sha[1000 + 10 * g]
+    for row in range(2000, 2130):
+        sha[row] = sha[5]
+    phash = rng.integers(-2**63, 2**63 - 1, count, dtype=np.int64)
+    unsigned = phash.view(np.uint64)
+    for i in range(200):
+        bits = rng.choice(64, i % 8, replace=False)
+        unsigned[2500 + i] = unsigned[i] ^ np.uint64(sum(1 << int(b) for b in bits))
+    sha_column = [None if row % 97 == 0 else value for row, value in enumerate(sha)]
+    phash_column = [None if row % 89 == 0 else int(value) for row, value in enumerate(phash)]
+    root = tmp_path_factory.mktemp("hashed")
+    vectors = clustered_vectors(count, 16, clusters=30, spread=1.0, seed=2)
+    write_embeddings_dir(str(root / "emb"), vectors, shard_size=700,
+                         columns={"sha256": sha_column, "phash": phash_column})
+    build_index(str(root / "emb"), str(root / "idx"), BuildOptions(flat_threshold=1000, eval_queries=100),
+                progress=False)
+    return root / "idx"
+
+
+def one_process_pairs(path, options, tmp_path) -> set[tuple[str, str, str]]:
+    """Today's one-process tiers (tiers.find_pairs over the whole corpus): (a key, b key, kind)."""
+    from imgindex.indexes.dedup.corpus import Corpus
+    from imgindex.indexes.dedup.tiers import find_pairs
+
+    searcher = Searcher(path)
+    corpus = Corpus.of_index(searcher, tmp_path)
+    found = find_pairs(searcher, corpus, corpus, options, True, {})
+    keys = corpus.meta["key"].to_pylist()
+    kinds = ("exact", "phash", "embedding")
+    return {(keys[a], keys[b], kinds[k]) for a, b, k in zip(found.a, found.b, found.kinds)}
+
+
+def keyed_pairs(result) -> set[tuple[str, str, str]]:
+    return {(p["a_key"], p["b_key"], p["kind"]) for p in result.pairs.select(["a_key", "b_key", "kind"]).to_pylist()}
+
+
+@pytest.mark.parametrize("distance, procs", [(0, None), (4, None), (4, 2), (9, None)])
+def test_exact_and_phash_tasks_give_the_one_process_pairs(hashed_index, tmp_path, distance, procs):
+    options = DedupOptions(methods=("exact", "phash"), phash_distance=distance)
+    expected = one_process_pairs(hashed_index, options, tmp_path)
+    result = find_duplicates(hashed_index, options, progress=False, workdir=tmp_path,
+                             executor=Executor.from_flags(procs=procs))
+    assert keyed_pairs(result) == expected
+    kinds = [k for _, _, k in expected]
+    assert kinds.count("exact") > 130 * 100 // 2 and kinds.count("phash") >= 20 * (min(distance, 7) + 1)
+    stages = result.stats["hash_partitions"]
+    assert stages["partition_tasks"] == 5 and stages["join_tasks"] == 2 * partitions.MIN_TASKS
+    assert not (tmp_path / "imgindex-dedup-work").exists()
