@@ -148,6 +148,7 @@ def find_duplicates(index: str | Path | Searcher, options: DedupOptions | None =
         corpus, found = _pairs_at_scale(searcher, scale, options, stats, progress)
         pairs = _pairs_table(corpus, corpus, found)
         groups = group_duplicates(corpus, found.a, found.b, options)
+        stats["work_bytes"] = sum(p.stat().st_size for p in work.root.rglob("*") if p.is_file())
         if work.reused:
             stats["work"] = dict(work.reused)
     stats.update(pairs=pairs.num_rows, groups=len(set(groups["group_id"].to_pylist())),

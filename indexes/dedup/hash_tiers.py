@@ -29,7 +29,8 @@ import pyarrow.compute as pc
 from imgindex.errors import ConfigError
 from imgindex.formats.embeddings_dir import EmbeddingsDir
 from imgindex.indexes.dedup.corpus import hashes
-from imgindex.indexes.dedup.partitions import MIN_TASKS, TASK_BYTES, IndexPart, Scale, index_parts, run_tasks
+from imgindex.indexes.dedup.partitions import (MIN_TASKS, TASK_BYTES, IndexPart, Scale, index_parts, peak_rss_mb,
+                                               run_tasks)
 from imgindex.indexes.dedup.tiers import exact_pairs, phash_pairs
 from imgindex.indexes.dedup.workdir import save_array, save_arrays
 
@@ -102,7 +103,8 @@ class HashWorker:
     def run(self, task, progress=None) -> dict:
         started = time.perf_counter()
         result = self.partition(task.part) if isinstance(task, HashPartitionTask) else self.join(task)
-        return {**result, "task": task.name, "worker": self.name, "seconds": time.perf_counter() - started}
+        return {**result, "task": task.name, "worker": self.name, "seconds": time.perf_counter() - started,
+                "peak_rss_mb": peak_rss_mb()}
 
     def partition(self, part: IndexPart) -> dict:
         emb = self.embeddings(part.embeddings)
@@ -200,8 +202,9 @@ def hashed_pairs(searcher, scale: Scale, methods: tuple[str, ...], distance: int
     placement = scale.placement()
     factory = HashWorkers(str(stage), len(parts), exact_groups, phash_groups, distance)
     started = time.perf_counter()
-    run_tasks(placement, factory, todo_splits, "hash partition", progress)
-    run_tasks(placement, factory, todo_joins, "hash join", progress)
+    done = run_tasks(placement, factory, todo_splits, "hash partition", progress)
+    done += run_tasks(placement, factory, todo_joins, "hash join", progress)
+    stats["worker_peak_rss_mb"] = max((r["peak_rss_mb"] or 0 for r in done), default=None)
     stats["seconds"] = round(time.perf_counter() - started, 2)
     stats["temporary_bytes"] = sum(p.stat().st_size for p in stage.rglob("*") if p.is_file())
     found = {}

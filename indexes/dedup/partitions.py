@@ -126,7 +126,8 @@ class JoinWorker:
     def run(self, task, progress=None) -> dict:
         started = time.perf_counter()
         result = self.partition(task.part) if isinstance(task, PartitionTask) else self.join(task)
-        return {**result, "task": task.name, "worker": self.name, "seconds": time.perf_counter() - started}
+        return {**result, "task": task.name, "worker": self.name, "seconds": time.perf_counter() - started,
+                "peak_rss_mb": peak_rss_mb()}
 
     def partition(self, task: IndexPart) -> dict:
         emb = self.embeddings(task.embeddings)
@@ -190,6 +191,16 @@ class JoinWorker:
 
     def close(self) -> None:
         self.dirs.clear()
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory (Linux's VmHWM), in MiB; None elsewhere."""
+    try:
+        with open("/proc/self/status") as status:
+            line = next(line for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
+    return round(int(line.split()[1]) / 1024, 1)
 
 
 def torch_product(device: str, precision: str):
@@ -337,6 +348,7 @@ def partitioned_join(searcher, scale: Scale, threshold: float, cap: int,
     done += run_tasks(placement, factory, todo_joins, "join", progress)
     stats["join_s"] = round(time.perf_counter() - started, 2)
     stats["workers"] = placement.workers
+    stats["worker_peak_rss_mb"] = max((r["peak_rss_mb"] or 0 for r in done), default=None)
     stats["temporary_bytes"] = sum(p.stat().st_size for p in stage.rglob("*") if p.is_file())
     pairs = CappedPairs(cap)
     for task in joins:
