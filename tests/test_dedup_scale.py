@@ -260,3 +260,23 @@ def test_exact_and_phash_tasks_give_the_one_process_pairs(hashed_index, tmp_path
     stages = result.stats["hash_partitions"]
     assert stages["partition_tasks"] == 5 and stages["join_tasks"] == 2 * partitions.MIN_TASKS
     assert not (tmp_path / "imgindex-dedup-work").exists()
+
+
+def test_dedup_cli_scale_flags_are_checked_in_one_line(index, tmp_path):
+    import subprocess
+    import sys
+
+    path, _ = index
+    base = [sys.executable, "-m", "imgindex", "dedup", "--index", str(path), "--method", "embedding",
+            "--threshold", "0.95", "--no-progress"]
+    for extra, message in ((["--procs", "2", "--ray", "2", "--out", tmp_path / "o"], "do not mix"),
+                           (["--dry-run", "--keep-work"], "--keep-work needs a place"),
+                           (["--out", tmp_path / "o", "--against", tmp_path, "--procs", "2"],
+                            "--against runs in this process")):
+        done = subprocess.run(base + [str(e) for e in extra], capture_output=True, text=True, timeout=300)
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr
+    done = subprocess.run(base + ["--out", str(tmp_path / "o"), "--procs", "2"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "o" / "pairs.parquet").exists() and not (tmp_path / "o" / "imgindex-dedup-work").exists()
