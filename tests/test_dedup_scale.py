@@ -8,7 +8,6 @@ import signal
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 import imgindex.indexes.dedup.partitions as partitions

@@ -27,12 +27,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from imgindex.errors import ConfigError
-from imgindex.formats.embeddings_dir import EmbeddingsDir
 from imgindex.indexes.dedup.corpus import hashes
-from imgindex.indexes.dedup.partitions import (MIN_TASKS, TASK_BYTES, IndexPart, Scale, index_parts, peak_rss_mb,
+from imgindex.indexes.dedup.partitions import (MIN_TASKS, TASK_BYTES, IndexPart, Scale, StageWorker, index_parts,
                                                run_tasks)
 from imgindex.indexes.dedup.tiers import exact_pairs, phash_pairs
-from imgindex.indexes.dedup.workdir import save_array, save_arrays
+from imgindex.indexes.dedup.workdir import read_group, run_done, save_arrays, write_run
 
 SHA = np.dtype([("row", "<i8"), ("sha", "u1", (32,))])
 PHASH = np.dtype([("row", "<i8"), ("phash", "<i8")])
@@ -95,16 +94,10 @@ class HashWorkers:
         return HashWorker(self, name)
 
 
-class HashWorker:
+class HashWorker(StageWorker):
     def __init__(self, spec: HashWorkers, name: str):
-        self.spec, self.name, self.stage = spec, name, Path(spec.stage)
-        self.dirs: dict[str, EmbeddingsDir] = {}
-
-    def run(self, task, progress=None) -> dict:
-        started = time.perf_counter()
-        result = self.partition(task.part) if isinstance(task, HashPartitionTask) else self.join(task)
-        return {**result, "task": task.name, "worker": self.name, "seconds": time.perf_counter() - started,
-                "peak_rss_mb": peak_rss_mb()}
+        super().__init__(name)
+        self.spec, self.stage = spec, Path(spec.stage)
 
     def partition(self, part: IndexPart) -> dict:
         emb = self.embeddings(part.embeddings)
@@ -137,22 +130,12 @@ class HashWorker:
 
     def _write(self, kind: str, number: int, records: np.ndarray, group: np.ndarray, groups: int) -> int:
         order = np.lexsort((records["row"], group))
-        save_array(self.stage / kind / f"{number:06d}.npy", records[order])
-        save_array(self.stage / kind / f"{number:06d}.off.npy", np.searchsorted(group[order], np.arange(groups + 1)))
+        write_run(self.stage / kind, number, records[order], np.searchsorted(group[order], np.arange(groups + 1)))
         return len(records)
 
-    def records(self, kind: str, group: int) -> np.ndarray:
-        taken = []
-        for number in range(self.spec.parts):
-            offsets = np.load(self.stage / kind / f"{number:06d}.off.npy")
-            run = np.load(self.stage / kind / f"{number:06d}.npy", mmap_mode="r")
-            taken.append(np.array(run[offsets[group]:offsets[group + 1]]))
-            del run
-        records = np.concatenate(taken)
-        return records[np.argsort(records["row"], kind="stable")]
-
     def join(self, task: HashJoinTask) -> dict:
-        records = self.records(task.kind, task.group)
+        records = read_group(self.stage / task.kind, self.spec.parts, task.group)
+        records = records[np.argsort(records["row"], kind="stable")]
         if task.kind == "exact":
             _, codes = np.unique(records["sha"], axis=0, return_inverse=True) if len(records) else (None, [])
             codes = np.asarray(codes, np.int64).ravel()
@@ -164,14 +147,6 @@ class HashWorker:
         both = np.unique(np.stack([lo, hi], axis=1)[lo != hi], axis=0)
         save_arrays(self.stage / f"{task.kind}-pairs" / f"{task.group:06d}.npz", a=both[:, 0], b=both[:, 1])
         return {"records": len(records), "pairs": len(both)}
-
-    def embeddings(self, url: str) -> EmbeddingsDir:
-        if url not in self.dirs:
-            self.dirs[url] = EmbeddingsDir(url)
-        return self.dirs[url]
-
-    def close(self) -> None:
-        self.dirs.clear()
 
 
 def hashed_pairs(searcher, scale: Scale, methods: tuple[str, ...], distance: int,
@@ -195,7 +170,7 @@ def hashed_pairs(searcher, scale: Scale, methods: tuple[str, ...], distance: int
     splits = [HashPartitionTask(f"hashes-{p.shard}", p) for p in parts]
     joins = [HashJoinTask(f"{kind}-{g:06d}", kind, g) for kind in kinds
              for g in range(exact_groups if kind == "exact" else phash_groups)]
-    todo_splits = [t for t in splits if not all((stage / k / f"{t.part.number:06d}.off.npy").exists() for k in kinds)]
+    todo_splits = [t for t in splits if not all(run_done(stage / k, t.part.number) for k in kinds)]
     todo_joins = [t for t in joins if not (stage / f"{t.kind}-pairs" / f"{t.group:06d}.npz").exists()]
     stats = {"partition_tasks": len(splits), "join_tasks": len(joins),
              "reused_tasks": len(splits) - len(todo_splits) + len(joins) - len(todo_joins)}

@@ -36,7 +36,7 @@ from imgindex.executors.handout import Event, Outcome, hand_out
 from imgindex.executors.placement import Executor, Placement, place
 from imgindex.formats.embeddings_dir import EmbeddingsDir
 from imgindex.indexes.dedup.ivf_join import CappedPairs, list_ids, list_pairs, quantizer_probes
-from imgindex.indexes.dedup.workdir import WorkDir, save_array, save_arrays
+from imgindex.indexes.dedup.workdir import WorkDir, read_group, run_done, save_array, save_arrays, write_run
 from imgindex.plurals import counted
 from imgindex.progress import progress_bar
 
@@ -111,9 +111,38 @@ class JoinWorkers:
         return JoinWorker(self, name)
 
 
-class JoinWorker:
+class StageWorker:
+    """A worker of a partitioned stage: partition tasks (a part of the index) and join tasks."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.dirs: dict[str, EmbeddingsDir] = {}
+
+    def run(self, task, progress=None) -> dict:
+        started = time.perf_counter()
+        result = self.join(task) if getattr(task, "part", None) is None else self.partition(task.part)
+        return {**result, "task": task.name, "worker": self.name, "seconds": time.perf_counter() - started,
+                "peak_rss_mb": peak_rss_mb()}
+
+    def partition(self, part: IndexPart) -> dict:
+        raise NotImplementedError
+
+    def join(self, task) -> dict:
+        raise NotImplementedError
+
+    def embeddings(self, url: str) -> EmbeddingsDir:
+        if url not in self.dirs:
+            self.dirs[url] = EmbeddingsDir(url)
+        return self.dirs[url]
+
+    def close(self) -> None:
+        self.dirs.clear()
+
+
+class JoinWorker(StageWorker):
     def __init__(self, spec: JoinWorkers, name: str):
-        self.spec, self.name = spec, name
+        super().__init__(name)
+        self.spec = spec
         stage = Path(spec.stage)
         self.quantizer = faiss.read_index(str(stage / "quantizer.faiss"))
         self.lists = np.load(stage / "lists.npy", mmap_mode="r")
@@ -121,13 +150,6 @@ class JoinWorker:
         self.runs, self.pairs = stage / "runs", stage / "pairs"
         self.product = torch_product(spec.device, spec.precision) if spec.device != "cpu" or \
             spec.precision == "bf16" else None
-        self.dirs: dict[str, EmbeddingsDir] = {}
-
-    def run(self, task, progress=None) -> dict:
-        started = time.perf_counter()
-        result = self.partition(task.part) if isinstance(task, PartitionTask) else self.join(task)
-        return {**result, "task": task.name, "worker": self.name, "seconds": time.perf_counter() - started,
-                "peak_rss_mb": peak_rss_mb()}
 
     def partition(self, task: IndexPart) -> dict:
         emb = self.embeddings(task.embeddings)
@@ -152,23 +174,12 @@ class JoinWorker:
                               "the embeddings changed since the index was built; rebuild the index")
         records = np.concatenate(blocks) if blocks else np.empty(0, record_dtype(self.spec.dim))
         records = records[np.lexsort((records["row"], records["list"]))]
-        save_array(self.runs / f"{task.number:06d}.npy", records)
-        save_array(self.runs / f"{task.number:06d}.off.npy", np.searchsorted(records["list"], self.bounds))
+        write_run(self.runs, task.number, records, np.searchsorted(records["list"], self.bounds))
         return {"records": len(records)}
 
-    def records(self, group: int) -> np.ndarray:
-        """The group's records from every part's run, sorted by list, then row."""
-        taken = []
-        for number in range(self.spec.parts):
-            offsets = np.load(self.runs / f"{number:06d}.off.npy")
-            run = np.load(self.runs / f"{number:06d}.npy", mmap_mode="r")
-            taken.append(np.array(run[offsets[group]:offsets[group + 1]]))
-            del run
-        records = np.concatenate(taken)
-        return records[np.lexsort((records["row"], records["list"]))]
-
     def join(self, task: JoinTask) -> dict:
-        records = self.records(task.group)
+        records = read_group(self.runs, self.spec.parts, task.group)
+        records = records[np.lexsort((records["row"], records["list"]))]
         pairs = CappedPairs(self.spec.cap)
         edges = np.r_[0, np.nonzero(np.diff(records["list"]))[0] + 1, len(records)]
         for lo, hi in zip(edges[:-1], edges[1:]):
@@ -183,14 +194,6 @@ class JoinWorker:
         q, d, s, capped = pairs.final()
         save_arrays(self.pairs / f"{task.group:06d}.npz", q=q, d=d, s=s, capped=capped)
         return {"records": len(records), "pairs": len(q)}
-
-    def embeddings(self, url: str) -> EmbeddingsDir:
-        if url not in self.dirs:
-            self.dirs[url] = EmbeddingsDir(url)
-        return self.dirs[url]
-
-    def close(self) -> None:
-        self.dirs.clear()
 
 
 def peak_rss_mb() -> float | None:
@@ -334,7 +337,7 @@ def partitioned_join(searcher, scale: Scale, threshold: float, cap: int,
     parts = [PartitionTask(f"partition-{p.shard}", p) for p in index_parts(searcher)]
     groups = len(np.load(stage / "groups.npy")) - 1
     joins = [JoinTask(f"join-{g:06d}", g) for g in range(groups)]
-    todo_parts = [t for t in parts if not (stage / "runs" / f"{t.part.number:06d}.off.npy").exists()]
+    todo_parts = [t for t in parts if not run_done(stage / "runs", t.part.number)]
     todo_joins = [t for t in joins if not (stage / "pairs" / f"{t.group:06d}.npz").exists()]
     stats = {"nprobe": nprobe, "partition_tasks": len(parts), "join_tasks": groups,
              "reused_tasks": len(parts) - len(todo_parts) + groups - len(todo_joins), "precision": precision}

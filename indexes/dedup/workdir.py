@@ -105,3 +105,25 @@ def save_array(path: Path, array: np.ndarray) -> None:
     with open(tmp, "wb") as out:
         np.save(out, array)
     os.replace(tmp, path)
+
+
+def write_run(folder: Path, number: int, records: np.ndarray, offsets: np.ndarray) -> None:
+    """A partition task's run: its records (sorted by task group) and where each group starts;
+    the offsets are written last, so a run with offsets is complete."""
+    save_array(folder / f"{number:06d}.npy", records)
+    save_array(folder / f"{number:06d}.off.npy", offsets)
+
+
+def run_done(folder: Path, number: int) -> bool:
+    return (folder / f"{number:06d}.off.npy").exists()
+
+
+def read_group(folder: Path, runs: int, group: int) -> np.ndarray:
+    """One task group's records from every run (memory-mapped: only the group's bytes are read)."""
+    taken = []
+    for number in range(runs):
+        offsets = np.load(folder / f"{number:06d}.off.npy")
+        run = np.load(folder / f"{number:06d}.npy", mmap_mode="r")
+        taken.append(np.array(run[offsets[group]:offsets[group + 1]]))
+        del run
+    return np.concatenate(taken)
