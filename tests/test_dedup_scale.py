@@ -21,6 +21,7 @@ from imgindex.indexes.dedup.partitions import Scale, partitioned_join
 from imgindex.indexes.dedup.workdir import WorkDir
 from imgindex.indexes.query import Searcher
 from synthetic import clustered_vectors, write_embeddings_dir
+from test_ivf_join import Rows
 
 THRESHOLD = 0.95
 CAP = 6
@@ -45,15 +46,6 @@ def index(tmp_path_factory):
     build_index(str(root / "emb"), str(root / "idx"), BuildOptions(flat_threshold=1000, eval_queries=200),
                 progress=False)
     return root / "idx", vectors
-
-
-class Rows:
-    def __init__(self, vectors):
-        self.vectors = vectors
-
-    def blocks(self, rows=1000):
-        for start in range(0, len(self.vectors), rows):
-            yield self.vectors[start:start + rows]
 
 
 def pair_set(q, d) -> set[tuple[int, int]]:

@@ -28,8 +28,8 @@ import pyarrow.compute as pc
 
 from imgindex.errors import ConfigError
 from imgindex.indexes.dedup.corpus import hashes
-from imgindex.indexes.dedup.partitions import (MIN_TASKS, TASK_BYTES, IndexPart, Scale, StageWorker, index_parts,
-                                               run_tasks)
+from imgindex.indexes.dedup.partitions import (MIN_TASKS, TASK_BYTES, IndexPart, PartitionTask, Scale, StageWorker,
+                                               index_parts, run_tasks)
 from imgindex.indexes.dedup.tiers import exact_pairs, phash_pairs
 from imgindex.indexes.dedup.workdir import read_group, run_done, save_arrays, write_run
 
@@ -65,12 +65,6 @@ def bucket_of(keys: np.ndarray, buckets: int) -> np.ndarray:
         x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         x ^= x >> np.uint64(31)
     return (x % np.uint64(buckets)).astype(np.int64)
-
-
-@dataclass(frozen=True)
-class HashPartitionTask:
-    name: str
-    part: IndexPart
 
 
 @dataclass(frozen=True)
@@ -167,7 +161,7 @@ def hashed_pairs(searcher, scale: Scale, methods: tuple[str, ...], distance: int
     for kind in kinds:
         (stage / kind).mkdir(exist_ok=True)
         (stage / f"{kind}-pairs").mkdir(exist_ok=True)
-    splits = [HashPartitionTask(f"hashes-{p.shard}", p) for p in parts]
+    splits = [PartitionTask(f"hashes-{p.shard}", p) for p in parts]
     joins = [HashJoinTask(f"{kind}-{g:06d}", kind, g) for kind in kinds
              for g in range(exact_groups if kind == "exact" else phash_groups)]
     todo_splits = [t for t in splits if not all(run_done(stage / k, t.part.number) for k in kinds)]
