@@ -1,19 +1,26 @@
 """Dedup quality and scale on synthetic vectors with planted duplicate groups, one run.
 
-    python benchmarks/dedup_scale.py [--count 200000] [--dim 768] [--check-exact] [--results results.jsonl]
+    python benchmarks/dedup_scale.py [--count 200000] [--dim 768] [--executors one,procs2,ray2]
+        [--check-exact] [--sample-exact 2000] [--results results.jsonl]
 
 Writes `count` clustered vectors plus planted groups (2 to 5 near copies, cosine ~0.99) as an
 embeddings directory, builds the default index in a separate process, then runs the embedding
-tier of `find_duplicates` in a fresh process and prints its time and peak RSS (VmHWM: ru_maxrss would count the
-parent's memory at fork) against the
-vectors' size. Pair recall and precision are measured against the planted groups and, with
---check-exact, against exact brute force over all pairs (blocked matrix products: slow at 1M).
+tier of `find_duplicates` in a fresh process per executor (in-process, `--procs 2`, `--ray 2`: a
+local Ray on the loopback) and prints, for each, its time (and the partition and join stages'),
+the driver's peak RSS (VmHWM: ru_maxrss would count the parent's memory at fork), the workers'
+peak RSS (each task reports its process's VmHWM), the work folder's size at its largest (the
+partitions, the pairs' rows) against the vectors' size, and whether its pairs are identical to
+the in-process run's. Pair recall and precision are measured against the planted groups, against
+brute force for `--sample-exact` sampled rows (every pair they are in), and with --check-exact
+against exact brute force over all pairs (slow at 1M).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,10 +37,14 @@ from results import append_result  # noqa: E402
 
 RUN_DEDUP = """
 import json, sys, time
+from imgindex.executors.placement import Executor
 from imgindex.indexes.dedup import DedupOptions, find_duplicates
+kind, count = sys.argv[4], int(sys.argv[5])
 start = time.time()
 result = find_duplicates(sys.argv[1], DedupOptions(methods=("embedding",), threshold=float(sys.argv[3])),
-                         progress=False)
+                         progress=False, workdir=sys.argv[6],
+                         executor=Executor.from_flags(procs=count if kind == "procs" else None,
+                                                      ray=count if kind == "ray" else None))
 pairs = result.pairs.select(["a_key", "b_key"]).to_pydict()
 json.dump({"pairs": list(zip(pairs["a_key"], pairs["b_key"])), "stats": result.stats,
            "seconds": time.time() - start,
@@ -70,6 +81,29 @@ def exact_pairs(vectors: np.ndarray, threshold: float) -> set[tuple[int, int]]:
     return {(int(a), int(b)) for a, b in zip(queries, ids) if a < b}
 
 
+def sample_pairs(vectors: np.ndarray, threshold: float, sample: int, seed: int = 1) -> tuple[set, np.ndarray]:
+    """Every pair at or above `threshold` that one of `sample` random rows is in (brute force)."""
+    rows = np.sort(np.random.default_rng(seed).choice(len(vectors), min(sample, len(vectors)), replace=False))
+    truth = set()
+    for start in range(0, len(rows), 256):
+        block = rows[start:start + 256]
+        i, j = np.nonzero(vectors[block] @ vectors.T >= threshold)
+        truth |= {tuple(sorted((int(block[a]), int(b)))) for a, b in zip(i, j) if block[a] != b}
+    return truth, rows
+
+
+EXECUTORS = {"one": ("local", 1), "procs2": ("procs", 2), "ray2": ("ray", 2)}
+
+
+def run_dedup(work: Path, name: str, threshold: float) -> dict:
+    kind, count = EXECUTORS[name]
+    env = {**os.environ, "RAY_TMPDIR": str(work / "ray"), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    (work / "ray").mkdir(exist_ok=True)
+    subprocess.run([sys.executable, "-c", RUN_DEDUP, str(work / "idx"), str(work / f"{name}.json"), str(threshold),
+                    kind, str(count), str(work / f"work-{name}")], check=True, cwd=ROOT, env=env)
+    return json.loads((work / f"{name}.json").read_text())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=200_000)
@@ -77,6 +111,9 @@ def main() -> None:
     parser.add_argument("--groups", type=int, help="planted groups (default count / 100)")
     parser.add_argument("--threshold", type=float, default=0.95)
     parser.add_argument("--check-exact", action="store_true", help="also compare with brute force over all pairs")
+    parser.add_argument("--sample-exact", type=int, default=2000, metavar="N",
+                        help="compare the pairs of N sampled rows with brute force (default 2000)")
+    parser.add_argument("--executors", default="one,procs2,ray2", help="comma list of one, procs2, ray2")
     parser.add_argument("--results", help="append a JSON line of the figures to this file")
     args = parser.parse_args()
 
@@ -87,28 +124,40 @@ def main() -> None:
     subprocess.run([sys.executable, "-m", "imgindex", "index", str(work / "emb"), "--out", str(work / "idx"),
                     "--no-progress"], check=True, cwd=ROOT)
     build_s = time.time() - start
-    subprocess.run([sys.executable, "-c", RUN_DEDUP, str(work / "idx"), str(work / "out.json"), str(args.threshold)],
-                   check=True, cwd=ROOT)
-    run = json.loads((work / "out.json").read_text())
-    found = {tuple(sorted((int(a[3:]), int(b[3:])))) for a, b in run["pairs"]}
+    runs = {name: run_dedup(work, name, args.threshold) for name in args.executors.split(",")}
+    keyed = {name: {tuple(sorted((int(a[3:]), int(b[3:])))) for a, b in run["pairs"]} for name, run in runs.items()}
+    first = next(iter(runs))
+    found = keyed[first]
+    truth_sample, sampled = sample_pairs(vectors, args.threshold, args.sample_exact)
+    in_sample = {p for p in found if np.isin(p, sampled).any()}
     vectors_mb = vectors.nbytes / 2**20
     figures = {
         "benchmark": "dedup_scale", "count": len(vectors), "dim": args.dim, "threshold": args.threshold,
-        "planted_pairs": len(truth), "found_pairs": len(found),
+        "cores": os.cpu_count(), "planted_pairs": len(truth), "found_pairs": len(found),
         "planted_pair_recall": round(len(found & truth) / max(1, len(truth)), 4),
         "planted_pair_precision": round(len(found & truth) / max(1, len(found)), 4),
-        "index_build_s": round(build_s, 1), "dedup_s": round(run["seconds"], 1),
-        "peak_rss_mb": round(run["peak_rss_mb"]), "vectors_mb": round(vectors_mb),
-        "peak_rss_over_vectors": round(run["peak_rss_mb"] / vectors_mb, 2),
-        "rejected_by_recheck": run["stats"].get("embedding_rejected_by_recheck"),
-        "search": run["stats"].get("search"),
-        "machine": platform.machine(),
+        "sampled_rows": len(sampled), "sample_exact_pairs": len(truth_sample),
+        "sample_pairs_identical_to_brute_force": in_sample == truth_sample,
+        "index_build_s": round(build_s, 1), "vectors_mb": round(vectors_mb),
+        "search": runs[first]["stats"].get("search"), "machine": platform.machine(), "runs": {},
     }
+    for name, run in runs.items():
+        part = run["stats"].get("partitions", {})
+        figures["runs"][name] = {
+            "dedup_s": round(run["seconds"], 1), "partition_s": part.get("partition_s"), "join_s": part.get("join_s"),
+            "driver_peak_rss_mb": round(run["peak_rss_mb"]), "worker_peak_rss_mb": part.get("worker_peak_rss_mb"),
+            "work_mb": round(run["stats"].get("work_bytes", 0) / 2**20),
+            "work_over_vectors": round(run["stats"].get("work_bytes", 0) / 2**20 / vectors_mb, 2),
+            "tasks": [part.get("partition_tasks"), part.get("join_tasks")], "workers": part.get("workers"),
+            "pairs_identical_to_first": keyed[name] == found,
+            "speedup_over_first": round(runs[first]["seconds"] / run["seconds"], 2),
+        }
     if args.check_exact:
         exact = exact_pairs(vectors, args.threshold)
         figures["exact_pairs"] = len(exact)
         figures["pair_recall_vs_exact"] = round(len(found & exact) / max(1, len(exact)), 4)
         figures["pair_precision_vs_exact"] = round(len(found & exact) / max(1, len(found)), 4)
+    shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(figures, indent=1))
     append_result(args.results, figures)
 

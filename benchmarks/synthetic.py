@@ -32,8 +32,9 @@ def synthetic_manifest(dim: int) -> dict:
 
 
 def write_embeddings_dir(out: str, vectors: np.ndarray, shard_size: int = 50_000,
-                         prefix: str = "syn", first_shard: int = 0) -> list[str]:
-    """Write vectors as parts of `shard_size` rows; keys are f"{prefix}{row}". Returns shard names."""
+                         prefix: str = "syn", first_shard: int = 0, columns: dict[str, list] | None = None) -> list[str]:
+    """Write vectors as parts of `shard_size` rows; keys are f"{prefix}{row}"; `columns`: values of
+    other columns for every row (e.g. sha256, phash; default null). Returns shard names."""
     store = EmbeddingStore(out)
     store.check_writable()
     store.prepare(synthetic_manifest(vectors.shape[1]), overwrite=False)
@@ -46,6 +47,7 @@ def write_embeddings_dir(out: str, vectors: np.ndarray, shard_size: int = 50_000
                 "height": [0] * n, "bytes": [0] * n, "member_offset": [None] * n, "grayscale": [None] * n,
                 "sha256": [None] * n, "phash": [None] * n, "caption": [None] * n, "json": [None] * n,
                 "url": [None] * n}
+        rows.update({name: list(values[start:start + shard_size]) for name, values in (columns or {}).items()})
         store.write_shard(name, rows, block, [], {"shard": name, "kind": "synthetic", "source": "synthetic",
                                                   "samples": n, "rows": n, "failures": 0})
         names.append(name)

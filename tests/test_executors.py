@@ -433,3 +433,30 @@ def test_the_schedule_refuses_what_the_machine_cannot_do():
         decide(RuntimeConfig(device="cuda"), Machine(cores=4, gpus=0))
     with pytest.raises(ConfigError, match="fp16 is not supported on CPU"):
         decide(RuntimeConfig(device="cpu", precision="fp16"), Machine(cores=4, gpus=0))
+
+
+def test_dedup_on_ray_actors_gives_the_in_process_pairs(ray_cluster, tmp_path):
+    """The partitioned embedding tier's tasks on two Ray actors: the pairs and groups of one process."""
+    from imgindex.formats.embeddings_dir import normalize_rows
+    from imgindex.indexes.build import BuildOptions, build_index
+    from synthetic import clustered_vectors, write_embeddings_dir
+
+    rng = np.random.default_rng(0)
+    base = clustered_vectors(4000, 32, clusters=40, spread=1.0, seed=0)
+    copies = normalize_rows(base[:300] + rng.standard_normal((300, 32)).astype(np.float32) * 0.03)
+    write_embeddings_dir(str(tmp_path / "emb"), np.vstack([base, copies]), shard_size=1500)
+    build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), BuildOptions(flat_threshold=1000, eval_queries=100),
+                progress=False)
+    dedup = CLI + ["dedup", "--index", str(tmp_path / "idx"), "--method", "embedding", "--threshold", "0.95",
+                   "--no-progress"]
+    single = subprocess.run(dedup + ["--out", str(tmp_path / "one")], capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    pooled = subprocess.run(dedup + ["--out", str(tmp_path / "ray"), "--ray", "2"], capture_output=True, text=True,
+                            env=ray_cluster.env, timeout=300)
+    assert pooled.returncode == 0, pooled.stderr[-3000:]
+    for table in ("pairs.parquet", "groups.parquet"):
+        ours, theirs = pq.read_table(tmp_path / "ray" / table), pq.read_table(tmp_path / "one" / table)
+        assert ours.num_rows >= 300 and ours.equals(theirs)
+    summary = json.loads((tmp_path / "ray" / "summary.json").read_text())
+    assert summary["partitions"]["workers"] == 2
+    assert not (tmp_path / "ray" / "imgindex-dedup-work").exists()

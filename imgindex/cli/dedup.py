@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from imgindex.cli.args import MAX_K, fraction, fraction_or_auto, whole
+from imgindex.cli.args import MAX_K, add_executor_flags, executor_from, fraction, fraction_or_auto, whole
 from imgindex.errors import ConfigError
 from imgindex.plurals import counted
 
@@ -26,9 +26,13 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     if not args.dry_run and not args.out:
         raise ConfigError("--out DEDUP is needed to write the results (or --dry-run to only print them)")
     progress = False if args.no_progress else None
+    executor = executor_from(args)
+    work = {"workdir": args.work_dir or (None if args.dry_run else args.out), "keep_work": args.keep_work}
     searcher = open_searcher(args.index)
     if args.against:
-        result = find_leaks(searcher, args.against, options, progress=progress)
+        if executor.kind != "local" or args.device != "cpu" or args.keep_work:
+            raise ConfigError("--against runs in this process for now: drop --procs, --ray, --device and --keep-work")
+        result = find_leaks(searcher, args.against, options, progress=progress, workdir=args.work_dir)
         stats = result.stats
         print_threshold(stats)
         print(f"{stats['leaked']:,} of {counted(stats['images'], 'image')} of {args.against} have a duplicate in "
@@ -37,7 +41,7 @@ def cmd_dedup(args: argparse.Namespace) -> int:
             written = write_leaks(result, searcher, EmbeddingsDir(args.against).shard_sources(), Path(args.out))
             print("wrote " + ", ".join(str(p) for p in written))
         return 0
-    result = find_duplicates(searcher, options, progress=progress)
+    result = find_duplicates(searcher, options, progress=progress, executor=executor, device=args.device, **work)
     stats = result.stats
     found = ", ".join(f"{stats.get(f'{m}_pairs', 0):,} {m}" for m in options.methods)
     print_threshold(stats)
@@ -111,5 +115,16 @@ def register(sub) -> None:
                        help="images sampled by --calibrate and --threshold auto (default 100)")
     dedup.add_argument("--dry-run", action="store_true",
                        help="print the counts of pairs, groups and images to remove; write nothing")
+    add_executor_flags(dedup, "task", "running the partitioned tiers' tasks", "--work-dir must be reachable from "
+                       "every node")
+    dedup.add_argument("--work-dir", metavar="DIR",
+                       help="where the partitions and finished tasks go, in DIR/imgindex-dedup-work (default: "
+                            "--out; with --dry-run, the system's temporary folder); removed when the run ends")
+    dedup.add_argument("--keep-work", action="store_true",
+                       help="keep the work folder after an interrupt or a failure: rerunning the same command then "
+                            "resumes from the finished partitions and tasks")
+    dedup.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                       help="where the embedding tier's products run: cpu (float32, default) or cuda (bf16, every "
+                            "candidate re-scored in float32; with --procs/--ray, one GPU per worker)")
     dedup.add_argument("--no-progress", action="store_true", help="no progress bar")
     dedup.set_defaults(func=cmd_dedup)

@@ -4,19 +4,24 @@ besides the index and a disk-backed copy of the vectors."""
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from imgindex.errors import ConfigError
+from imgindex.executors.placement import Executor
 from imgindex.indexes.dedup.corpus import Corpus
+from imgindex.indexes.dedup.hash_tiers import hashed_pairs
+from imgindex.indexes.dedup.partitions import Scale, partitioned_join
+from imgindex.indexes.dedup.workdir import WorkDir
 from imgindex.indexes.dedup.groups import GROUP_SCHEMA, group_duplicates
-from imgindex.indexes.dedup.tiers import METHODS, PAIR_SCHEMA, DedupOptions, Pairs, find_pairs
+from imgindex.indexes.dedup.tiers import (METHODS, PAIR_SCHEMA, DedupOptions, Pairs, decide, embedding_candidates,
+                                          find_pairs, note_capped, tune_on, tuning_rows)
 from imgindex.formats.embeddings_dir import EmbeddingsDir
 from imgindex.indexes.query import Searcher
 from imgindex.formats.embeddings_dir import identity_changes
@@ -87,21 +92,65 @@ def _tiers(options: DedupOptions) -> dict:
             "phash_distance": options.phash_distance if "phash" in options.methods else None}
 
 
+def _pairs_at_scale(searcher: Searcher, scale: Scale, options: DedupOptions, stats: dict,
+                    progress: bool | None) -> tuple[Corpus, Pairs]:
+    """Every tier's pairs as partition and join tasks (an IVF index's embedding tier; other index
+    types are searched in this process), then the rows of those pairs only: their metadata and
+    vectors, and the pairs in that corpus's row numbers."""
+    candidates = {}
+    if {"exact", "phash"} & set(options.methods):
+        candidates, stats["hash_partitions"] = hashed_pairs(searcher, scale, options.methods,
+                                                            options.phash_distance, progress)
+    if "embedding" in options.methods:
+        rows, rng = tuning_rows(int(searcher.manifest["count"]))
+        sample = Corpus.of_index(searcher, scale.work.root, False, rows=rows, name="tuning")
+        stats["search"] = tune_on(searcher, rows, np.asarray(sample.vectors), rng, options.threshold,
+                                  options.max_neighbors + 1)
+        if isinstance(faiss.downcast_index(searcher.index), faiss.IndexIVF):
+            q, d, _, capped, stats["partitions"] = partitioned_join(searcher, scale, options.threshold,
+                                                                    options.max_neighbors, progress)
+        else:
+            if scale.executor.kind != "local":
+                log.warning("a %s index is searched in this process: %s runs only the exact and phash tiers' "
+                            "tasks", searcher.manifest.get("factory"), scale.executor.flag)
+            whole = Corpus.of_index(searcher, scale.work.root, progress)
+            q, d, capped = embedding_candidates(searcher.index, whole, whole, options.threshold,
+                                                options.max_neighbors, True, progress)
+        candidates["embedding"] = (q, d)
+        note_capped(stats, capped, options.max_neighbors)
+    held = [np.zeros(0, np.int64)] + [np.r_[a, b] for a, b in candidates.values()]
+    rows = np.unique(np.concatenate(held))
+    corpus = Corpus.of_index(searcher, scale.work.root, progress, rows=rows)
+    local = {kind: (np.searchsorted(rows, a), np.searchsorted(rows, b)) for kind, (a, b) in candidates.items()}
+    return corpus, decide(corpus, corpus, local, options, True, stats)
+
+
 def find_duplicates(index: str | Path | Searcher, options: DedupOptions | None = None, progress: bool | None = None,
-                    workdir: str | None = None) -> DedupResult:
+                    workdir: str | Path | None = None, executor: Executor | None = None, keep_work: bool = False,
+                    device: str = "cpu", precision: str = "auto") -> DedupResult:
     """Duplicates among the images of an index (a directory or a loaded Searcher): pairs (every
-    tier that is on) and kept/removed groups."""
+    tier that is on) and kept/removed groups.
+
+    The work (partitions, finished tasks) goes to `workdir`/imgindex-dedup-work (default: the
+    system's temporary folder) and is removed when the run ends, also when it is interrupted
+    unless `keep_work`; a rerun reuses what it finds there. The tasks run on `executor` (default
+    this process), the embedding products on `device` (cpu, or cuda) in `precision`."""
     options = options or DedupOptions()
     options.check()
+    scale = Scale(None, executor or Executor(), device, precision)
+    scale.check()
     started = time.time()
     searcher = _searcher(index)
     options, chosen = resolve_threshold(searcher, options)
     stats: dict = {"images": int(searcher.manifest["count"]), **_tiers(options), **chosen}
-    with tempfile.TemporaryDirectory(dir=workdir, prefix="imgindex-dedup-") as tmp:
-        corpus = Corpus.of_index(searcher, Path(tmp), progress)
-        found = find_pairs(searcher, corpus, corpus, options, True, stats, progress)
+    with WorkDir(workdir, keep_work) as work:
+        scale.work = work
+        corpus, found = _pairs_at_scale(searcher, scale, options, stats, progress)
         pairs = _pairs_table(corpus, corpus, found)
         groups = group_duplicates(corpus, found.a, found.b, options)
+        stats["work_bytes"] = sum(p.stat().st_size for p in work.root.rglob("*") if p.is_file())
+        if work.reused:
+            stats["work"] = dict(work.reused)
     stats.update(pairs=pairs.num_rows, groups=len(set(groups["group_id"].to_pylist())),
                  in_groups=groups.num_rows, seconds=round(time.time() - started, 2))
     result = DedupResult(pairs, groups, stats)
@@ -127,9 +176,9 @@ def find_leaks(index: str | Path | Searcher, against: str, options: DedupOptions
     if not test_parts:
         raise ConfigError(f"{against} has no complete parts: run `imgindex embed` first")
     stats: dict = {"against": against, **_tiers(options), **chosen}
-    with tempfile.TemporaryDirectory(dir=workdir, prefix="imgindex-leaks-") as tmp:
-        train = Corpus.of_index(searcher, Path(tmp), progress)
-        queries = Corpus([(test, p) for p in test_parts], test.dim, Path(tmp), progress, name="against")
+    with WorkDir(workdir, name="imgindex-leaks-work") as work:
+        train = Corpus.of_index(searcher, work.root, progress)
+        queries = Corpus([(test, p) for p in test_parts], test.dim, work.root, progress, name="against")
         found = find_pairs(searcher, queries, train, options, False, stats, progress)
         pairs = _pairs_table(queries, train, found)
         stats.update(images=len(queries), leaked=int(len(np.unique(found.a))), pairs=pairs.num_rows,

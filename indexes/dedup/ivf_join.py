@@ -23,7 +23,12 @@ COMPACT_AT = 8_000_000  # pairs held before the per-query cap is applied
 
 def coarse_probes(ivf: faiss.IndexIVF, blocks, nprobe: int) -> np.ndarray:
     """The `nprobe` lists each query probes, as a search would choose them (N x nprobe int32)."""
-    quantizer = faiss.downcast_index(ivf.quantizer)
+    return quantizer_probes(ivf.quantizer, blocks, nprobe)
+
+
+def quantizer_probes(quantizer: faiss.Index, blocks, nprobe: int) -> np.ndarray:
+    """The `nprobe` lists each vector probes, with an IVF index's coarse quantizer (N x nprobe int32)."""
+    quantizer = faiss.downcast_index(quantizer)
     if not isinstance(quantizer, faiss.IndexHNSW):
         return np.concatenate([quantizer.search(block, nprobe)[1].astype(np.int32) for block in blocks])
     ef = quantizer.hnsw.efSearch  # an HNSW quantizer must look at least nprobe candidates wide
@@ -44,11 +49,14 @@ def list_ids(ivf: faiss.IndexIVF, number: int) -> np.ndarray:
     return ids
 
 
-def list_numbers(ivf: faiss.IndexIVF) -> np.ndarray:
-    """The inverted list that holds each stored id (ids are rows 0..ntotal-1)."""
-    lists = np.full(ivf.ntotal, -1, np.int32)
+def lists_of(ivf: faiss.IndexIVF, rows: np.ndarray) -> np.ndarray:
+    """The inverted list of each of `rows` (ascending ids): one pass over the lists' ids, memory
+    O(rows + the largest list), not O(ntotal) as list_numbers."""
+    lists = np.full(len(rows), -1, np.int32)
     for number in range(ivf.nlist):
-        lists[list_ids(ivf, number)] = number
+        ids = list_ids(ivf, number)
+        hit = ids[np.isin(ids, rows)]
+        lists[np.searchsorted(rows, hit)] = number
     return lists
 
 
@@ -81,27 +89,42 @@ def range_join(ivf: faiss.IndexIVF, queries, db_vectors: np.ndarray, nprobe: int
     query_of = (order // nprobe).astype(np.int64)  # query rows grouped by list, ascending in each
     bounds = np.r_[0, np.cumsum(np.bincount(probes.ravel(), minlength=ivf.nlist))]
     del probes, order
-    pairs = _Pairs(max_neighbors)
+    pairs = CappedPairs(max_neighbors)
     for number in progress_bar(range(ivf.nlist), desc=desc, unit="list", progress=progress):
         rows = query_of[bounds[number]:bounds[number + 1]]
         members = np.sort(list_ids(ivf, number)) if len(rows) else ()
-        if not len(members):
-            continue
-        for m in range(0, len(members), MEMBER_BLOCK):
-            ids = members[m:m + MEMBER_BLOCK]
-            block = np.asarray(db_vectors[ids], dtype=np.float32)
-            for q in range(0, len(rows), QUERY_BLOCK):
-                chunk = rows[q:q + QUERY_BLOCK]
-                scores = np.asarray(queries.vectors[chunk], dtype=np.float32) @ block.T
-                i, j = np.nonzero(scores >= threshold)
-                if self_join:
-                    other = chunk[i] != ids[j]
-                    i, j = i[other], j[other]
-                pairs.add(chunk[i], ids[j], scores[i, j])
+        if len(members):
+            list_pairs(rows, lambda lo, hi: queries.vectors[rows[lo:hi]], members,
+                       lambda lo, hi: db_vectors[members[lo:hi]], threshold, self_join, pairs.add)
     return pairs.result()
 
 
-class _Pairs:
+def list_pairs(rows: np.ndarray, query_vectors, members: np.ndarray, member_vectors, threshold: float,
+               self_join: bool, add, product=None) -> None:
+    """Every (query row, member row, score) of one inverted list at or above `threshold`, to `add`:
+    blocks of QUERY_BLOCK queries x MEMBER_BLOCK members, one matrix product each. `rows` and
+    `members` are ascending row ids, `*_vectors(lo, hi)` the vectors of positions lo..hi of them;
+    `product(queries, members, threshold)` -> (i, j, score) replaces the float32 numpy product
+    (e.g. on a GPU). The blocks are the same wherever a list is joined, so are the scores."""
+    for m in range(0, len(members), MEMBER_BLOCK):
+        ids = members[m:m + MEMBER_BLOCK]
+        block = np.asarray(member_vectors(m, m + len(ids)), dtype=np.float32)
+        for q in range(0, len(rows), QUERY_BLOCK):
+            chunk = rows[q:q + QUERY_BLOCK]
+            vectors = np.asarray(query_vectors(q, q + len(chunk)), dtype=np.float32)
+            if product is None:
+                scores = vectors @ block.T
+                i, j = np.nonzero(scores >= threshold)
+                found = scores[i, j]
+            else:
+                i, j, found = product(vectors, block, threshold)
+            if self_join:
+                other = chunk[i] != ids[j]
+                i, j, found = i[other], j[other], found[other]
+            add(chunk[i], ids[j], found)
+
+
+class CappedPairs:
     """Pairs found so far; past COMPACT_AT of them, each query keeps only its best `cap`."""
 
     def __init__(self, cap: int):
@@ -127,12 +150,21 @@ class _Pairs:
         if not len(over):
             return q, d, s
         self.capped = np.union1d(self.capped, over)
-        order = np.lexsort((-s, q))  # by query, most similar first
+        order = np.lexsort((d, -s, q))  # by query, most similar first (ties: the smaller row)
         q, d, s = q[order], d[order], s[order]
         rank = np.arange(len(q)) - np.r_[0, np.cumsum(counts)[:-1]][q]
         keep = rank < self.cap
         return q[keep], d[keep], s[keep]
 
-    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    def add_capped(self, queries: np.ndarray) -> None:
+        """Queries known to have had more than `cap` hits (e.g. in a task that kept their best `cap`)."""
+        self.capped = np.union1d(self.capped, queries)
+
+    def final(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(query, db, score) of every pair kept, and the queries that had more than `cap`."""
         q, d, s = self._compact()
-        return q, d, s, len(self.capped)
+        return q, d, s, self.capped
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        q, d, s, capped = self.final()
+        return q, d, s, len(capped)

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 
 from imgindex.errors import ConfigError
 from imgindex.indexes.dedup.corpus import BATCH, Corpus, cosines
-from imgindex.indexes.dedup.ivf_join import list_numbers, range_join, smallest_nprobe
+from imgindex.indexes.dedup.ivf_join import lists_of, range_join, smallest_nprobe
 from imgindex.indexes.factory import knob_values, set_knob
 from imgindex.indexes.query import Searcher
 from imgindex.indexes.recall import sweep
@@ -173,8 +173,8 @@ def embedding_candidates(index: faiss.Index, queries: Corpus, db: Corpus, thresh
     at most `max_neighbors` of them (not counting itself in a self-join).
 
     A plain IVF index is joined list by list on the stored vectors (dedup.ivf_join: the same
-    candidates as a search at its nprobe, at the speed of matrix products); other index types
-    are searched query by query.
+    candidates as a search at its nprobe, at the speed of matrix products; at scale, as tasks:
+    dedup.partitions); other index types are searched query by query.
     """
     ivf = faiss.downcast_index(index)
     if isinstance(ivf, faiss.IndexIVF):
@@ -222,40 +222,54 @@ class Pairs:
 
 def find_pairs(searcher: Searcher, queries: Corpus, db: Corpus, options: DedupOptions, self_join: bool,
                stats: dict, progress: bool | None = None) -> Pairs:
-    """The three tiers, the same code for the self-join (queries is db) and for `--against`.
-
-    Each enabled tier proposes pairs; a pair takes the strictest tier that holds for it, so
-    identical bytes are `exact` whichever tier found them first.
-    """
+    """The three tiers in this process, the same code for the self-join (queries is db) and for
+    `--against` (dedup at scale: find.py, partitions.py and hash_tiers.py)."""
     q_codes, d_codes = sha_codes(queries.sha, db.sha)
-    found_a, found_b, found_kind = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-
-    def found(a: np.ndarray, b: np.ndarray, kind: str) -> None:
-        if self_join:
-            a, b = _unique_pairs(a, b)
-        found_a.append(a)
-        found_b.append(b)
-        found_kind.append(np.full(len(a), METHODS.index(kind)))
-        stats[f"{kind}_candidates"] = int(len(a))
-
+    candidates = {}
     if "exact" in options.methods:
-        found(*exact_pairs(q_codes, d_codes, self_join), "exact")
+        candidates["exact"] = exact_pairs(q_codes, d_codes, self_join)
     if "phash" in options.methods:
-        found(*phash_pairs((db.phash, db.phash_valid), options.phash_distance,
-                           queries=None if self_join else (queries.phash, queries.phash_valid), progress=progress),
-              "phash")
+        candidates["phash"] = phash_pairs((db.phash, db.phash_valid), options.phash_distance,
+                                          queries=None if self_join else (queries.phash, queries.phash_valid),
+                                          progress=progress)
     if "embedding" in options.methods:
         stats["search"] = tune_for_threshold(searcher, db, options.threshold, options.max_neighbors + int(self_join))
         q, d, capped = embedding_candidates(searcher.index, queries, db, options.threshold, options.max_neighbors,
                                             self_join, progress, desc="neighbours" if self_join else "against")
+        candidates["embedding"] = (q, d)
+        note_capped(stats, capped, options.max_neighbors)
+    return decide(queries, db, candidates, options, self_join, stats, (q_codes, d_codes))
+
+
+def note_capped(stats: dict, capped: int, max_neighbors: int) -> None:
+    stats["images_with_capped_neighbours"] = capped
+    if capped:
+        log.warning("%d images have more than %d neighbours above the threshold: only the nearest %d were "
+                    "examined (--max-neighbors)", capped, max_neighbors, max_neighbors)
+
+
+def decide(queries: Corpus, db: Corpus, candidates: dict[str, tuple[np.ndarray, np.ndarray]], options: DedupOptions,
+           self_join: bool, stats: dict, codes: tuple[np.ndarray, np.ndarray] | None = None) -> Pairs:
+    """Each tier's candidate pairs (query row, db row) -> the pairs: embedding candidates
+    re-checked on the stored vectors, each pair once (in a self-join, (a, b) and (b, a) are one)
+    with the strictest tier that holds for it, so identical bytes are `exact` whichever tier
+    found them first."""
+    q_codes, d_codes = codes or sha_codes(queries.sha, db.sha)
+    found_a, found_b, found_kind = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for kind in METHODS:
+        if kind not in candidates:
+            continue
+        a, b = candidates[kind]
         if self_join:
-            q, d = _unique_pairs(q, d)
-        confirmed = cosines(queries, q, db, d) >= options.threshold
-        stats.update(embedding_rejected_by_recheck=int((~confirmed).sum()), images_with_capped_neighbours=capped)
-        if capped:
-            log.warning("%d images have more than %d neighbours above the threshold: only the nearest %d were "
-                        "examined (--max-neighbors)", capped, options.max_neighbors, options.max_neighbors)
-        found(q[confirmed], d[confirmed], "embedding")
+            a, b = _unique_pairs(a, b)
+        if kind == "embedding":
+            confirmed = cosines(queries, a, db, b) >= options.threshold
+            stats["embedding_rejected_by_recheck"] = int((~confirmed).sum())
+            a, b = a[confirmed], b[confirmed]
+        found_a.append(a)
+        found_b.append(b)
+        found_kind.append(np.full(len(a), METHODS.index(kind)))
+        stats[f"{kind}_candidates"] = int(len(a))
     a, b, kinds = _strictest(np.concatenate(found_a), np.concatenate(found_b), np.concatenate(found_kind))
     same_bytes = (q_codes[a] >= 0) & (q_codes[a] == d_codes[b])
     kinds[same_bytes] = METHODS.index("exact")
@@ -278,19 +292,31 @@ def tune_for_threshold(searcher: Searcher, corpus: Corpus, threshold: float, k: 
     the list-by-list join needs; the index's codes are never read), otherwise a search for `k`
     neighbours returns it.
     """
+    if searcher.knob is None:
+        return {"knob": None, "value": None, "planted_recall": 1.0}
+    rows, rng = tuning_rows(len(corpus), sample, seed)
+    return tune_on(searcher, rows, np.asarray(corpus.vectors[rows]), rng, threshold, k, target)
+
+
+def tuning_rows(count: int, sample: int = 1000, seed: int = 0) -> tuple[np.ndarray, np.random.Generator]:
+    """The rows tune_for_threshold plants copies of (ascending), and the generator that plants them."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(count, min(sample, count), replace=False)), rng
+
+
+def tune_on(searcher: Searcher, rows: np.ndarray, originals: np.ndarray, rng: np.random.Generator,
+            threshold: float, k: int, target: float = 0.99) -> dict:
+    """tune_for_threshold on the sampled rows' vectors (`originals`)."""
     knob = searcher.knob
     if knob is None:
         return {"knob": None, "value": None, "planted_recall": 1.0}
-    rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(len(corpus), min(sample, len(corpus)), replace=False))
-    originals = np.asarray(corpus.vectors[rows])
     noise = rng.standard_normal(originals.shape).astype(np.float32)
     noise -= np.einsum("ij,ij->i", noise, originals)[:, None] * originals
     noise /= np.linalg.norm(noise, axis=1, keepdims=True)
     copies = np.ascontiguousarray(threshold * originals + np.sqrt(1 - threshold**2) * noise, dtype=np.float32)
     ivf = faiss.downcast_index(searcher.index)
     if isinstance(ivf, faiss.IndexIVF):
-        value, recall = smallest_nprobe(ivf, copies, list_numbers(ivf)[rows], knob_values(ivf, knob), target)
+        value, recall = smallest_nprobe(ivf, copies, lists_of(ivf, rows), knob_values(ivf, knob), target)
         set_knob(searcher.index, knob, value)
         return {"knob": knob, "value": value, "planted_recall": round(recall, 4)}
     def found_originals() -> float:
