@@ -157,6 +157,30 @@ def many_tars(corpus) -> list[Path]:
     return [Path(shutil.copy(tar, many / f"{copy}-{tar.name}")) for copy in "abc" for tar in tars]
 
 
+class StuckJob:
+    """The corpus' shards and, sorted last, a tar that is a FIFO no writer opens, read with a
+    600 s deadline: a job on it is always mid-work when a test interrupts or kills it, however
+    fast or loaded the machine. `unstick()` puts a real tar in its place, for the rerun."""
+
+    def __init__(self, corpus, where: Path):
+        root, tars, _ = corpus
+        where.mkdir(parents=True, exist_ok=True)
+        self.stuck = where / "zz-stuck-00000.tar"
+        os.mkfifo(self.stuck)
+        self.config = where / "slow-reads.yaml"
+        self.config.write_text("base: test\nsource:\n  read_timeout_s: 600\n")
+        self.sources, self.spare = [*tars, self.stuck], tars[0]
+
+    def command(self, out: Path, checkpoint: Path, *extra) -> list[str]:
+        command = embed_cmd(self.sources, out, checkpoint, *extra)
+        command[command.index("--config") + 1] = str(self.config)
+        return command
+
+    def unstick(self) -> None:
+        self.stuck.unlink()
+        shutil.copy(self.spare, self.stuck)
+
+
 class RayCluster:
     """A local Ray cluster that the tests started: a head and a second node, 1 CPU each. Jobs
     reach it through `env` (RAY_ADDRESS); `kill_node` kills the second node's processes."""
@@ -331,13 +355,14 @@ INTERRUPTED = "imgindex: interrupted; rerun the same command to finish the remai
 @pytest.mark.parametrize("executor, stop", [([], "ctrl-c"), (["--procs", "2"], "ctrl-c"), (["--ray", "2"], "ctrl-c"),
                                             (["--ray", "2"], "sigterm")],
                          ids=["local", "procs", "ray", "ray-sigterm"])
-def test_ctrl_c_ends_any_executor_as_it_ends_a_local_run_and_the_rerun_finishes(executor, stop, many_tars, checkpoint,
+def test_ctrl_c_ends_any_executor_as_it_ends_a_local_run_and_the_rerun_finishes(executor, stop, corpus, checkpoint,
                                                                                request, tmp_path):
     """Ctrl-C in a terminal signals the job's whole process group (the job runs in a session of its own);
     `kill PID` or a scheduler's stop sends SIGTERM to the driver alone, which ends the same way (with
     Ray it aborted, exit 134)."""
     out = tmp_path / "interrupted"
-    command = embed_cmd(many_tars, out, checkpoint, *executor)
+    stuck = StuckJob(corpus, tmp_path / "in")
+    command = stuck.command(out, checkpoint, *executor)
     env = request.getfixturevalue("ray_cluster").env if "--ray" in executor else None
     job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                            start_new_session=True)
@@ -353,15 +378,17 @@ def test_ctrl_c_ends_any_executor_as_it_ends_a_local_run_and_the_rerun_finishes(
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert job.returncode == 130 and lines[-1] == INTERRUPTED, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
-    assert len(stats_files(out)) < len(many_tars)
+    assert len(stats_files(out)) < len(stuck.sources)
+    stuck.unstick()
     rerun = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "already done" in rerun.stdout and len(stats_files(out)) == len(many_tars)
+    assert "already done" in rerun.stdout and len(stats_files(out)) == len(stuck.sources)
 
 
-def test_killing_the_procs_driver_ends_its_workers(many_tars, checkpoint, tmp_path):
+def test_killing_the_procs_driver_ends_its_workers(corpus, checkpoint, tmp_path):
     out = tmp_path / "orphans"
-    job = subprocess.Popen(embed_cmd(many_tars, out, checkpoint, "--procs", "2"), stdout=subprocess.DEVNULL,
+    stuck = StuckJob(corpus, tmp_path / "in")
+    job = subprocess.Popen(stuck.command(out, checkpoint, "--procs", "2"), stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, start_new_session=True)
     below: dict[int, int] = {}
     left: dict[int, str] = {}
