@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from imgindex.errors import ConfigError
+from imgindex.errors import ConfigError, Corrupt
 
 INDEX = "index.faiss"
 IDS = "ids.parquet"
@@ -219,19 +219,19 @@ class IndexDir:
         try:
             manifest = json.loads(text)
         except ValueError as exc:
-            raise ConfigError(f"{self.path / MANIFEST} is not valid JSON ({exc}): rebuild the index") from None
+            raise Corrupt(f"{self.path / MANIFEST} is not valid JSON ({exc}): rebuild the index") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise ConfigError(f"{self.path / MANIFEST} is not an imgindex index manifest: rebuild the index")
         for key, kind in REQUIRED.items():
             if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool):
-                raise ConfigError(f"{self.path / MANIFEST} is damaged ({key!r} is missing or not a "
+                raise Corrupt(f"{self.path / MANIFEST} is damaged ({key!r} is missing or not a "
                                   f"{kind.__name__}): rebuild the index")
         if not isinstance((manifest["embeddings"].get("model") or {}).get("name"), str) or not all(
                 isinstance(p, dict) and isinstance(p.get("shard"), str) for p in manifest["parts"]):
-            raise ConfigError(f"{self.path / MANIFEST} is damaged (its model or parts): rebuild the index")
+            raise Corrupt(f"{self.path / MANIFEST} is damaged (its model or parts): rebuild the index")
         files = manifest.get("files")
         if not isinstance(files, dict) or not all(_is_digest(files.get(name)) for name in data_files(manifest)):
-            raise ConfigError(f"{self.path / MANIFEST} is damaged (the digests of "
+            raise Corrupt(f"{self.path / MANIFEST} is damaged (the digests of "
                               f"{' and '.join(data_files(manifest))} are missing or malformed), so the index cannot "
                               "be checked: rebuild the index")
         return manifest
@@ -251,7 +251,7 @@ class IndexDir:
             keys = ("bytes", "sha256") if whole else ("bytes", "sampled_sha256")
             if any(found[k] != recorded.get(k) for k in keys):
                 what = "size" if found["bytes"] != recorded.get("bytes") else "content"
-                raise ConfigError(f"{path} is corrupt or truncated: it does not match the digest in its manifest "
+                raise Corrupt(f"{path} is corrupt or truncated: it does not match the digest in its manifest "
                                   f"({what} changed): rebuild the index")
 
     def record_files(self, manifest: dict) -> None:
@@ -272,9 +272,9 @@ class IndexDir:
             with c_stdout_to_stderr():  # faiss says where it found index.ivfdata, on stdout
                 index = faiss.read_index(str(path), flags)
         except RuntimeError as exc:
-            raise ConfigError(f"{path} is corrupt or truncated ({faiss_reason(exc)}): rebuild the index") from None
+            raise Corrupt(f"{path} is corrupt or truncated ({faiss_reason(exc)}): rebuild the index") from None
         if index.ntotal != manifest["count"] or index.d != manifest["dim"]:
-            raise ConfigError(f"{path} holds {index.ntotal} vectors of dim {index.d}, the manifest says "
+            raise Corrupt(f"{path} holds {index.ntotal} vectors of dim {index.d}, the manifest says "
                               f"{manifest['count']} of dim {manifest['dim']} (interrupted update?): rebuild the index")
         return index
 
@@ -288,7 +288,7 @@ class IndexDir:
         except (OSError, pa.ArrowInvalid) as exc:
             raise ConfigError(f"{path} is missing or unreadable ({exc}): rebuild the index") from None
         if ids.num_rows != manifest["count"]:
-            raise ConfigError(f"{path} has {ids.num_rows} rows for {manifest['count']} vectors: rebuild the index")
+            raise Corrupt(f"{path} has {ids.num_rows} rows for {manifest['count']} vectors: rebuild the index")
         return ids
 
     def read_keys(self, manifest: dict) -> pa.Table | None:

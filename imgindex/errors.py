@@ -1,8 +1,9 @@
 """The product's error types, below every room, so that a caller (the command line, the service)
 maps an error by its type, not by where it was raised.
 
-- `ConfigError`: a job input is wrong (config, sources, flags, an index that cannot be used);
-  `NotFound` and `Corrupt` are the two kinds a caller answers differently.
+- `ConfigError`: a job input is wrong (config, sources, flags, an index that cannot be used); its
+  kinds `NotFound` (what was asked for is not there: the service answers 404) and `Corrupt` (bytes
+  that are not what was written: loading an index and `--verify` raise it; rebuild or restore).
 - `SampleError`: one sample (an image, an upload) cannot be embedded; its `kind` is the failures
   table's short error class.
 """

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from imgindex.errors import ConfigError
+from imgindex.errors import ConfigError, Corrupt
 from imgindex.executors.handout import Event, Outcome, hand_out
 from imgindex.executors.placement import Executor, place
 from imgindex.formats.embeddings_dir import EmbeddingsDir, Part, identity_changes
@@ -466,7 +466,7 @@ def verify_index(index_dir: str) -> dict:
                 from imgindex.formats.index_dir import file_digest
                 found = file_digest(Path(part.path), full=True)
             if digest_changes(recorded["file"], found):
-                raise ConfigError(f"the part of shard {part.shard} in {where} changed since it was indexed "
+                raise Corrupt(f"the part of shard {part.shard} in {where} changed since it was indexed "
                                   f"({', '.join(digest_changes(recorded['file'], found))} differ): rebuild the index")
             checked += 1
     return {"files": len(manifest.get("files") or {}), "parts": checked}

@@ -10,7 +10,7 @@ from imgindex.indexes.build import BuildOptions, add_parts, build_index
 from imgindex.indexes.factory import choose_index_key, parse_memory
 from imgindex.indexes.query import Searcher
 from synthetic import clustered_vectors, write_embeddings_dir
-from imgindex.errors import ConfigError
+from imgindex.errors import ConfigError, Corrupt
 
 IVF = BuildOptions(flat_threshold=1000, eval_queries=300)
 
@@ -166,7 +166,7 @@ def test_corrupt_or_truncated_index_file_is_a_clear_error(tmp_path, corpus, dama
     path = tmp_path / "idx" / "index.faiss"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\0garbage" * 100)
-    with pytest.raises(ConfigError, match="corrupt or truncated"):
+    with pytest.raises(Corrupt, match="corrupt or truncated"):
         Searcher(tmp_path / "idx")
 
 
@@ -231,7 +231,7 @@ def test_a_bit_flipped_index_is_refused_and_verify_checks_every_byte(tmp_path, c
     for offset in rng.choice(np.arange(200, len(raw)), 2000, replace=False):
         raw[offset] ^= 0xFF
     path.write_bytes(bytes(raw))
-    with pytest.raises(ConfigError, match="does not match the digest in its manifest"):
+    with pytest.raises(Corrupt, match="does not match the digest in its manifest"):
         Searcher(tmp_path / "idx")
     bad = subprocess.run([sys.executable, "-m", "imgindex", "index", "--verify", str(tmp_path / "idx")],
                          capture_output=True, text=True)
