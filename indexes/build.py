@@ -230,13 +230,19 @@ def build_index(emb_dir: str, out: str, options: BuildOptions | None = None, ove
         _say(note)
     log.info("index %s: %s", key, reason)
 
+    created = not target.path.exists()
     target.path.mkdir(parents=True, exist_ok=True)  # only now: a refused build leaves no folder behind
     target.forget()  # until the new manifest is written, the directory is not an index
     build = BuildDir(target.build_url)
     per_vector = max(1, codes_bytes(index, 1) or emb.dim * 4)
     identity = _plan_identity(key, parts, options, train_size)
-    plan, index = _start_or_resume(build, emb, parts, index, identity, workers,
-                                   max(1, budget // (4 * per_vector)), options)
+    try:
+        plan, index = _start_or_resume(build, emb, parts, index, identity, workers,
+                                       max(1, budget // (4 * per_vector)), options)
+    except ConfigError:  # training refused (e.g. too few vectors for the codes): nothing of this build stays
+        if created:
+            shutil.rmtree(target.path, ignore_errors=True)
+        raise
     tasks = [parallel.AddTask.from_json(t) for t in plan["tasks"]]
     done = parallel.done_tasks(build, tasks)
     if done:
