@@ -9,7 +9,7 @@ tier of `find_duplicates` in a fresh process per executor (in-process, `--procs 
 local Ray on the loopback) and prints, for each, its time (and the partition and join stages'),
 the driver's peak RSS (VmHWM: ru_maxrss would count the parent's memory at fork), the workers'
 peak RSS (each task reports its process's VmHWM), the work folder's size at its largest (the
-partitions, the pairs' rows) against the vectors' size, and whether its pairs are identical to
+partitions, the pairs' rows) and the partitions' bytes, each against the vectors' float32 size, and whether its pairs are identical to
 the in-process run's. Pair recall and precision are measured against the planted groups, against
 brute force for `--sample-exact` sampled rows (every pair they are in), and with --check-exact
 against exact brute force over all pairs (slow at 1M).
@@ -148,6 +148,10 @@ def main() -> None:
             "driver_peak_rss_mb": round(run["peak_rss_mb"]), "worker_peak_rss_mb": part.get("worker_peak_rss_mb"),
             "work_mb": round(run["stats"].get("work_bytes", 0) / 2**20),
             "work_over_vectors": round(run["stats"].get("work_bytes", 0) / 2**20 / vectors_mb, 2),
+            "partition_mb": round(part.get("partition_bytes", 0) / 2**20, 1),
+            "partitions_over_vectors": round(part.get("partition_bytes", 0) / max(1, vectors.nbytes), 3),
+            "nprobe": part.get("nprobe"), "storage": part.get("storage"),
+            "queries_read_elsewhere": part.get("queries_read_elsewhere"),
             "tasks": [part.get("partition_tasks"), part.get("join_tasks")], "workers": part.get("workers"),
             "pairs_identical_to_first": keyed[name] == found,
             "speedup_over_first": round(runs[first]["seconds"] / run["seconds"], 2),

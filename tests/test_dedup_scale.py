@@ -77,6 +77,25 @@ def test_partitioned_join_gives_exactly_the_one_process_join(index, tmp_path, mo
     assert not (tmp_path / "imgindex-dedup-work").exists()  # removed after success
 
 
+@pytest.mark.parametrize("nprobe", [4, 16])
+def test_the_partitions_hold_one_copy_of_the_vectors(index, tmp_path, nprobe):
+    """Each vector is stored once (in the partition of its own list); probing is a row id per
+    (row, list probed): the runs are at most the vectors' float32 bytes plus 8 (nprobe + 2) bytes a
+    row and each run's offsets, whatever nprobe."""
+    path, vectors = index
+    searcher = Searcher(path)
+    searcher.index.nprobe = nprobe
+    nlist = searcher.index.nlist
+    with WorkDir(tmp_path) as work:
+        q, d, _, _, stats = partitioned_join(searcher, Scale(work), THRESHOLD, CAP)
+        runs = [p for p in (work.root / "embedding" / "runs").iterdir() if p.is_file()]
+        written = sum(p.stat().st_size for p in runs)
+    overhead = len(vectors) * 8 * (nprobe + 2) + stats["partition_tasks"] * (16 * (nlist + 1) + 5 * 128)
+    assert written <= vectors.nbytes + overhead, (written, vectors.nbytes)
+    assert stats["partition_bytes"] == written and stats["vector_bytes"] == vectors.nbytes
+    assert stats["storage"] == "float32" and len(q) > 400
+
+
 class KillsItsWorkerOnce(partitions.JoinWorkers):
     """The real workers, except that the first worker to take join task 3 SIGKILLs its own process."""
 

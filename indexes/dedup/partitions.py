@@ -2,22 +2,27 @@
 group of lists as an independent task, on any executor (this process, `--procs`, `--ray`).
 
 Partition (one task per part of the index): the part's vectors are read from the embeddings
-directory, each row's `nprobe` lists are chosen by the index's coarse quantizer (as a search
-would), and the row is written once for every list it probes (role: query) and once for the
-list that holds it (role: member; one record with both roles when it probes its own list),
-sorted by list, into one run file per part with the offsets of every task's lists. Join (one
-task per group of consecutive lists): the group's records from every run file, then per list
-the same blocked matrix products as the one-process join (ivf_join.list_pairs), self-pairs
-dropped, each query's `cap` most similar kept (and the queries that had more noted), written
-to one pairs file. A pair is examined exactly when a search at the same `nprobe` would
-examine it, as in ivf_join; the driver then keeps each query's best `cap` over all tasks,
-which is the one-process answer.
+directory and each row's `nprobe` lists are chosen by the index's coarse quantizer (as a search
+would). The row's vector is written ONCE, in the run of its part, among the members of the list
+that holds it (sorted by that list's place in the join order, then row); for every list it
+probes only its row id is written (8 bytes), sorted the same way; a third file gives each row's
+slot among the members. Join (one task per group of lists consecutive in the join order, a chain
+through the centroids, list_order, so most queries of a group are members of it): the group's
+members and probing rows from every run; each query's vector once, from the group's members
+where it is one, else read from the run of its part at its slot (sorted, memory-mapped: only
+those rows' pages); then per list the same blocked matrix products as the one-process join
+(ivf_join.list_pairs), self-pairs dropped, each query's `cap` most similar kept (and the queries
+that had more noted), written to one pairs file. A pair is examined exactly when a search at the
+same `nprobe` would examine it, as in ivf_join, with the same float32 vectors and blocks; the
+driver then keeps each query's best `cap` over all tasks, which is the one-process answer.
 
-Temporary disk: about nprobe float32 copies of the vectors (one record per (row, list probed)),
-in the work folder (workdir.py); finished runs and tasks are reused by a rerun. Products run
-in float32 with numpy, or with torch on a GPU (`device="cuda"`, bf16 by default): then every
-candidate within the bf16 rounding bound of the threshold is re-scored in float32 and only
-those at or above it are kept, so bf16 loses no pair.
+Temporary disk: one float32 copy of the vectors plus 8 (nprobe + 2) bytes a row (row ids, slots)
+and each run's offsets (16 bytes a list), whatever nprobe; the stats say `partition_bytes`,
+`vector_bytes` and `storage` (float32: the one copy fits, so no fp16 storage is used). The
+folder is workdir.py's; finished runs and tasks are reused by a rerun. Products run in float32
+with numpy, or with torch on a GPU (`device="cuda"`, bf16 by default): then every candidate
+within the bf16 rounding bound of the threshold is re-scored in float32 and only those at or
+above it are kept, so bf16 loses no pair.
 """
 from __future__ import annotations
 
@@ -35,11 +40,10 @@ from imgindex.executors.handout import Event, Outcome, hand_out
 from imgindex.executors.placement import Executor, Placement, place
 from imgindex.formats.embeddings_dir import EmbeddingsDir
 from imgindex.indexes.dedup.ivf_join import CappedPairs, list_ids, list_pairs, quantizer_probes
-from imgindex.indexes.dedup.workdir import WorkDir, read_group, run_done, save_array, save_arrays, write_run
+from imgindex.indexes.dedup.workdir import WorkDir, save_array, save_arrays
 from imgindex.plurals import counted
 from imgindex.progress import progress_bar
 
-MEMBER, QUERY = 1, 2  # a record's roles in its list: stored in it, probes it (or both)
 TASK_BYTES = 256 << 20  # vectors a join task holds, about: sets how many lists a task takes
 MIN_TASKS = 16  # at least this many join tasks (at most one per list): work for every worker, steps to resume from
 # bf16 keeps 8 significant bits: each coordinate is off by at most 2^-9 of itself, so the dot
@@ -47,10 +51,7 @@ MIN_TASKS = 16  # at least this many join tasks (at most one per list): work for
 # threshold - BF16_MARGIN, and the float32 re-score decides.
 BF16_MARGIN = 2**-7
 PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def record_dtype(dim: int) -> np.dtype:
-    return np.dtype([("row", "<i8"), ("list", "<i4"), ("role", "u1"), ("vector", "<f4", (dim,))])
+LAYOUT = 2  # the partitions' file layout (in the stage's identity: a work folder of another layout is cleared)
 
 
 @dataclass(frozen=True)
@@ -145,54 +146,145 @@ class JoinWorker(StageWorker):
         stage = Path(spec.stage)
         self.quantizer = faiss.read_index(str(stage / "quantizer.faiss"))
         self.lists = np.load(stage / "lists.npy", mmap_mode="r")
-        self.bounds = np.load(stage / "groups.npy")  # group g holds lists bounds[g]..bounds[g+1]-1
+        order = np.load(stage / "order.npy")  # the lists in join order: nearby lists next to each other
+        self.rank = np.empty(len(order), np.int64)
+        self.rank[order] = np.arange(len(order))
+        self.bounds = np.load(stage / "groups.npy")  # group g holds the lists of ranks bounds[g]..bounds[g+1]-1
+        self.starts = np.load(stage / "starts.npy")  # the first row of every part of the index
         self.runs, self.pairs = stage / "runs", stage / "pairs"
         self.product = torch_product(spec.device, spec.precision) if spec.device != "cpu" or \
             spec.precision == "bf16" else None
 
     def partition(self, task: IndexPart) -> dict:
         emb = self.embeddings(task.embeddings)
-        nprobe, blocks, read = self.spec.nprobe, [], 0
-        for _, _, vectors in emb.iter_batches([emb.part(task.shard, task.rows)]):
-            rows = np.arange(task.start + read, task.start + read + len(vectors), dtype=np.int64)
-            read += len(vectors)
+        nprobe, rows, vectors, probes, read = self.spec.nprobe, [], [], [], 0
+        for _, _, batch in emb.iter_batches([emb.part(task.shard, task.rows)]):
+            rows.append(np.arange(task.start + read, task.start + read + len(batch), dtype=np.int64))
+            read += len(batch)
             if read > task.rows:
                 break
-            own = np.asarray(self.lists[rows[0]:rows[-1] + 1], dtype=np.int32)
-            probes = quantizer_probes(self.quantizer, [vectors], nprobe)
-            hit = probes == own[:, None]
-            lonely = np.nonzero(~hit.any(axis=1))[0]  # rows that do not probe their own list
-            which = np.r_[np.repeat(np.arange(len(rows)), nprobe), lonely]
-            block = np.empty(len(which), record_dtype(self.spec.dim))
-            block["row"], block["vector"] = rows[which], vectors[which]
-            block["list"] = np.r_[probes.ravel(), own[lonely]]
-            block["role"] = np.r_[QUERY | np.where(hit.ravel(), MEMBER, 0), np.full(len(lonely), MEMBER)]
-            blocks.append(block[block["list"] >= 0])
+            vectors.append(np.asarray(batch, dtype=np.float32))
+            probes.append(quantizer_probes(self.quantizer, [vectors[-1]], nprobe))
         if read != task.rows:
             raise ConfigError(f"the part of shard {task.shard} holds {read} rows, the index recorded {task.rows}: "
                               "the embeddings changed since the index was built; rebuild the index")
-        records = np.concatenate(blocks) if blocks else np.empty(0, record_dtype(self.spec.dim))
-        records = records[np.lexsort((records["row"], records["list"]))]
-        write_run(self.runs, task.number, records, np.searchsorted(records["list"], self.bounds))
-        return {"records": len(records)}
+        dim = self.spec.dim
+        rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        vectors = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)
+        probes = np.concatenate(probes) if probes else np.zeros((0, nprobe), np.int32)
+        write_partition(self.runs, task.number, task.start, rows, vectors, probes, self.rank,
+                        np.asarray(self.lists[task.start:task.start + task.rows], dtype=np.int32))
+        return {"records": int(len(rows) * (nprobe + 1))}
 
     def join(self, task: JoinTask) -> dict:
-        records = read_group(self.runs, self.spec.parts, task.group)
-        records = records[np.lexsort((records["row"], records["list"]))]
+        lo, hi = int(self.bounds[task.group]), int(self.bounds[task.group + 1])
+        members, member_rank, queries, query_rank = read_ranks(self.runs, self.spec.parts, lo, hi)
+        order = np.lexsort((members, member_rank))
+        members, member_rank = members[order], member_rank[order]
+        member_vectors = read_member_vectors(self.runs, self.spec.parts, lo, hi)[order]
+        order = np.lexsort((queries, query_rank))
+        queries, query_rank = queries[order], query_rank[order]
+        # every query's vector once: from this group's members where it is one, else read (sorted,
+        # memory-mapped) from the partition of the list that holds it
+        unique, where = np.unique(queries, return_inverse=True)
+        by_row = np.argsort(members, kind="stable")
+        at = np.searchsorted(members, unique, sorter=by_row)
+        local = at < len(members)
+        local[local] = members[by_row[at[local]]] == unique[local]
+        query_vectors = np.empty((len(unique), self.spec.dim), np.float32)
+        query_vectors[local] = member_vectors[by_row[at[local]]]
+        query_vectors[~local] = read_rows(self.runs, self.starts, unique[~local], self.spec.dim)
         pairs = CappedPairs(self.spec.cap)
-        edges = np.r_[0, np.nonzero(np.diff(records["list"]))[0] + 1, len(records)]
-        for lo, hi in zip(edges[:-1], edges[1:]):
-            rows = records[lo:hi]
-            queries, members = (rows["role"] & QUERY) > 0, (rows["role"] & MEMBER) > 0
-            if not queries.any() or not members.any():
+        m_edges = np.searchsorted(member_rank, np.arange(lo, hi + 1))
+        q_edges = np.searchsorted(query_rank, np.arange(lo, hi + 1))
+        for r in range(hi - lo):
+            m0, m1, q0, q1 = m_edges[r], m_edges[r + 1], q_edges[r], q_edges[r + 1]
+            if m0 == m1 or q0 == q1:
                 continue
-            query_rows, member_rows = rows["row"][queries], rows["row"][members]
-            query_vectors, member_vectors = rows["vector"][queries], rows["vector"][members]
-            list_pairs(query_rows, lambda a, b: query_vectors[a:b], member_rows, lambda a, b: member_vectors[a:b],
-                       self.spec.threshold, True, pairs.add, self.product)
+            slots = where[q0:q1]
+            list_pairs(queries[q0:q1], lambda a, b: query_vectors[slots[a:b]], members[m0:m1],
+                       lambda a, b: member_vectors[m0 + a:m0 + b], self.spec.threshold, True, pairs.add, self.product)
         q, d, s, capped = pairs.final()
         save_arrays(self.pairs / f"{task.group:06d}.npz", q=q, d=d, s=s, capped=capped)
-        return {"records": len(records), "pairs": len(q)}
+        return {"records": len(members) + len(queries), "pairs": len(q), "queries": len(unique),
+                "remote_queries": int((~local).sum())}
+
+
+# One partition run per part of the index, every file under its final name only once complete
+# and the offsets written last (a run with offsets is complete). Members, sorted by (rank of
+# their list, row): `rows` (int64) and `vectors` (float32, dim); `where` (int64): the slot of each
+# of the part's rows in them (-1: not in the index); `probes` (int64): the row of every (row,
+# list probed) record, sorted by (rank of the list, row); `off`: 2 x (nlist + 1), where each
+# rank's members and probes start.
+RUN_FILES = ("rows", "vectors", "where", "probes")
+
+
+def write_partition(folder: Path, number: int, start: int, rows: np.ndarray, vectors: np.ndarray,
+                    probes: np.ndarray, rank: np.ndarray, own: np.ndarray) -> None:
+    nlist = len(rank)
+    stored = np.nonzero(own >= 0)[0]
+    order = stored[np.lexsort((rows[stored], rank[own[stored]]))]
+    where = np.full(len(rows), -1, np.int64)
+    where[order] = np.arange(len(order))
+    member_offsets = np.searchsorted(rank[own[order]], np.arange(nlist + 1))
+    flat = probes.ravel()
+    probed = np.nonzero(flat >= 0)[0]
+    query_rows = rows[probed // max(probes.shape[1], 1)]
+    query_ranks = rank[flat[probed]]
+    q_order = np.lexsort((query_rows, query_ranks))
+    query_offsets = np.searchsorted(query_ranks[q_order], np.arange(nlist + 1))
+    save_array(folder / f"{number:06d}.rows.npy", rows[order])
+    save_array(folder / f"{number:06d}.vectors.npy", np.ascontiguousarray(vectors[order], dtype=np.float32))
+    save_array(folder / f"{number:06d}.where.npy", where)
+    save_array(folder / f"{number:06d}.probes.npy", query_rows[q_order])
+    save_array(folder / f"{number:06d}.off.npy", np.stack([member_offsets, query_offsets]).astype(np.int64))
+
+
+def read_ranks(folder: Path, runs: int, lo: int, hi: int):
+    """Ranks lo..hi-1's members and probing rows from every run, each with its rank."""
+    members, member_rank, queries, query_rank = [], [], [], []
+    for number in range(runs):
+        off = np.load(folder / f"{number:06d}.off.npy")
+        for kind, ids, ranks, offsets in (("rows", members, member_rank, off[0]),
+                                          ("probes", queries, query_rank, off[1])):
+            taken = np.load(folder / f"{number:06d}.{kind}.npy", mmap_mode="r")
+            ids.append(np.array(taken[offsets[lo]:offsets[hi]]))
+            ranks.append(np.repeat(np.arange(lo, hi), np.diff(offsets[lo:hi + 1])))
+            del taken
+    return tuple(np.concatenate(column) if column else np.zeros(0, np.int64)
+                 for column in (members, member_rank, queries, query_rank))
+
+
+def read_member_vectors(folder: Path, runs: int, lo: int, hi: int) -> np.ndarray:
+    """Ranks lo..hi-1's member vectors from every run, in read_ranks's order."""
+    taken = []
+    for number in range(runs):
+        off = np.load(folder / f"{number:06d}.off.npy")[0]
+        vectors = np.load(folder / f"{number:06d}.vectors.npy", mmap_mode="r")
+        taken.append(np.array(vectors[off[lo]:off[hi]]))
+        del vectors
+    return np.concatenate(taken)
+
+
+def read_rows(folder: Path, starts: np.ndarray, rows: np.ndarray, dim: int) -> np.ndarray:
+    """The stored vectors of `rows` (ascending), each read from the run of its part at its slot
+    there (memory-mapped, slots sorted: only those rows' pages are read)."""
+    parts = np.searchsorted(starts, rows, side="right") - 1
+    taken = []
+    for number in np.unique(parts):
+        mine = rows[parts == number] - starts[number]
+        slots = np.load(folder / f"{number:06d}.where.npy", mmap_mode="r")[mine]
+        vectors = np.load(folder / f"{number:06d}.vectors.npy", mmap_mode="r")
+        order = np.argsort(slots)
+        block = np.empty((len(slots), vectors.shape[1]), np.float32)
+        block[order] = vectors[slots[order]]
+        taken.append(block)
+        del vectors
+    return np.concatenate(taken) if taken else np.zeros((0, dim), np.float32)
+
+
+def partition_done(folder: Path, number: int) -> bool:
+    return (folder / f"{number:06d}.off.npy").exists()
 
 
 def peak_rss_mb() -> float | None:
@@ -228,9 +320,10 @@ def torch_product(device: str, precision: str):
 
 
 def group_bounds(sizes: np.ndarray, nprobe: int, dim: int) -> np.ndarray:
-    """Consecutive lists in groups of about TASK_BYTES of records (a list's members, times
-    nprobe + 1 for the queries that probe it on average), at least MIN_TASKS groups (at most one
-    per list): the list boundaries, groups + 1 of them. A list larger than a task is a task."""
+    """Consecutive lists (`sizes` in join order) in groups of about TASK_BYTES of vectors (a
+    list's members, times nprobe + 1 for the queries that probe it on average, at most), at least
+    MIN_TASKS groups (at most one per list): the rank boundaries, groups + 1 of them. A list
+    larger than a task is a task."""
     weight = sizes.astype(np.float64) * (nprobe + 1) * (4 * dim + 13)
     count = min(len(sizes), max(MIN_TASKS, math.ceil(weight.sum() / TASK_BYTES)))
     before = np.r_[0, np.cumsum(weight)[:-1]]
@@ -250,15 +343,45 @@ def _lists_file(ivf: faiss.IndexIVF, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _write_layout(ivf: faiss.IndexIVF, stage: Path, nprobe: int, dim: int) -> None:
+def list_order(quantizer: faiss.Index, nlist: int, width: int = 8) -> np.ndarray:
+    """The lists in an order where each is followed, where it can be, by one of its `width`
+    nearest lists (by centroid): a chain through the centroids, so that a group of consecutive
+    lists holds most of the rows that probe it (their own list is nearby). Python per list,
+    once, in the driver: about a second per 100k lists."""
+    try:
+        centroids = quantizer.reconstruct_n(0, nlist)
+    except RuntimeError:  # a quantizer that cannot give its centroids back: index order
+        return np.arange(nlist, dtype=np.int64)
+    near = quantizer_probes(quantizer, [np.ascontiguousarray(centroids, np.float32)], min(width + 1, nlist))
+    seen = np.zeros(nlist, bool)
+    order, current, unseen = [], 0, 0
+    for _ in range(nlist):
+        seen[current] = True
+        order.append(current)
+        nxt = next((int(c) for c in near[current] if c >= 0 and not seen[c]), -1)
+        if nxt < 0:
+            while unseen < nlist and seen[unseen]:
+                unseen += 1
+            if unseen == nlist:
+                break
+            nxt = unseen
+        current = nxt
+    return np.asarray(order, np.int64)
+
+
+def _write_layout(ivf: faiss.IndexIVF, stage: Path, nprobe: int, dim: int, starts: np.ndarray) -> None:
     if not (stage / "quantizer.faiss").exists():
         faiss.write_index(ivf.quantizer, str(stage / "quantizer.faiss.tmp"))
         os.replace(stage / "quantizer.faiss.tmp", stage / "quantizer.faiss")
     if not (stage / "lists.npy").exists():
         _lists_file(ivf, stage / "lists.npy")
+    if not (stage / "order.npy").exists():
+        save_array(stage / "order.npy", list_order(ivf.quantizer, ivf.nlist))
+    if not (stage / "starts.npy").exists():
+        save_array(stage / "starts.npy", starts.astype(np.int64))
     if not (stage / "groups.npy").exists():
         sizes = np.array([ivf.invlists.list_size(n) for n in range(ivf.nlist)], np.int64)
-        save_array(stage / "groups.npy", group_bounds(sizes, nprobe, dim))
+        save_array(stage / "groups.npy", group_bounds(sizes[np.load(stage / "order.npy")], nprobe, dim))
     for folder in ("runs", "pairs"):
         (stage / folder).mkdir(exist_ok=True)
 
@@ -327,13 +450,13 @@ def partitioned_join(searcher, scale: Scale, threshold: float, cap: int,
     precision = scale.product_precision
     identity = {"index": str(Path(searcher.dir.path).resolve()), "count": manifest["count"],
                 "files": manifest.get("files"), "factory": manifest.get("factory"), "nprobe": nprobe,
-                "threshold": threshold, "max_neighbors": cap, "precision": precision}
+                "threshold": threshold, "max_neighbors": cap, "precision": precision, "layout": LAYOUT}
     stage = scale.work.stage("embedding", identity)
-    _write_layout(ivf, stage, nprobe, manifest["dim"])
     parts = [PartitionTask(f"partition-{p.shard}", p) for p in index_parts(searcher)]
+    _write_layout(ivf, stage, nprobe, manifest["dim"], np.array([t.part.start for t in parts], np.int64))
     groups = len(np.load(stage / "groups.npy")) - 1
     joins = [JoinTask(f"join-{g:06d}", g) for g in range(groups)]
-    todo_parts = [t for t in parts if not run_done(stage / "runs", t.part.number)]
+    todo_parts = [t for t in parts if not partition_done(stage / "runs", t.part.number)]
     todo_joins = [t for t in joins if not (stage / "pairs" / f"{t.group:06d}.npz").exists()]
     stats = {"nprobe": nprobe, "partition_tasks": len(parts), "join_tasks": groups,
              "reused_tasks": len(parts) - len(todo_parts) + groups - len(todo_joins), "precision": precision}
@@ -342,13 +465,19 @@ def partitioned_join(searcher, scale: Scale, threshold: float, cap: int,
     started = time.perf_counter()
     done = run_tasks(placement, factory, todo_parts, "partition", progress)
     stats["partition_s"] = round(time.perf_counter() - started, 2)
-    stats["records"] = int(sum(np.load(stage / "runs" / f"{t.part.number:06d}.off.npy")[-1] for t in parts))
+    stats["partition_bytes"] = sum(p.stat().st_size for p in (stage / "runs").iterdir() if p.is_file())
+    stats["vector_bytes"] = int(manifest["count"]) * 4 * int(manifest["dim"])
+    stats["storage"] = "float32"  # the members' vectors, stored once; the products' inputs as stored
     started = time.perf_counter()
     done += run_tasks(placement, factory, todo_joins, "join", progress)
     stats["join_s"] = round(time.perf_counter() - started, 2)
     stats["workers"] = placement.workers
     stats["worker_peak_rss_mb"] = max((r["peak_rss_mb"] or 0 for r in done), default=None)
     stats["temporary_bytes"] = sum(p.stat().st_size for p in stage.rglob("*") if p.is_file())
+    joined = [r for r in done if "remote_queries" in r]
+    if joined:  # this run's join tasks: how many query vectors they read from other groups' partitions
+        stats["queries_read_elsewhere"] = round(sum(r["remote_queries"] for r in joined) /
+                                                max(1, sum(r["queries"] for r in joined)), 3)
     pairs = CappedPairs(cap)
     for task in joins:
         with np.load(stage / "pairs" / f"{task.group:06d}.npz") as found:
