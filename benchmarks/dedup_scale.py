@@ -1,7 +1,7 @@
 """Dedup quality and scale on synthetic vectors with planted duplicate groups, one run.
 
     python benchmarks/dedup_scale.py [--count 200000] [--dim 768] [--executors one,procs2,ray2]
-        [--check-exact] [--sample-exact 2000] [--results results.jsonl]
+        [--check-exact] [--sample-exact 2000] [--index-key IVF256,Flat] [--results results.jsonl]
 
 Writes `count` clustered vectors plus planted groups (2 to 5 near copies, cosine ~0.99) as an
 embeddings directory, builds the default index in a separate process, then runs the embedding
@@ -115,6 +115,9 @@ def main() -> None:
                         help="compare the pairs of N sampled rows with brute force (default 2000)")
     parser.add_argument("--executors", default="one,procs2,ray2", help="comma list of one, procs2, ray2")
     parser.add_argument("--results", help="append a JSON line of the figures to this file")
+    parser.add_argument("--index-key", metavar="FACTORY",
+                        help="the index's faiss factory string (default: imgindex index's choice, flat below 50k: "
+                             "e.g. IVF256,Flat to run the partitioned tier at a small count)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="imgindex-dedup-bench-"))
@@ -122,7 +125,8 @@ def main() -> None:
     write_embeddings_dir(str(work / "emb"), vectors, shard_size=50_000)
     start = time.time()
     subprocess.run([sys.executable, "-m", "imgindex", "index", str(work / "emb"), "--out", str(work / "idx"),
-                    "--no-progress"], check=True, cwd=ROOT)
+                    "--no-progress"] + (["--index-key", args.index_key] if args.index_key else []),
+                   check=True, cwd=ROOT)
     build_s = time.time() - start
     runs = {name: run_dedup(work, name, args.threshold) for name in args.executors.split(",")}
     keyed = {name: {tuple(sorted((int(a[3:]), int(b[3:])))) for a, b in run["pairs"]} for name, run in runs.items()}

@@ -8,6 +8,7 @@ import signal
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 import imgindex.indexes.dedup.partitions as partitions
@@ -281,8 +282,7 @@ def test_dedup_cli_scale_flags_are_checked_in_one_line(index, tmp_path):
             "--threshold", "0.95", "--no-progress"]
     for extra, message in ((["--procs", "2", "--ray", "2", "--out", tmp_path / "o"], "do not mix"),
                            (["--dry-run", "--keep-work"], "--keep-work needs a place"),
-                           (["--out", tmp_path / "o", "--against", tmp_path, "--procs", "2"],
-                            "--against runs in this process")):
+                           (["--out", tmp_path / "o", "--against", tmp_path / "nope", "--procs", "2"], "nope")):
         done = subprocess.run(base + [str(e) for e in extra], capture_output=True, text=True, timeout=300)
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr
@@ -290,3 +290,77 @@ def test_dedup_cli_scale_flags_are_checked_in_one_line(index, tmp_path):
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "o" / "pairs.parquet").exists() and not (tmp_path / "o" / "imgindex-dedup-work").exists()
+
+
+def one_process_leaks(path, against, options, tmp_path) -> set[tuple[str, str, str]]:
+    """Today's one-process leakage check (tiers.find_pairs over both whole corpora): (a key, b key, kind)."""
+    from imgindex.formats.embeddings_dir import EmbeddingsDir
+    from imgindex.indexes.dedup.corpus import Corpus
+    from imgindex.indexes.dedup.tiers import find_pairs
+
+    searcher = Searcher(path)
+    test = EmbeddingsDir(str(against))
+    train = Corpus.of_index(searcher, tmp_path)
+    queries = Corpus([(test, p) for p in test.parts()], test.dim, tmp_path, name="against")
+    found = find_pairs(searcher, queries, train, options, False, {})
+    a_keys, b_keys = queries.meta["key"].to_pylist(), train.meta["key"].to_pylist()
+    kinds = ("exact", "phash", "embedding")
+    return {(a_keys[a], b_keys[b], kinds[k]) for a, b, k in zip(found.a, found.b, found.kinds)}
+
+
+@pytest.fixture(scope="module")
+def against_dir(index, tmp_path_factory):
+    """Another corpus: near copies of 300 indexed rows, 40 copies of the crowd's vector (more
+    than CAP neighbours each), 500 unrelated vectors; in 3 parts."""
+    _, vectors = index
+    rng = np.random.default_rng(5)
+    origin = rng.choice(6000, 300, replace=False)
+    near = vectors[origin] + rng.standard_normal((300, 32)).astype(np.float32) * 0.2 / np.sqrt(32)
+    crowd = vectors[[7] * 40] + rng.standard_normal((40, 32)).astype(np.float32) * 0.05 / np.sqrt(32)
+    fresh = clustered_vectors(500, 32, clusters=20, spread=1.0, seed=99)
+    root = tmp_path_factory.mktemp("against")
+    write_embeddings_dir(str(root / "test"), normalize_rows(np.vstack([near, crowd, fresh])).astype(np.float32),
+                         shard_size=300, prefix="test")
+    return root / "test"
+
+
+@pytest.mark.parametrize("procs", [None, 2])
+def test_leakage_as_tasks_gives_the_one_process_leaks(index, against_dir, tmp_path, procs):
+    from imgindex.indexes.dedup import find_leaks
+
+    path, _ = index
+    expected = one_process_leaks(path, against_dir, EMBEDDING, tmp_path)
+    result = find_leaks(path, str(against_dir), EMBEDDING, progress=False, workdir=tmp_path / "w",
+                        executor=Executor.from_flags(procs=procs))
+    assert keyed_pairs(result) == expected and len(expected) > 300
+    part = result.stats["partitions"]
+    assert part["partition_tasks"] == 4 + 3 and part["workers"] == (procs or 1)
+    assert result.stats["images_with_capped_neighbours"] >= 40  # each crowd copy had more than CAP
+    assert result.stats["leaked"] == len({a for a, _, _ in expected})
+    assert not (tmp_path / "w" / "imgindex-leaks-work").exists()
+
+
+def test_leakage_as_tasks_with_every_tier_gives_the_one_process_leaks(hashed_index, tmp_path):
+    """Byte copies, phash near copies and embedding near copies of indexed rows, and unrelated rows."""
+    from imgindex.formats.embeddings_dir import EmbeddingsDir
+    from imgindex.indexes.dedup import find_leaks
+
+    emb = EmbeddingsDir(str(hashed_index.parent / "emb"))
+    table = pa.concat_tables([emb.read_columns(p.shard, ["sha256", "phash"]) for p in emb.parts()])
+    vectors = np.concatenate([v for _, _, v in emb.iter_batches(emb.parts())])
+    rng = np.random.default_rng(8)
+    sha, phash = table["sha256"].to_pylist(), table["phash"].to_pylist()
+    rows = np.r_[np.arange(1000, 1100), np.arange(0, 100), np.arange(2000, 2010), rng.choice(3000, 200)]
+    near = normalize_rows(vectors[rows] + rng.standard_normal((len(rows), 16)).astype(np.float32) * 0.3 / 4)
+    test_sha = [sha[r] if i < 100 or 200 <= i < 210 else None for i, r in enumerate(rows)]
+    test_phash = [None if phash[r] is None or not 100 <= i < 200 else phash[r] ^ (1 << int(i % 5)) for i, r in
+                  enumerate(rows)]
+    write_embeddings_dir(str(tmp_path / "test"), near.astype(np.float32), shard_size=150, prefix="test",
+                         columns={"sha256": test_sha, "phash": test_phash})
+    options = DedupOptions(threshold=0.97, max_neighbors=CAP, phash_distance=3)
+    expected = one_process_leaks(hashed_index, tmp_path / "test", options, tmp_path)
+    result = find_leaks(hashed_index, str(tmp_path / "test"), options, progress=False, workdir=tmp_path / "w",
+                        executor=Executor.from_flags(procs=2))
+    assert keyed_pairs(result) == expected
+    kinds = [k for _, _, k in expected]
+    assert kinds.count("exact") >= 110 and kinds.count("phash") >= 50 and kinds.count("embedding") >= 50

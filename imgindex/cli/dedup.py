@@ -30,9 +30,8 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     work = {"workdir": args.work_dir or (None if args.dry_run else args.out), "keep_work": args.keep_work}
     searcher = open_searcher(args.index)
     if args.against:
-        if executor.kind != "local" or args.device != "cpu" or args.keep_work:
-            raise ConfigError("--against runs in this process for now: drop --procs, --ray, --device and --keep-work")
-        result = find_leaks(searcher, args.against, options, progress=progress, workdir=args.work_dir)
+        result = find_leaks(searcher, args.against, options, progress=progress, executor=executor,
+                            device=args.device, **work)
         stats = result.stats
         print_threshold(stats)
         print(f"{stats['leaked']:,} of {counted(stats['images'], 'image')} of {args.against} have a duplicate in "

@@ -15,13 +15,14 @@ import pyarrow.compute as pc
 
 from imgindex.errors import ConfigError
 from imgindex.executors.placement import Executor
-from imgindex.indexes.dedup.corpus import Corpus
+from imgindex.indexes.dedup.corpus import Corpus, hashes
 from imgindex.indexes.dedup.hash_tiers import hashed_pairs
-from imgindex.indexes.dedup.partitions import Scale, partitioned_join
+from imgindex.indexes.dedup.partitions import Scale, against_parts, partitioned_join
 from imgindex.indexes.dedup.workdir import WorkDir
 from imgindex.indexes.dedup.groups import GROUP_SCHEMA, group_duplicates
 from imgindex.indexes.dedup.tiers import (METHODS, PAIR_SCHEMA, DedupOptions, Pairs, decide, embedding_candidates,
-                                          find_pairs, note_capped, tune_on, tuning_rows)
+                                          exact_pairs, find_pairs, note_capped, phash_pairs, sha_codes, tune_on,
+                                          tuning_rows)
 from imgindex.formats.embeddings_dir import EmbeddingsDir
 from imgindex.indexes.query import Searcher
 from imgindex.formats.embeddings_dir import identity_changes
@@ -159,11 +160,19 @@ def find_duplicates(index: str | Path | Searcher, options: DedupOptions | None =
 
 
 def find_leaks(index: str | Path | Searcher, against: str, options: DedupOptions | None = None,
-               progress: bool | None = None, workdir: str | None = None) -> DedupResult:
+               progress: bool | None = None, workdir: str | Path | None = None, executor: Executor | None = None,
+               keep_work: bool = False, device: str = "cpu", precision: str = "auto") -> DedupResult:
     """Which images of the embeddings directory `against` (e.g. a test set) have a duplicate in
-    the index (e.g. the training set). Pairs are (a = against image, b = indexed image)."""
+    the index (e.g. the training set). Pairs are (a = against image, b = indexed image).
+
+    On an IVF index the embedding tier runs as partition and join tasks on `executor` (the
+    other corpus's rows probe the index's lists, partitions.partitioned_join), the exact and
+    phash tiers on the two corpora's hash columns in this process; then only the pairs' rows are
+    read. Other index types search in this process, as before. The same pairs either way."""
     options = options or DedupOptions()
     options.check()
+    scale = Scale(None, executor or Executor(), device, precision)
+    scale.check()
     started = time.time()
     searcher = _searcher(index)
     options, chosen = resolve_threshold(searcher, options)
@@ -176,11 +185,70 @@ def find_leaks(index: str | Path | Searcher, against: str, options: DedupOptions
     if not test_parts:
         raise ConfigError(f"{against} has no complete parts: run `imgindex embed` first")
     stats: dict = {"against": against, **_tiers(options), **chosen}
-    with WorkDir(workdir, name="imgindex-leaks-work") as work:
-        train = Corpus.of_index(searcher, work.root, progress)
-        queries = Corpus([(test, p) for p in test_parts], test.dim, work.root, progress, name="against")
-        found = find_pairs(searcher, queries, train, options, False, stats, progress)
+    ivf = isinstance(faiss.downcast_index(searcher.index), faiss.IndexIVF)
+    with WorkDir(workdir, keep_work, name="imgindex-leaks-work") as work:
+        scale.work = work
+        if "embedding" in options.methods and not ivf:
+            if scale.executor.kind != "local":
+                log.warning("a %s index is searched in this process: %s is not used by --against",
+                            searcher.manifest.get("factory"), scale.executor.flag)
+            train = Corpus.of_index(searcher, work.root, progress)
+            queries = Corpus([(test, p) for p in test_parts], test.dim, work.root, progress, name="against")
+            found = find_pairs(searcher, queries, train, options, False, stats, progress)
+        else:
+            queries, train, found = _leaks_at_scale(searcher, scale, test, test_parts, options, stats, progress)
         pairs = _pairs_table(queries, train, found)
-        stats.update(images=len(queries), leaked=int(len(np.unique(found.a))), pairs=pairs.num_rows,
-                     seconds=round(time.time() - started, 2))
+        stats.update(images=sum(p.rows for p in test_parts), leaked=int(len(np.unique(found.a))),
+                     pairs=pairs.num_rows, seconds=round(time.time() - started, 2))
     return DedupResult(pairs, GROUP_SCHEMA.empty_table(), stats)
+
+
+def _hash_columns(parts: list[tuple[EmbeddingsDir, object]]) -> tuple[pa.ChunkedArray, tuple[np.ndarray, np.ndarray]]:
+    """The sha256 and phash columns of `parts` in row order (no vectors, no other metadata)."""
+    tables = [emb.read_columns(part.shard, ["sha256", "phash"]) for emb, part in parts]
+    table = pa.concat_tables(tables).combine_chunks()
+    return table["sha256"], hashes(table["phash"])
+
+
+def _index_parts(searcher: Searcher) -> list[tuple[EmbeddingsDir, object]]:
+    found = []
+    for part in searcher.manifest["parts"]:
+        emb = searcher.embeddings_for(part["shard"])
+        if emb is None:
+            raise ConfigError(f"the embeddings of shard {part['shard']} are gone: dedup reads the stored vectors")
+        found.append((emb, emb.part(part["shard"], part["rows"])))
+    return found
+
+
+def _leaks_at_scale(searcher: Searcher, scale: Scale, test: EmbeddingsDir, test_parts: list, options: DedupOptions,
+                    stats: dict, progress: bool | None) -> tuple[Corpus, Corpus, Pairs]:
+    """find_pairs's leakage pairs without either corpus's vectors in this process: the embedding
+    tier as tasks, the hash tiers on the hash columns, then the rows of the pairs only."""
+    candidates = {}
+    if {"exact", "phash"} & set(options.methods):
+        q_sha, q_phash = _hash_columns([(test, p) for p in test_parts])
+        d_sha, d_phash = _hash_columns(_index_parts(searcher))
+        q_codes, d_codes = sha_codes(q_sha, d_sha)
+        if "exact" in options.methods:
+            candidates["exact"] = exact_pairs(q_codes, d_codes, False)
+        if "phash" in options.methods:
+            candidates["phash"] = phash_pairs(d_phash, options.phash_distance, queries=q_phash, progress=progress)
+        del q_sha, d_sha, q_codes, d_codes
+    if "embedding" in options.methods:
+        rows, rng = tuning_rows(int(searcher.manifest["count"]))
+        sample = Corpus.of_index(searcher, scale.work.root, False, rows=rows, name="tuning")
+        stats["search"] = tune_on(searcher, rows, np.asarray(sample.vectors), rng, options.threshold,
+                                  options.max_neighbors)
+        q, d, _, capped, stats["partitions"] = partitioned_join(searcher, scale, options.threshold,
+                                                                options.max_neighbors, progress,
+                                                                against=against_parts(test, test_parts))
+        candidates["embedding"] = (q, d)
+        note_capped(stats, capped, options.max_neighbors)
+    empty = np.zeros(0, np.int64)
+    q_rows = np.unique(np.concatenate([empty] + [a for a, _ in candidates.values()]))
+    d_rows = np.unique(np.concatenate([empty] + [b for _, b in candidates.values()]))
+    queries = Corpus([(test, p) for p in test_parts], test.dim, scale.work.root, progress, name="against",
+                     rows=q_rows)
+    train = Corpus.of_index(searcher, scale.work.root, progress, rows=d_rows)
+    local = {kind: (np.searchsorted(q_rows, a), np.searchsorted(d_rows, b)) for kind, (a, b) in candidates.items()}
+    return queries, train, decide(queries, train, local, options, False, stats)

@@ -23,6 +23,10 @@ folder is workdir.py's; finished runs and tasks are reused by a rerun. Products 
 with numpy, or with torch on a GPU (`device="cuda"`, bf16 by default): then every candidate
 within the bf16 rounding bound of the threshold is re-scored in float32 and only those at or
 above it are kept, so bf16 loses no pair.
+
+`--against` (leakage) uses the same tasks: the other corpus's parts are partitioned as probing
+rows only (their vectors stored once, by row), and each join task compares them with its lists'
+members, without the self-join (partitioned_join's `against`).
 """
 from __future__ import annotations
 
@@ -63,6 +67,7 @@ class IndexPart:
     shard: str
     start: int  # the index row of its first vector
     rows: int
+    against: bool = False  # a part of the other corpus of a leakage check (--against): probing rows only
 
 
 def index_parts(searcher) -> list[IndexPart]:
@@ -106,6 +111,7 @@ class JoinWorkers:
     cap: int
     device: str = "cpu"  # cpu: numpy float32 products; cuda: torch on the worker's GPU
     precision: str = "fp32"  # of the products (bf16: through torch, on any device), re-scored in float32
+    against_parts: int = 0  # a leakage check: the other corpus's parts probe the index's lists (no self-join)
 
     def __call__(self, slot: int, name: str) -> "JoinWorker":
         return JoinWorker(self, name)
@@ -151,20 +157,25 @@ class JoinWorker(StageWorker):
         self.rank[order] = np.arange(len(order))
         self.bounds = np.load(stage / "groups.npy")  # group g holds the lists of ranks bounds[g]..bounds[g+1]-1
         self.starts = np.load(stage / "starts.npy")  # the first row of every part of the index
+        if spec.against_parts:
+            self.against_starts = np.load(stage / "against_starts.npy")  # the other corpus's parts
         self.runs, self.pairs = stage / "runs", stage / "pairs"
         self.product = torch_product(spec.device, spec.precision) if spec.device != "cpu" or \
             spec.precision == "bf16" else None
 
     def partition(self, task: IndexPart) -> dict:
         emb = self.embeddings(task.embeddings)
-        nprobe, rows, vectors, probes, read = self.spec.nprobe, [], [], [], 0
+        # a leakage check's index rows are members only: they probe nothing
+        nprobe = 0 if self.spec.against_parts and not task.against else self.spec.nprobe
+        rows, vectors, probes, read = [], [], [], 0
         for _, _, batch in emb.iter_batches([emb.part(task.shard, task.rows)]):
             rows.append(np.arange(task.start + read, task.start + read + len(batch), dtype=np.int64))
             read += len(batch)
             if read > task.rows:
                 break
             vectors.append(np.asarray(batch, dtype=np.float32))
-            probes.append(quantizer_probes(self.quantizer, [vectors[-1]], nprobe))
+            probes.append(quantizer_probes(self.quantizer, [vectors[-1]], nprobe) if nprobe else
+                          np.zeros((len(batch), 0), np.int32))
         if read != task.rows:
             raise ConfigError(f"the part of shard {task.shard} holds {read} rows, the index recorded {task.rows}: "
                               "the embeddings changed since the index was built; rebuild the index")
@@ -172,6 +183,9 @@ class JoinWorker(StageWorker):
         rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
         vectors = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)
         probes = np.concatenate(probes) if probes else np.zeros((0, nprobe), np.int32)
+        if task.against:
+            write_probing(self.runs, task.number, rows, vectors, probes, self.rank)
+            return {"records": int(len(rows) * nprobe)}
         write_partition(self.runs, task.number, task.start, rows, vectors, probes, self.rank,
                         np.asarray(self.lists[task.start:task.start + task.rows], dtype=np.int32))
         return {"records": int(len(rows) * (nprobe + 1))}
@@ -182,18 +196,24 @@ class JoinWorker(StageWorker):
         order = np.lexsort((members, member_rank))
         members, member_rank = members[order], member_rank[order]
         member_vectors = read_member_vectors(self.runs, self.spec.parts, lo, hi)[order]
+        against = self.spec.against_parts > 0
+        if against:  # the other corpus's rows probing these lists, their vectors from its runs
+            _, _, queries, query_rank = read_ranks(self.runs, self.spec.against_parts, lo, hi, prefix="q")
         order = np.lexsort((queries, query_rank))
         queries, query_rank = queries[order], query_rank[order]
         # every query's vector once: from this group's members where it is one, else read (sorted,
         # memory-mapped) from the partition of the list that holds it
         unique, where = np.unique(queries, return_inverse=True)
-        by_row = np.argsort(members, kind="stable")
-        at = np.searchsorted(members, unique, sorter=by_row)
-        local = at < len(members)
-        local[local] = members[by_row[at[local]]] == unique[local]
         query_vectors = np.empty((len(unique), self.spec.dim), np.float32)
-        query_vectors[local] = member_vectors[by_row[at[local]]]
-        query_vectors[~local] = read_rows(self.runs, self.starts, unique[~local], self.spec.dim)
+        local = np.zeros(len(unique), bool)
+        if not against:
+            by_row = np.argsort(members, kind="stable")
+            at = np.searchsorted(members, unique, sorter=by_row)
+            local = at < len(members)
+            local[local] = members[by_row[at[local]]] == unique[local]
+            query_vectors[local] = member_vectors[by_row[at[local]]]
+        query_vectors[~local] = read_rows(self.runs, self.against_starts if against else self.starts,
+                                          unique[~local], self.spec.dim, "q" if against else "")
         pairs = CappedPairs(self.spec.cap)
         m_edges = np.searchsorted(member_rank, np.arange(lo, hi + 1))
         q_edges = np.searchsorted(query_rank, np.arange(lo, hi + 1))
@@ -203,7 +223,8 @@ class JoinWorker(StageWorker):
                 continue
             slots = where[q0:q1]
             list_pairs(queries[q0:q1], lambda a, b: query_vectors[slots[a:b]], members[m0:m1],
-                       lambda a, b: member_vectors[m0 + a:m0 + b], self.spec.threshold, True, pairs.add, self.product)
+                       lambda a, b: member_vectors[m0 + a:m0 + b], self.spec.threshold, not against, pairs.add,
+                       self.product)
         q, d, s, capped = pairs.final()
         save_arrays(self.pairs / f"{task.group:06d}.npz", q=q, d=d, s=s, capped=capped)
         return {"records": len(members) + len(queries), "pairs": len(q), "queries": len(unique),
@@ -240,14 +261,32 @@ def write_partition(folder: Path, number: int, start: int, rows: np.ndarray, vec
     save_array(folder / f"{number:06d}.off.npy", np.stack([member_offsets, query_offsets]).astype(np.int64))
 
 
-def read_ranks(folder: Path, runs: int, lo: int, hi: int):
+def write_probing(folder: Path, number: int, rows: np.ndarray, vectors: np.ndarray, probes: np.ndarray,
+                  rank: np.ndarray) -> None:
+    """A part of a leakage check's other corpus: its vectors once, in row order (`where` is then
+    the identity), and the row of every (row, list probed), as write_partition; no members."""
+    nlist = len(rank)
+    flat = probes.ravel()
+    probed = np.nonzero(flat >= 0)[0]
+    query_rows = rows[probed // max(probes.shape[1], 1)]
+    query_ranks = rank[flat[probed]]
+    order = np.lexsort((query_rows, query_ranks))
+    offsets = np.stack([np.zeros(nlist + 1, np.int64), np.searchsorted(query_ranks[order], np.arange(nlist + 1))])
+    save_array(folder / f"q{number:06d}.vectors.npy", np.ascontiguousarray(vectors, dtype=np.float32))
+    save_array(folder / f"q{number:06d}.where.npy", np.arange(len(rows), dtype=np.int64))
+    save_array(folder / f"q{number:06d}.rows.npy", np.zeros(0, np.int64))
+    save_array(folder / f"q{number:06d}.probes.npy", query_rows[order])
+    save_array(folder / f"q{number:06d}.off.npy", offsets.astype(np.int64))
+
+
+def read_ranks(folder: Path, runs: int, lo: int, hi: int, prefix: str = ""):
     """Ranks lo..hi-1's members and probing rows from every run, each with its rank."""
     members, member_rank, queries, query_rank = [], [], [], []
     for number in range(runs):
-        off = np.load(folder / f"{number:06d}.off.npy")
+        off = np.load(folder / f"{prefix}{number:06d}.off.npy")
         for kind, ids, ranks, offsets in (("rows", members, member_rank, off[0]),
                                           ("probes", queries, query_rank, off[1])):
-            taken = np.load(folder / f"{number:06d}.{kind}.npy", mmap_mode="r")
+            taken = np.load(folder / f"{prefix}{number:06d}.{kind}.npy", mmap_mode="r")
             ids.append(np.array(taken[offsets[lo]:offsets[hi]]))
             ranks.append(np.repeat(np.arange(lo, hi), np.diff(offsets[lo:hi + 1])))
             del taken
@@ -266,15 +305,15 @@ def read_member_vectors(folder: Path, runs: int, lo: int, hi: int) -> np.ndarray
     return np.concatenate(taken)
 
 
-def read_rows(folder: Path, starts: np.ndarray, rows: np.ndarray, dim: int) -> np.ndarray:
+def read_rows(folder: Path, starts: np.ndarray, rows: np.ndarray, dim: int, prefix: str = "") -> np.ndarray:
     """The stored vectors of `rows` (ascending), each read from the run of its part at its slot
     there (memory-mapped, slots sorted: only those rows' pages are read)."""
     parts = np.searchsorted(starts, rows, side="right") - 1
     taken = []
     for number in np.unique(parts):
         mine = rows[parts == number] - starts[number]
-        slots = np.load(folder / f"{number:06d}.where.npy", mmap_mode="r")[mine]
-        vectors = np.load(folder / f"{number:06d}.vectors.npy", mmap_mode="r")
+        slots = np.load(folder / f"{prefix}{number:06d}.where.npy", mmap_mode="r")[mine]
+        vectors = np.load(folder / f"{prefix}{number:06d}.vectors.npy", mmap_mode="r")
         order = np.argsort(slots)
         block = np.empty((len(slots), vectors.shape[1]), np.float32)
         block[order] = vectors[slots[order]]
@@ -283,8 +322,8 @@ def read_rows(folder: Path, starts: np.ndarray, rows: np.ndarray, dim: int) -> n
     return np.concatenate(taken) if taken else np.zeros((0, dim), np.float32)
 
 
-def partition_done(folder: Path, number: int) -> bool:
-    return (folder / f"{number:06d}.off.npy").exists()
+def partition_done(folder: Path, part: IndexPart) -> bool:
+    return (folder / f"{'q' if part.against else ''}{part.number:06d}.off.npy").exists()
 
 
 def peak_rss_mb() -> float | None:
@@ -440,33 +479,50 @@ def run_tasks(placement: Placement, factory, tasks: list, desc: str, progress: b
     return outcome.done
 
 
-def partitioned_join(searcher, scale: Scale, threshold: float, cap: int,
-                     progress: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, dict]:
+def against_parts(emb: EmbeddingsDir, parts: list) -> list[IndexPart]:
+    """The parts of a leakage check's other corpus in its row order, with the row each starts at."""
+    found, start = [], 0
+    for number, part in enumerate(parts):
+        found.append(IndexPart(number, emb.location, part.shard, start, part.rows, against=True))
+        start += part.rows
+    return found
+
+
+def partitioned_join(searcher, scale: Scale, threshold: float, cap: int, progress: bool | None = None,
+                     against: list[IndexPart] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, dict]:
     """The self-join of an IVF index's rows at its nprobe, as partition and join tasks:
-    (query row, db row, score, capped queries, stats), the pairs range_join finds."""
+    (query row, db row, score, capped queries, stats), the pairs range_join finds. With `against`
+    (the other corpus's parts, against_parts), the leakage check instead: those rows are the
+    queries (rows of that corpus), the index's rows the members, as range_join without self-join."""
     ivf = faiss.extract_index_ivf(searcher.index)
     nprobe = min(ivf.nprobe, ivf.nlist)
     manifest = searcher.manifest
     precision = scale.product_precision
     identity = {"index": str(Path(searcher.dir.path).resolve()), "count": manifest["count"],
                 "files": manifest.get("files"), "factory": manifest.get("factory"), "nprobe": nprobe,
-                "threshold": threshold, "max_neighbors": cap, "precision": precision, "layout": LAYOUT}
+                "threshold": threshold, "max_neighbors": cap, "precision": precision, "layout": LAYOUT,
+                "against": [[p.embeddings, p.shard, p.rows] for p in against or []]}
     stage = scale.work.stage("embedding", identity)
     parts = [PartitionTask(f"partition-{p.shard}", p) for p in index_parts(searcher)]
     _write_layout(ivf, stage, nprobe, manifest["dim"], np.array([t.part.start for t in parts], np.int64))
+    if against and not (stage / "against_starts.npy").exists():
+        save_array(stage / "against_starts.npy", np.array([p.start for p in against], np.int64))
+    index_tasks = len(parts)
+    parts += [PartitionTask(f"partition-against-{p.shard}", p) for p in against or []]
     groups = len(np.load(stage / "groups.npy")) - 1
     joins = [JoinTask(f"join-{g:06d}", g) for g in range(groups)]
-    todo_parts = [t for t in parts if not partition_done(stage / "runs", t.part.number)]
+    todo_parts = [t for t in parts if not partition_done(stage / "runs", t.part)]
     todo_joins = [t for t in joins if not (stage / "pairs" / f"{t.group:06d}.npz").exists()]
     stats = {"nprobe": nprobe, "partition_tasks": len(parts), "join_tasks": groups,
              "reused_tasks": len(parts) - len(todo_parts) + groups - len(todo_joins), "precision": precision}
     placement = scale.placement()
-    factory = JoinWorkers(str(stage), manifest["dim"], nprobe, len(parts), threshold, cap, scale.device, precision)
+    factory = JoinWorkers(str(stage), manifest["dim"], nprobe, index_tasks, threshold, cap, scale.device, precision,
+                          len(against or []))
     started = time.perf_counter()
     done = run_tasks(placement, factory, todo_parts, "partition", progress)
     stats["partition_s"] = round(time.perf_counter() - started, 2)
     stats["partition_bytes"] = sum(p.stat().st_size for p in (stage / "runs").iterdir() if p.is_file())
-    stats["vector_bytes"] = int(manifest["count"]) * 4 * int(manifest["dim"])
+    stats["vector_bytes"] = (int(manifest["count"]) + sum(p.rows for p in against or [])) * 4 * int(manifest["dim"])
     stats["storage"] = "float32"  # the members' vectors, stored once; the products' inputs as stored
     started = time.perf_counter()
     done += run_tasks(placement, factory, todo_joins, "join", progress)
