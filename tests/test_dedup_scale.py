@@ -340,6 +340,20 @@ def test_leakage_as_tasks_gives_the_one_process_leaks(index, against_dir, tmp_pa
     assert not (tmp_path / "w" / "imgindex-leaks-work").exists()
 
 
+def test_keep_work_without_a_place_is_refused_before_any_work(index, against_dir, monkeypatch):
+    import imgindex.indexes.dedup.find as find
+
+    def no_work(*args):
+        raise AssertionError("the threshold was resolved (calibrated) before the options were refused")
+
+    monkeypatch.setattr(find, "resolve_threshold", no_work)
+    path, _ = index
+    for run in (lambda: find.find_duplicates(path, EMBEDDING, progress=False, keep_work=True),
+                lambda: find.find_leaks(path, str(against_dir), EMBEDDING, progress=False, keep_work=True)):
+        with pytest.raises(ConfigError, match="--keep-work needs a place"):
+            run()
+
+
 def test_leakage_as_tasks_with_every_tier_gives_the_one_process_leaks(hashed_index, tmp_path):
     """Byte copies, phash near copies and embedding near copies of indexed rows, and unrelated rows."""
     from imgindex.formats.embeddings_dir import EmbeddingsDir

@@ -18,7 +18,7 @@ from imgindex.executors.placement import Executor
 from imgindex.indexes.dedup.corpus import Corpus, hashes
 from imgindex.indexes.dedup.hash_tiers import hashed_pairs
 from imgindex.indexes.dedup.partitions import Scale, against_parts, partitioned_join
-from imgindex.indexes.dedup.workdir import WorkDir
+from imgindex.indexes.dedup.workdir import NO_PLACE, WorkDir
 from imgindex.indexes.dedup.groups import GROUP_SCHEMA, group_duplicates
 from imgindex.indexes.dedup.tiers import (METHODS, PAIR_SCHEMA, DedupOptions, Pairs, decide, embedding_candidates,
                                           exact_pairs, find_pairs, note_capped, phash_pairs, sha_codes, tune_on,
@@ -140,6 +140,8 @@ def find_duplicates(index: str | Path | Searcher, options: DedupOptions | None =
     options.check()
     scale = Scale(None, executor or Executor(), device, precision)
     scale.check()
+    if keep_work and workdir is None:  # said before any work (the calibration, the tiers)
+        raise ConfigError(NO_PLACE)
     started = time.time()
     searcher = _searcher(index)
     options, chosen = resolve_threshold(searcher, options)
@@ -173,6 +175,8 @@ def find_leaks(index: str | Path | Searcher, against: str, options: DedupOptions
     options.check()
     scale = Scale(None, executor or Executor(), device, precision)
     scale.check()
+    if keep_work and workdir is None:  # said before any work (the calibration, the tiers)
+        raise ConfigError(NO_PLACE)
     started = time.time()
     searcher = _searcher(index)
     options, chosen = resolve_threshold(searcher, options)

@@ -29,6 +29,7 @@ from imgindex.errors import ConfigError
 log = logging.getLogger(__name__)
 
 STAGE = "stage.json"
+NO_PLACE = "--keep-work needs a place a rerun finds again: give --work-dir DIR or --out"
 
 
 class WorkDir:
@@ -39,7 +40,7 @@ class WorkDir:
         self.temporary = None  # a folder this run made in the system's temporary folder
         if place is None:
             if keep:
-                raise ConfigError("--keep-work needs a place a rerun finds again: give --work-dir DIR or --out")
+                raise ConfigError(NO_PLACE)
             place = self.temporary = tempfile.mkdtemp(prefix="imgindex-dedup-")
         self.root, self.keep = Path(place) / name, keep
         try:
