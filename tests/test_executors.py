@@ -487,3 +487,17 @@ def test_dedup_on_ray_actors_gives_the_in_process_pairs(ray_cluster, tmp_path):
     summary = json.loads((tmp_path / "ray" / "summary.json").read_text())
     assert summary["partitions"]["workers"] == 2
     assert not (tmp_path / "ray" / "imgindex-dedup-work").exists()
+    # the leakage check (--against) on the same tasks: near copies of 200 indexed rows and 100 others
+    other = normalize_rows(np.vstack([base[1000:1200] + rng.standard_normal((200, 32)).astype(np.float32) * 0.03,
+                                      clustered_vectors(100, 32, clusters=10, spread=1.0, seed=9)]))
+    write_embeddings_dir(str(tmp_path / "test"), other, shard_size=150, prefix="test")
+    leaks = dedup + ["--against", str(tmp_path / "test")]
+    single = subprocess.run(leaks + ["--out", str(tmp_path / "leak-one")], capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    pooled = subprocess.run(leaks + ["--out", str(tmp_path / "leak-ray"), "--ray", "2"], capture_output=True,
+                            text=True, env=ray_cluster.env, timeout=300)
+    assert pooled.returncode == 0, pooled.stderr[-3000:]
+    ours, theirs = pq.read_table(tmp_path / "leak-ray" / "pairs.parquet"), pq.read_table(tmp_path / "leak-one" /
+                                                                                       "pairs.parquet")
+    assert ours.num_rows >= 200 and ours.equals(theirs)
+    assert not (tmp_path / "leak-ray" / "imgindex-leaks-work").exists()
