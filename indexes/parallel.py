@@ -122,7 +122,7 @@ class AddWorker:
 
         exact = exact_neighbors(self.queries, blocks(), self.spec.k)
         exact = Exact(exact.scores, np.where(exact.ids >= 0, exact.ids + task.start, -1))
-        if index.ntotal != task.rows:
+        if index.ntotal - self.trained.ntotal != task.rows:  # an --add of a graph index starts from it whole
             raise RuntimeError(f"task {task.name}: read {index.ntotal} vectors, its parts list {task.rows} "
                                "(a part changed during the build?)")
         self.build.write_index(f"{task.name}.faiss", index)
@@ -172,6 +172,20 @@ def merge_in_memory(build: BuildDir, tasks: list[AddTask]) -> faiss.Index:
     if ivf is not None:
         index.ntotal = ivf.ntotal  # an IndexPreTransform around it counts its own
     return index
+
+
+def merge_into(index: faiss.Index, build: BuildDir, tasks: list[AddTask]) -> None:
+    """Every task's sub-index's lists or codes moved into `index` (held in RAM), in task order."""
+    ivf = faiss.try_extract_index_ivf(index)
+    for task in tasks:
+        sub = build.read_index(f"{task.name}.faiss")
+        if ivf is not None:
+            ivf.merge_from(faiss.extract_index_ivf(sub), 0)
+        else:
+            faiss.downcast_index(index).merge_from(faiss.downcast_index(sub), 0)
+        del sub
+    if ivf is not None:
+        index.ntotal = ivf.ntotal  # an IndexPreTransform around it counts its own
 
 
 def concat_ids(build: BuildDir, tasks: list[AddTask], path: str | os.PathLike) -> None:

@@ -39,7 +39,8 @@ def cmd_index(args: argparse.Namespace) -> int:
         raise ConfigError("--out IDX is needed: the index directory to write")
     progress = False if args.no_progress else None
     if args.add:
-        manifest, added = add_parts(args.add, args.out, target_recall=args.target_recall, progress=progress)
+        manifest, added = add_parts(args.add, args.out, target_recall=args.target_recall, progress=progress,
+                                    executor=executor_from(args))
         if not added:
             print(f"nothing to add: every complete part of {args.add} is already in {args.out}")
             return 0
