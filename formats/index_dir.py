@@ -320,29 +320,26 @@ class IndexDir:
 
     def _stack_lists(self, index: faiss.Index, names: list[str], mmap: bool) -> faiss.Index:
         """The index serving its own on-disk lists and every segment's, stacked (faiss
-        HStackInvertedLists: list i is the concatenation of each one's list i; read only)."""
+        HStackInvertedLists: list i is the concatenation of each one's list i; read only). The
+        lists stay mapped for the life of the process: faiss's Python wrapper cannot free
+        OnDiskInvertedLists (taking ownership of one breaks its type table), and the stack owns none."""
         ivf = faiss.extract_index_ivf(index)
         flags = faiss.IO_FLAG_ONDISK_SAME_DIR | (faiss.IO_FLAG_READ_ONLY if mmap else 0)
-        own = faiss.downcast_InvertedLists(ivf.invlists)
-        lists = [own]
+        lists = [ivf.invlists]
         for name in names:
             try:
                 with c_stdout_to_stderr():  # faiss says where it found the segment's .ivfdata, on stdout
-                    segment = faiss.read_InvertedLists(faiss.FileIOReader(str(self.path / name)), flags)
+                    lists.append(faiss.read_InvertedLists(faiss.FileIOReader(str(self.path / name)), flags))
             except RuntimeError as exc:
                 raise Corrupt(f"{self.path / name} is corrupt or truncated ({faiss_reason(exc)}): rebuild the "
                               "index") from None
-            segment = faiss.downcast_InvertedLists(segment)
-            segment.this.acquire()  # freed with the index, by Python
-            lists.append(segment)
-        own.this.acquire()  # the same: Python frees them, not the index
-        ivf.own_invlists = False
         pointers = faiss.InvertedListsPtrVector()
         for one in lists:
             pointers.push_back(one)
         stacked = faiss.HStackInvertedLists(pointers.size(), pointers.data())
-        ivf.replace_invlists(stacked, False)
-        index.referenced_objects = [lists, pointers, stacked]  # they live as long as the index
+        stacked.this.disown()  # the index owns the stack
+        ivf.own_invlists = False  # the index's own lists are one of the stacked, not freed with it
+        ivf.replace_invlists(stacked, True)
         ivf.ntotal = index.ntotal = stacked.compute_ntotal()
         return index
 
