@@ -223,7 +223,7 @@ def test_a_bit_flipped_index_is_refused_and_verify_checks_every_byte(tmp_path, c
                 progress=False)
     ok = subprocess.run([sys.executable, "-m", "imgindex", "index", "--verify", str(tmp_path / "idx")],
                         capture_output=True, text=True)
-    assert ok.returncode == 0 and "4 index files and 2 parts match" in ok.stdout, ok.stderr
+    assert ok.returncode == 0 and "5 index files and 2 parts match" in ok.stdout, ok.stderr
     path = tmp_path / "idx" / "index.faiss"
     raw = bytearray(path.read_bytes())
     rng = np.random.default_rng(0)
