@@ -156,7 +156,50 @@ def sorted_keys(ids: pa.Table, start: int) -> pa.Table:
     """(key, shard, row) of ids whose first row is index row `start`, sorted by key then shard."""
     order = pc.sort_indices(ids, [("key", "ascending"), ("shard", "ascending")])
     return pa.table({"key": ids["key"].take(order), "shard": ids["shard"].take(order),
-                     "row": pc.add(order.cast(pa.int64()), start)})
+                     "row": pc.add(order.cast(pa.int64()), start)}, schema=KEYS_SCHEMA)
+
+
+KEYS_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("row", pa.int64())])
+MERGE_BLOCK = 1 << 16  # rows read from each sorted run at a time while they are merged
+
+
+def merge_sorted_keys(runs: list, path: str | os.PathLike, block: int | None = None) -> int:
+    """Runs of (key, shard, row), each sorted by key then shard (iterables of record batches), merged
+    into one sorted Arrow IPC file at `path`, holding at most `block` rows of each run at once (the
+    memory does not grow with the rows). Each round takes from every run the rows up to the least
+    of the runs' current last keys, sorts only those (Arrow) and writes them. Returns the rows."""
+    block = block or MERGE_BLOCK
+    sort = [("key", "ascending"), ("shard", "ascending")]
+    streams = [_rebatched(iter(run), block) for run in runs]
+    held = [next(stream, None) for stream in streams]
+    written = 0
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, KEYS_SCHEMA) as writer:
+        while any(t is not None for t in held):
+            live = [i for i, t in enumerate(held) if t is not None]
+            key, shard = min((held[i]["key"][-1].as_py(), held[i]["shard"][-1].as_py()) for i in live)
+            taken = []
+            for i in live:
+                table = held[i]
+                upto = pc.or_(pc.less(table["key"], key),
+                              pc.and_(pc.equal(table["key"], key), pc.less_equal(table["shard"], shard)))
+                count = pc.sum(upto).as_py() or 0  # a prefix: the run is sorted
+                taken.append(table.slice(0, count))
+                rest = table.slice(count)
+                held[i] = rest if rest.num_rows else next(streams[i], None)
+            merged = pa.concat_tables(taken)
+            merged = merged.take(pc.sort_indices(merged, sort)).combine_chunks()
+            writer.write_table(merged)
+            written += merged.num_rows
+    return written
+
+
+def _rebatched(batches, block: int):
+    """Record batches -> tables of up to `block` rows (the run's order kept)."""
+    for batch in batches:
+        for start in range(0, batch.num_rows, block):
+            piece = batch.slice(start, block)
+            if piece.num_rows:
+                yield pa.Table.from_batches([piece]).cast(KEYS_SCHEMA)
 
 
 def write_lists(invlists: faiss.InvertedLists, path: Path) -> None:
@@ -373,19 +416,11 @@ class IndexDir:
                 raise ConfigError(f"{self.path / name} is missing or unreadable ({exc}): rebuild the index") from None
         return tables
 
-    def write_lookups(self) -> None:
-        """ids.arrow and keys.arrow from ids.parquet (call after write_data, before record_files)."""
-        ids = pq.read_table(self.path / IDS, schema=IDS_SCHEMA)
-        _write_ipc(ids, self.tmp(IDS_MAPPED))
-        _write_ipc(sorted_keys(ids, 0), self.tmp(KEYS))
-        del ids
+    def place_lookups(self) -> None:
+        """ids.arrow and keys.arrow, written at their temporary names, into place (after write_data,
+        before record_files)."""
         os.replace(self.tmp(IDS_MAPPED), self.path / IDS_MAPPED)
         os.replace(self.tmp(KEYS), self.path / KEYS)
-
-    def write_segment_lookups(self, ids: pa.Table, start: int, files: dict[str, str]) -> None:
-        """An --add segment's ids (index rows start, start+1, ...) and their sorted keys, in their files."""
-        _write_ipc(ids, self.path / files["ids"])
-        _write_ipc(sorted_keys(ids, start), self.path / files["keys"])
 
     def write_recall_set(self, name: str, **arrays: np.ndarray) -> None:
         """The evaluation queries (ids, vectors) and their exact neighbours (scores, exact) over every

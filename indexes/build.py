@@ -27,15 +27,14 @@ from datetime import datetime, timezone
 import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from imgindex.errors import ConfigError, Corrupt
 from imgindex.executors.handout import Event, Outcome, hand_out
 from imgindex.executors.placement import Executor, place
 from imgindex.formats.embeddings_dir import EmbeddingsDir, Part, identity_changes
-from imgindex.formats.index_dir import (BUILD, FORMAT, IDS, IDS_SCHEMA, IVFDATA, RECALL_SET, BuildDir, IndexDir,
-                                       c_stdout_to_stderr, data_files, digest_changes, faiss_reason, index_file,
-                                       part_digest, segment_files, write_lists)
+from imgindex.formats.index_dir import (BUILD, FORMAT, IDS, IDS_MAPPED, IVFDATA, KEYS, RECALL_SET, BuildDir,
+                                       IndexDir, c_stdout_to_stderr, data_files, digest_changes, faiss_reason,
+                                       index_file, merge_sorted_keys, part_digest, segment_files, write_lists)
 from imgindex.indexes import parallel
 from imgindex.indexes.factory import (FLAT_THRESHOLD, MIN_TRAIN_PER_LIST, choose_index_key, codes_bytes, human,
                                       parse_memory, range_params, search_knob)
@@ -277,7 +276,8 @@ def build_index(emb_dir: str, out: str, options: BuildOptions | None = None, ove
     else:
         index = parallel.merge_in_memory(build, tasks)
     ids_tmp = target.tmp(IDS)
-    parallel.concat_ids(build, tasks, ids_tmp)
+    parallel.concat_ids(build, tasks, ids_tmp, target.tmp(IDS_MAPPED))
+    merge_sorted_keys(parallel.key_runs(build, tasks), target.tmp(KEYS))  # memory bounded by the runs' blocks
     timings["merge_s"] = round(time.time() - t, 3)
     if index.ntotal != count:
         raise ConfigError(f"the merged index holds {index.ntotal:,} vectors, the parts {count:,}: a part changed "
@@ -317,7 +317,7 @@ def build_index(emb_dir: str, out: str, options: BuildOptions | None = None, ove
     }
     t = time.time()
     target.write_data(index, ids_tmp, ivfdata_tmp, on_disk=on_disk)
-    target.write_lookups()
+    target.place_lookups()
     target.write_recall_set(RECALL_SET, ids=query_ids, vectors=queries, scores=exact.scores, exact=exact.ids)
     timings["write_s"] = round(time.time() - t, 3)
     timings["total_s"] = round(time.time() - started, 3)
@@ -467,9 +467,8 @@ def add_parts(emb_dir: str, index_dir: str, target_recall: float | None = None, 
     new_exact = Exact(among_new.scores[held:], among_new.ids[held:])
 
     files = segment_files(segment, lists=on_disk)
-    parallel.concat_ids(build, tasks, target.tmp(IDS))  # the new rows only
-    target.write_segment_lookups(pq.read_table(target.tmp(IDS), schema=IDS_SCHEMA), old_count, files)
-    target.tmp(IDS).unlink()
+    parallel.concat_ids(build, tasks, None, target.path / files["ids"])  # the new rows only
+    merge_sorted_keys(parallel.key_runs(build, tasks), target.path / files["keys"])
     old_files = set(data_files(manifest))
     manifest = json.loads(json.dumps(manifest))  # the one read stays the index's until the new one is written
     written = list(files.values())

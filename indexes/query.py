@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
-import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc

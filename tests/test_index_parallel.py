@@ -368,3 +368,34 @@ def test_an_interrupted_add_leaves_the_index_as_it_was_and_a_rerun_finishes_it(c
     hit = Searcher(idx).search_vectors(vectors[7_000], k=1)[0][0]
     assert (hit.shard, hit.key) == ("new-00007", "new1000")
     assert verify_index(str(idx))["files"] == len(manifest["files"])
+
+
+def test_keys_are_merged_from_the_tasks_sorted_runs_and_equal_one_sort_in_ram(tmp_path, monkeypatch):
+    """Before, the driver read every (shard, key) into RAM to sort them (58 GB at 1B): now each task
+    sorts its own and the driver merges the runs a block at a time (here 7 rows, many rounds)."""
+    import pyarrow as pa
+
+    from imgindex.formats import index_dir
+    from imgindex.formats.index_dir import sorted_keys
+
+    monkeypatch.setattr(index_dir, "MERGE_BLOCK", 7)
+    read_table = index_dir.pq.read_table
+
+    def no_whole_ids(path, *args, **kwargs):  # the tasks' own ids, yes; the index's, all at once, no
+        assert not str(path).endswith("idx/ids.parquet"), "the driver read every id into RAM"
+        return read_table(path, *args, **kwargs)
+
+    monkeypatch.setattr(index_dir.pq, "read_table", no_whole_ids)
+    vectors = clustered_vectors(3_000, 16, clusters=20, seed=12)
+    write_embeddings_dir(str(tmp_path / "emb"), vectors[:1_500], shard_size=500)
+    write_embeddings_dir(str(tmp_path / "emb"), vectors[1_500:], shard_size=500, first_shard=3)  # keys again
+    manifest = build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), BuildOptions(index_key="Flat"),
+                           progress=False)
+    assert manifest["build"]["executor"]["tasks"] > 1
+    with pa.memory_map(str(tmp_path / "idx" / "keys.arrow")) as source:
+        merged = pa.ipc.open_file(source).read_all()
+    with pa.memory_map(str(tmp_path / "idx" / "ids.arrow")) as source:
+        ids = pa.ipc.open_file(source).read_all()
+    assert merged.equals(sorted_keys(ids, 0)) and merged.num_rows == 3_000
+    assert merged["key"][:2].to_pylist() == ["syn0", "syn0"] and merged["shard"][:2].to_pylist() == [
+        "syn-00000", "syn-00003"]
