@@ -76,3 +76,40 @@ def test_an_index_built_into_s3_is_searched_and_a_replaced_remote_part_fails_ver
     bad = subprocess.run(CLI + ["index", "--verify", "s3://bucket/idx"], capture_output=True, text=True,
                          env=full_env, timeout=300)
     assert bad.returncode == 2 and "shard syn-00001" in bad.stderr and "changed since it was indexed" in bad.stderr
+
+
+def test_a_thumbnail_of_a_tar_sample_on_s3_reads_its_member_alone(s3, tmp_path, monkeypatch):
+    """Before: the tar was opened with s3fs's default 50 MB read-ahead block, so one thumbnail
+    fetched the whole tar (up to 50 MB) instead of its member's bytes."""
+    import io
+    import tarfile
+
+    import s3fs
+
+    from imgindex.formats.samples import read_images
+
+    env, fs = s3
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    members = {f"s{i:03d}": np.random.default_rng(i).bytes(200_000) for i in range(8)}
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for key, data in members.items():
+            info = tarfile.TarInfo(f"{key}.jpg")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    fs.pipe_file("bucket/shards/a.tar", buffer.getvalue())
+    with tarfile.open(fileobj=io.BytesIO(buffer.getvalue())) as tar:
+        offsets = {m.name.split(".")[0]: (m.offset_data, m.size) for m in tar.getmembers()}
+
+    fetched = []
+    fetch = s3fs.core.S3File._fetch_range
+
+    def counted(self, start, end):
+        fetched.append(end - start)
+        return fetch(self, start, end)
+
+    monkeypatch.setattr(s3fs.core.S3File, "_fetch_range", counted)
+    found = read_images("tar", "s3://bucket/shards/a.tar", ["s005"], ranges={"s005": offsets["s005"]})
+    assert found == {"s005": members["s005"]}
+    assert 0 < sum(fetched) <= 200_000 + 64 * 1024, fetched  # the member (a little read-ahead at most), not 1.6 MB
