@@ -113,3 +113,36 @@ def test_a_thumbnail_of_a_tar_sample_on_s3_reads_its_member_alone(s3, tmp_path, 
     found = read_images("tar", "s3://bucket/shards/a.tar", ["s005"], ranges={"s005": offsets["s005"]})
     assert found == {"s005": members["s005"]}
     assert 0 < sum(fetched) <= 200_000 + 64 * 1024, fetched  # the member (a little read-ahead at most), not 1.6 MB
+
+
+def test_add_to_an_index_on_s3_uploads_only_the_files_it_wrote(s3, tmp_path, monkeypatch):
+    import s3fs
+
+    from imgindex.indexes.build import BuildOptions, add_parts, build_index
+    from imgindex.indexes.query import Searcher
+
+    env, fs = s3
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    vectors = clustered_vectors(3_000, 16, clusters=20, seed=5)
+    write_embeddings_dir(str(tmp_path / "emb"), vectors[:2_000], shard_size=1_000)
+    build_index(str(tmp_path / "emb"), "s3://bucket/added", BuildOptions(index_key="IVF16,Flat", on_disk="always"),
+                progress=False)
+    write_embeddings_dir(str(tmp_path / "emb"), vectors[2_000:], shard_size=1_000, first_shard=2, prefix="new")
+    uploaded = []
+    put = s3fs.S3FileSystem._put_file  # the coroutine behind put_file (mirrored on each instance)
+
+    async def counted(self, local, remote, *args, **kwargs):
+        uploaded.append(remote.rsplit("/", 1)[1])
+        return await put(self, local, remote, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_put_file", counted)
+    s3fs.S3FileSystem.clear_instance_cache()  # instances made from now on mirror the counted one
+    manifest, added = add_parts(str(tmp_path / "emb"), "s3://bucket/added", progress=False)
+    assert added == 1_000 and manifest["count"] == 3_000
+    assert sorted(uploaded) == sorted(["ids.1.arrow", "keys.1.arrow", "lists.1.ilod", "lists.1.ivfdata",
+                                       "recall.1.npz", "manifest.json"])
+    assert not fs.exists("bucket/added/recall.npz")  # the replaced recall set is gone from the store
+    monkeypatch.setenv("IMGINDEX_CACHE", str(tmp_path / "fresh"))  # a searcher with nothing cached
+    hit = Searcher("s3://bucket/added").search_vectors(vectors[2_500], k=1)[0][0]
+    assert (hit.shard, hit.key) == ("new-00002", "new500")
