@@ -160,7 +160,8 @@ def sorted_keys(ids: pa.Table, start: int) -> pa.Table:
 
 
 KEYS_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("row", pa.int64())])
-MERGE_BLOCK = 1 << 16  # rows read from each sorted run at a time while they are merged
+MERGE_BLOCK = 1 << 16  # rows read from each sorted run at a time while they are merged (and its row groups)
+MERGE_ROWS = 1 << 22  # rows held from all runs together at most: the block shrinks when there are many runs
 
 
 def merge_sorted_keys(runs: list, path: str | os.PathLike, block: int | None = None) -> int:
@@ -168,7 +169,7 @@ def merge_sorted_keys(runs: list, path: str | os.PathLike, block: int | None = N
     into one sorted Arrow IPC file at `path`, holding at most `block` rows of each run at once (the
     memory does not grow with the rows). Each round takes from every run the rows up to the least
     of the runs' current last keys, sorts only those (Arrow) and writes them. Returns the rows."""
-    block = block or MERGE_BLOCK
+    block = block or max(1, min(MERGE_BLOCK, MERGE_ROWS // max(1, len(runs))))
     sort = [("key", "ascending"), ("shard", "ascending")]
     streams = [_rebatched(iter(run), block) for run in runs]
     held = [next(stream, None) for stream in streams]
@@ -537,8 +538,8 @@ class BuildDir:
             return faiss.read_index(self.path(name), flags)
         return faiss.deserialize_index(np.frombuffer(self.fs.cat_file(self.path(name)), dtype=np.uint8))
 
-    def write_table(self, name: str, table: pa.Table) -> None:
-        self._put(name, lambda f: pq.write_table(table, f, compression="zstd"))
+    def write_table(self, name: str, table: pa.Table, row_group_size: int | None = None) -> None:
+        self._put(name, lambda f: pq.write_table(table, f, compression="zstd", row_group_size=row_group_size))
 
     def read_table(self, name: str) -> pa.Table:
         return pq.read_table(self.path(name), filesystem=self.fs)

@@ -129,7 +129,8 @@ class AddWorker:
         self.build.write_index(f"{task.name}.faiss", index)
         ids = pa.concat_tables(tables) if tables else IDS_SCHEMA.empty_table()
         self.build.write_table(f"{task.name}.ids.parquet", ids)
-        self.build.write_table(f"{task.name}.keys.parquet", sorted_keys(ids, task.start))  # a sorted run
+        self.build.write_table(f"{task.name}.keys.parquet", sorted_keys(ids, task.start),  # a sorted run, read
+                               row_group_size=MERGE_BLOCK)  # back a row group at a time by the merge
         self.build.write_arrays(f"{task.name}.exact.npz", scores=exact.scores, ids=exact.ids)
         record = {"task": task.name, "rows": task.rows, "worker": self.name,
                   "seconds": round(time.perf_counter() - started, 3)}

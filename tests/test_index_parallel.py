@@ -399,3 +399,27 @@ def test_keys_are_merged_from_the_tasks_sorted_runs_and_equal_one_sort_in_ram(tm
     assert merged.equals(sorted_keys(ids, 0)) and merged.num_rows == 3_000
     assert merged["key"][:2].to_pylist() == ["syn0", "syn0"] and merged["shard"][:2].to_pylist() == [
         "syn-00000", "syn-00003"]
+
+
+def test_merging_sorted_runs_of_any_sizes_gives_the_one_sort(tmp_path):
+    import pyarrow as pa
+
+    from imgindex.formats.index_dir import merge_sorted_keys, sorted_keys
+
+    rng = np.random.default_rng(3)
+    runs, start = [], 0
+    for size in (0, 1, 37, 500, 64, 250):  # an empty run, a single row, runs larger and smaller than a block
+        keys = [f"k{v}" for v in rng.integers(0, 300, size)]  # many equal keys, within and across runs
+        ids = pa.table({"shard": [f"s{v}" for v in rng.integers(0, 3, size)], "key": keys},
+                       schema=pa.schema([("shard", pa.string()), ("key", pa.string())]))
+        runs.append((ids, start))
+        start += size
+    merged_path = tmp_path / "keys.arrow"
+    rows = merge_sorted_keys([sorted_keys(ids, first).to_batches(max_chunksize=13) for ids, first in runs],
+                             merged_path, block=16)
+    with pa.memory_map(str(merged_path)) as source:
+        merged = pa.ipc.open_file(source).read_all()
+    whole = sorted_keys(pa.concat_tables([ids for ids, _ in runs]), 0)
+    assert rows == start and merged.select(["key", "shard"]).equals(whole.select(["key", "shard"]))
+    triples = lambda t: sorted(zip(t["key"].to_pylist(), t["shard"].to_pylist(), t["row"].to_pylist()))  # noqa: E731
+    assert triples(merged) == triples(whole)  # every row once, under its own key and shard
