@@ -271,6 +271,7 @@ def added(corpus, tmp_path_factory):
                                  "--no-progress"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "added 4000 vectors from 4 new parts" in done.stdout
+    assert "recall@10 on the new parts: " in done.stdout and "among the 4,000 new vectors only" in done.stdout
     return work / "idx", stats, before
 
 
