@@ -32,6 +32,7 @@ IVFDATA = "index.ivfdata"  # an IVF index's inverted lists, when they are kept o
 IDS_MAPPED = "ids.arrow"  # ids.parquet as an uncompressed Arrow IPC file: memory-mapped by searches
 KEYS = "keys.arrow"  # (key, shard, row) sorted by key then shard: a key is found by binary search
 MANIFEST = "manifest.json"
+RECALL_SET = "recall.npz"  # the build's evaluation queries and their exact neighbours over every vector
 BUILD = "_build"  # a build in progress: its plan, trained index and finished tasks (removed once built)
 FORMAT = "imgindex.index/1"
 IDS_SCHEMA = pa.schema([("shard", pa.string()), ("key", pa.string())])
@@ -99,10 +100,26 @@ def _digest(f, size: int, full: bool) -> dict:
     return digest
 
 
+def segment_files(number: int, lists: bool) -> dict[str, str]:
+    """The files of the n-th segment an --add appends: its rows' ids, their sorted keys and, for
+    lists on disk, its inverted lists (`lists.N.ilod`, offsets, small; `lists.N.ivfdata`, codes)."""
+    files = {"ids": f"ids.{number}.arrow", "keys": f"keys.{number}.arrow"}
+    if lists:
+        files.update(lists=f"lists.{number}.ilod", ivfdata=f"lists.{number}.ivfdata")
+    return files
+
+
+def index_file(manifest: dict) -> str:
+    """The file holding the faiss index (an --add of an index in RAM writes a new one)."""
+    return manifest.get("index_file") or INDEX
+
+
 def data_files(manifest: dict) -> tuple[str, ...]:
     """The files an index manifest holds digests of (indexes built before the mapped ids have two)."""
-    return ((INDEX, IDS) + ((IVFDATA,) if manifest.get("on_disk") else ())
-            + ((IDS_MAPPED, KEYS) if manifest.get("mapped_ids") else ()))
+    return ((index_file(manifest), IDS) + ((IVFDATA,) if manifest.get("on_disk") else ())
+            + ((IDS_MAPPED, KEYS) if manifest.get("mapped_ids") else ())
+            + ((manifest["recall_set"],) if manifest.get("recall_set") else ())
+            + tuple(name for segment in manifest.get("segments") or () for name in segment["files"].values()))
 
 
 def _is_digest(value: object) -> bool:
@@ -133,6 +150,65 @@ def _mapped(path: Path) -> pa.Table:
 def _write_ipc(table: pa.Table, path: Path, batch_rows: int = 1 << 20) -> None:
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table, max_chunksize=batch_rows)
+
+
+def sorted_keys(ids: pa.Table, start: int) -> pa.Table:
+    """(key, shard, row) of ids whose first row is index row `start`, sorted by key then shard."""
+    order = pc.sort_indices(ids, [("key", "ascending"), ("shard", "ascending")])
+    return pa.table({"key": ids["key"].take(order), "shard": ids["shard"].take(order),
+                     "row": pc.add(order.cast(pa.int64()), start)}, schema=KEYS_SCHEMA)
+
+
+KEYS_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("row", pa.int64())])
+MERGE_BLOCK = 1 << 16  # rows read from each sorted run at a time while they are merged (and its row groups)
+MERGE_ROWS = 1 << 22  # rows held from all runs together at most: the block shrinks when there are many runs
+
+
+def merge_sorted_keys(runs: list, path: str | os.PathLike, block: int | None = None) -> int:
+    """Runs of (key, shard, row), each sorted by key then shard (iterables of record batches), merged
+    into one sorted Arrow IPC file at `path`, holding at most `block` rows of each run at once (the
+    memory does not grow with the rows). Each round takes from every run the rows up to the least
+    of the runs' current last keys, sorts only those (Arrow) and writes them. Returns the rows."""
+    block = block or max(1, min(MERGE_BLOCK, MERGE_ROWS // max(1, len(runs))))
+    sort = [("key", "ascending"), ("shard", "ascending")]
+    streams = [_rebatched(iter(run), block) for run in runs]
+    held = [next(stream, None) for stream in streams]
+    written = 0
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, KEYS_SCHEMA) as writer:
+        while any(t is not None for t in held):
+            live = [i for i, t in enumerate(held) if t is not None]
+            key, shard = min((held[i]["key"][-1].as_py(), held[i]["shard"][-1].as_py()) for i in live)
+            taken = []
+            for i in live:
+                table = held[i]
+                upto = pc.or_(pc.less(table["key"], key),
+                              pc.and_(pc.equal(table["key"], key), pc.less_equal(table["shard"], shard)))
+                count = pc.sum(upto).as_py() or 0  # a prefix: the run is sorted
+                taken.append(table.slice(0, count))
+                rest = table.slice(count)
+                held[i] = rest if rest.num_rows else next(streams[i], None)
+            merged = pa.concat_tables(taken)
+            merged = merged.take(pc.sort_indices(merged, sort)).combine_chunks()
+            writer.write_table(merged)
+            written += merged.num_rows
+    return written
+
+
+def _rebatched(batches, block: int):
+    """Record batches -> tables of up to `block` rows (the run's order kept)."""
+    for batch in batches:
+        for start in range(0, batch.num_rows, block):
+            piece = batch.slice(start, block)
+            if piece.num_rows:
+                yield pa.Table.from_batches([piece]).cast(KEYS_SCHEMA)
+
+
+def write_lists(invlists: faiss.InvertedLists, path: Path) -> None:
+    """On-disk inverted lists' header (their offsets and their .ivfdata file's name) into `path`;
+    IndexDir.load_index reads it back, the .ivfdata found beside it."""
+    writer = faiss.FileIOWriter(str(path))
+    faiss.write_InvertedLists(faiss.downcast_InvertedLists(invlists), writer)
+    del writer  # closes the file
 
 
 def is_remote(url: str) -> bool:
@@ -204,11 +280,12 @@ class IndexDir:
                 raise ConfigError(f"{self.url}/{name} cannot be read ({exc}): rebuild the index") from None
             os.replace(tmp, local)
 
-    def publish(self) -> None:
-        """Upload the local copy's data files (each in one piece); call write_manifest after."""
+    def publish(self, names: tuple[str, ...] | None = None) -> None:
+        """Upload the local copy's data files (each in one piece; only `names` when given: the files
+        an --add wrote); call write_manifest after."""
         if not self.remote:
             return
-        for name in (INDEX, IDS, IVFDATA, IDS_MAPPED, KEYS):
+        for name in names if names is not None else (INDEX, IDS, IVFDATA, IDS_MAPPED, KEYS, RECALL_SET):
             if (self.path / name).is_file():
                 self.fs.put_file(str(self.path / name), self._remote(name))
             elif self.fs.exists(self._remote(name)):
@@ -254,14 +331,18 @@ class IndexDir:
                 raise Corrupt(f"{path} is corrupt or truncated: it does not match the digest in its manifest "
                                   f"({what} changed): rebuild the index")
 
-    def record_files(self, manifest: dict) -> None:
-        """Digests of the index's data files, into the manifest (before it is written)."""
-        manifest["files"] = {name: file_digest(self.path / name, full=True) for name in data_files(manifest)}
+    def record_files(self, manifest: dict, changed: tuple[str, ...] | None = None) -> None:
+        """Digests of the index's data files, into the manifest (before it is written): of every one,
+        or only of the `changed` ones (an --add: the digests of the files it left alone are kept)."""
+        kept = {} if changed is None else {name: digest for name, digest in (manifest.get("files") or {}).items()
+                                           if name not in changed}
+        manifest["files"] = {name: kept[name] if name in kept else file_digest(self.path / name, full=True)
+                             for name in data_files(manifest)}
 
     def load_index(self, manifest: dict, mmap: bool = True) -> faiss.Index:
         """Read the index (memory-mapped where the type allows) and check it against the manifest."""
         self.fetch(manifest)
-        path = self.path / INDEX
+        path = self.path / index_file(manifest)
         if not path.is_file():
             raise ConfigError(f"{path} is missing: rebuild the index")
         self.verify(manifest)
@@ -273,47 +354,102 @@ class IndexDir:
                 index = faiss.read_index(str(path), flags)
         except RuntimeError as exc:
             raise Corrupt(f"{path} is corrupt or truncated ({faiss_reason(exc)}): rebuild the index") from None
+        lists = [segment["files"]["lists"] for segment in manifest.get("segments") or () if "lists" in segment["files"]]
+        if lists:
+            index = self._stack_lists(index, lists, mmap)
         if index.ntotal != manifest["count"] or index.d != manifest["dim"]:
             raise Corrupt(f"{path} holds {index.ntotal} vectors of dim {index.d}, the manifest says "
                               f"{manifest['count']} of dim {manifest['dim']} (interrupted update?): rebuild the index")
         return index
 
+    def _stack_lists(self, index: faiss.Index, names: list[str], mmap: bool) -> faiss.Index:
+        """The index serving its own on-disk lists and every segment's, stacked (faiss
+        HStackInvertedLists: list i is the concatenation of each one's list i; read only). The
+        lists stay mapped for the life of the process: faiss's Python wrapper cannot free
+        OnDiskInvertedLists (taking ownership of one breaks its type table), and the stack owns none."""
+        ivf = faiss.extract_index_ivf(index)
+        flags = faiss.IO_FLAG_ONDISK_SAME_DIR | (faiss.IO_FLAG_READ_ONLY if mmap else 0)
+        lists = [ivf.invlists]
+        for name in names:
+            try:
+                with c_stdout_to_stderr():  # faiss says where it found the segment's .ivfdata, on stdout
+                    lists.append(faiss.read_InvertedLists(faiss.FileIOReader(str(self.path / name)), flags))
+            except RuntimeError as exc:
+                raise Corrupt(f"{self.path / name} is corrupt or truncated ({faiss_reason(exc)}): rebuild the "
+                              "index") from None
+        pointers = faiss.InvertedListsPtrVector()
+        for one in lists:
+            pointers.push_back(one)
+        stacked = faiss.HStackInvertedLists(pointers.size(), pointers.data())
+        stacked.this.disown()  # the index owns the stack
+        ivf.own_invlists = False  # the index's own lists are one of the stacked, not freed with it
+        ivf.replace_invlists(stacked, True)
+        ivf.ntotal = index.ntotal = stacked.compute_ntotal()
+        return index
+
     def read_ids(self, manifest: dict) -> pa.Table:
-        """Row i -> (shard, key): memory-mapped from ids.arrow (RAM holds the pages a search touches),
-        or read from ids.parquet for indexes built before it."""
+        """Row i -> (shard, key): memory-mapped from ids.arrow and every --add's segment after it (RAM
+        holds the pages a search touches), or read from ids.parquet for indexes built before it."""
         self.fetch(manifest)
         path = self.path / (IDS_MAPPED if manifest.get("mapped_ids") else IDS)
+        names = [segment["files"]["ids"] for segment in manifest.get("segments") or ()]
         try:
             ids = _mapped(path) if manifest.get("mapped_ids") else pq.read_table(path, schema=IDS_SCHEMA)
+            if names:
+                path = self.path  # named in the message should a segment be unreadable
+                ids = pa.concat_tables([ids, *(_mapped(self.path / name) for name in names)])  # zero copy
         except (OSError, pa.ArrowInvalid) as exc:
             raise ConfigError(f"{path} is missing or unreadable ({exc}): rebuild the index") from None
         if ids.num_rows != manifest["count"]:
             raise Corrupt(f"{path} has {ids.num_rows} rows for {manifest['count']} vectors: rebuild the index")
         return ids
 
-    def read_keys(self, manifest: dict) -> pa.Table | None:
-        """The sorted key table (memory-mapped), or None for indexes built before it."""
+    def read_keys(self, manifest: dict) -> list[pa.Table] | None:
+        """The sorted key tables (memory-mapped): the build's and one per --add segment, each sorted
+        on its own; None for indexes built before them."""
         if not manifest.get("mapped_ids"):
             return None
-        try:
-            return _mapped(self.path / KEYS)
-        except (OSError, pa.ArrowInvalid) as exc:
-            raise ConfigError(f"{self.path / KEYS} is missing or unreadable ({exc}): rebuild the index") from None
+        tables = []
+        for name in (KEYS, *(segment["files"]["keys"] for segment in manifest.get("segments") or ())):
+            try:
+                tables.append(_mapped(self.path / name))
+            except (OSError, pa.ArrowInvalid) as exc:
+                raise ConfigError(f"{self.path / name} is missing or unreadable ({exc}): rebuild the index") from None
+        return tables
 
-    def write_lookups(self) -> None:
-        """ids.arrow and keys.arrow from ids.parquet (call after write_data, before record_files)."""
-        ids = pq.read_table(self.path / IDS, schema=IDS_SCHEMA)
-        _write_ipc(ids, self.tmp(IDS_MAPPED))
-        order = pc.sort_indices(ids, [("key", "ascending"), ("shard", "ascending")])
-        keys = pa.table({"key": ids["key"].take(order), "shard": ids["shard"].take(order),
-                         "row": order.cast(pa.int64())})
-        del ids
-        _write_ipc(keys, self.tmp(KEYS))
+    def place_lookups(self) -> None:
+        """ids.arrow and keys.arrow, written at their temporary names, into place (after write_data,
+        before record_files)."""
         os.replace(self.tmp(IDS_MAPPED), self.path / IDS_MAPPED)
         os.replace(self.tmp(KEYS), self.path / KEYS)
 
+    def write_recall_set(self, name: str, **arrays: np.ndarray) -> None:
+        """The evaluation queries (ids, vectors) and their exact neighbours (scores, exact) over every
+        vector of the index: an --add brings them up to date from the new vectors alone (into a
+        file of a new name, so the index stays whole until its new manifest is written)."""
+        with open(self.tmp(name), "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(self.tmp(name), self.path / name)
+
+    def read_recall_set(self, manifest: dict) -> dict[str, np.ndarray] | None:
+        """The recall set the manifest records (checked against its digest when the index loaded), or None."""
+        if not manifest.get("recall_set"):
+            return None
+        try:
+            with np.load(self.path / manifest["recall_set"]) as found:
+                return {k: found[k] for k in found.files}
+        except (OSError, ValueError) as exc:
+            raise Corrupt(f"{self.path / manifest['recall_set']} is missing or unreadable ({exc}): rebuild the index") from None
+
     def tmp(self, name: str) -> Path:
         return self.path / f".{name}.tmp"
+
+    def remove(self, names: list[str]) -> None:
+        """Files no manifest names any longer (an --add's replaced index file and recall set)."""
+        for name in names:
+            (self.path / name).unlink(missing_ok=True)
+            if self.remote and self.fs.exists(self._remote(name)):
+                self.fs.rm_file(self._remote(name))
 
     def forget(self) -> None:
         if self.remote and self.fs.exists(self._remote(MANIFEST)):
@@ -337,12 +473,13 @@ class IndexDir:
         """Where a build in progress keeps its files (BuildDir): beside the index, where workers reach it."""
         return f"{self.url}/{BUILD}" if self.remote else str(self.path / BUILD)
 
-    def write_manifest(self, manifest: dict) -> None:
-        """Written last: a directory with a manifest is complete (a remote one: after its files are uploaded)."""
+    def write_manifest(self, manifest: dict, changed: tuple[str, ...] | None = None) -> None:
+        """Written last: a directory with a manifest is complete (a remote one: after its files are
+        uploaded: all, or only the `changed` ones)."""
         self.tmp(MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         os.replace(self.tmp(MANIFEST), self.path / MANIFEST)
         if self.remote:
-            self.publish()
+            self.publish(changed)
             self.fs.put_file(str(self.path / MANIFEST), self._remote(MANIFEST))
 
 
@@ -401,8 +538,8 @@ class BuildDir:
             return faiss.read_index(self.path(name), flags)
         return faiss.deserialize_index(np.frombuffer(self.fs.cat_file(self.path(name)), dtype=np.uint8))
 
-    def write_table(self, name: str, table: pa.Table) -> None:
-        self._put(name, lambda f: pq.write_table(table, f, compression="zstd"))
+    def write_table(self, name: str, table: pa.Table, row_group_size: int | None = None) -> None:
+        self._put(name, lambda f: pq.write_table(table, f, compression="zstd", row_group_size=row_group_size))
 
     def read_table(self, name: str) -> pa.Table:
         return pq.read_table(self.path(name), filesystem=self.fs)

@@ -99,7 +99,10 @@ def read_images(kind: str, source: str, keys: list[str], ranges: dict[str, tuple
         ranged = sorted((ranges[k], k) for k in keys if ranges and k in ranges)  # in file order
         if ranged:
             try:
-                with fsspec.open(source, "rb") as f:  # opened once for all of them
+                # opened once for all of them; each member by its own range request on object stores
+                # (their files read ahead a block, 50 MB on S3: the whole tar for one thumbnail)
+                fs, path = fsspec.core.url_to_fs(source)
+                with fs.open(path, "rb", cache_type="none") as f:
                     for (offset, size), key in ranged:
                         f.seek(offset)
                         data = f.read(size)

@@ -13,6 +13,7 @@ index without retraining.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -20,26 +21,26 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 
 import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from imgindex.errors import ConfigError, Corrupt
 from imgindex.executors.handout import Event, Outcome, hand_out
 from imgindex.executors.placement import Executor, place
 from imgindex.formats.embeddings_dir import EmbeddingsDir, Part, identity_changes
-from imgindex.formats.index_dir import (BUILD, FORMAT, IDS, IDS_SCHEMA, IVFDATA, BuildDir, IndexDir, digest_changes,
-                                       faiss_reason, part_digest)
+from imgindex.formats.index_dir import (BUILD, FORMAT, IDS, IDS_MAPPED, IVFDATA, KEYS, RECALL_SET, BuildDir,
+                                       IndexDir, c_stdout_to_stderr, data_files, digest_changes, faiss_reason,
+                                       index_file, merge_sorted_keys, part_digest, segment_files, write_lists)
 from imgindex.indexes import parallel
 from imgindex.indexes.factory import (FLAT_THRESHOLD, MIN_TRAIN_PER_LIST, choose_index_key, codes_bytes, human,
-                                      parse_memory, search_knob)
-from imgindex.indexes.ondisk import choose_on_disk, merge_to_disk, one_thread_if
+                                      parse_memory, range_params, search_knob)
+from imgindex.indexes.ondisk import choose_on_disk, merge_to_disk
 from imgindex.indexes.reads import sample
-from imgindex.indexes.recall import TIE_SLACK, exact_neighbors, tune
+from imgindex.indexes.recall import TIE_SLACK, Exact, recall_at_k, tune
 from imgindex.plurals import counted
 from imgindex.progress import progress_bar
 
@@ -275,7 +276,8 @@ def build_index(emb_dir: str, out: str, options: BuildOptions | None = None, ove
     else:
         index = parallel.merge_in_memory(build, tasks)
     ids_tmp = target.tmp(IDS)
-    parallel.concat_ids(build, tasks, ids_tmp)
+    parallel.concat_ids(build, tasks, ids_tmp, target.tmp(IDS_MAPPED))
+    merge_sorted_keys(parallel.key_runs(build, tasks), target.tmp(KEYS))  # memory bounded by the runs' blocks
     timings["merge_s"] = round(time.time() - t, 3)
     if index.ntotal != count:
         raise ConfigError(f"the merged index holds {index.ntotal:,} vectors, the parts {count:,}: a part changed "
@@ -304,6 +306,8 @@ def build_index(emb_dir: str, out: str, options: BuildOptions | None = None, ove
                                "restarts": outcome.restarts}},
         "parts": _part_records(emb, parts),
         **measured_recall(knob, value, recall, curve, len(query_ids)),
+        "recall_set": RECALL_SET,
+        "recall_covers": _covers(len(query_ids), count),
         "train_residual": plan["train_residual"],
         "faiss_gpus": faiss_gpus(),
         "versions": _versions(),
@@ -313,7 +317,8 @@ def build_index(emb_dir: str, out: str, options: BuildOptions | None = None, ove
     }
     t = time.time()
     target.write_data(index, ids_tmp, ivfdata_tmp, on_disk=on_disk)
-    target.write_lookups()
+    target.place_lookups()
+    target.write_recall_set(RECALL_SET, ids=query_ids, vectors=queries, scores=exact.scores, exact=exact.ids)
     timings["write_s"] = round(time.time() - t, 3)
     timings["total_s"] = round(time.time() - started, 3)
     target.record_files(manifest)
@@ -359,86 +364,189 @@ def measured_recall(knob: str | None, value: int | None, recall: float, curve: l
             "search_params": {knob: value} if knob else {}, "recall_curve": curve}
 
 
-def _blocks(sources: list[tuple[EmbeddingsDir, list[Part]]]):
-    for emb, parts in sources:
-        for _, _, vectors in emb.iter_batches(parts):
-            yield vectors
+def _covers(queries: int, count: int) -> str:
+    """What the manifest's recall figure measures, in words."""
+    return (f"{queries:,} queries drawn from the parts the index was built from, against their exact neighbours "
+            f"among all {count:,} vectors")
 
 
-def add_parts(emb_dir: str, index_dir: str, target_recall: float | None = None,
-              eval_queries: int = 1000, progress: bool | None = None) -> tuple[dict, int]:
-    """Add the parts of EMB_DIR that the index does not hold yet, without retraining.
+def add_parts(emb_dir: str, index_dir: str, target_recall: float | None = None, eval_queries: int = 1000,
+              progress: bool | None = None, executor: Executor | None = None) -> tuple[dict, int]:
+    """Add the parts of EMB_DIR that the index does not hold yet, without retraining, at the cost of
+    what it adds: only the new parts are read (by the build's add tasks, on `executor`), and the
+    index's files stay as they are but for an index held in RAM (written again, whole).
 
-    Warns when the new vectors sit much further from the IVF centroids than the training
-    sample did (the index was trained on different data: rebuild it), re-measures recall on
-    queries drawn from the new parts, and returns (updated manifest, vectors added).
+    The new rows become a segment: their ids and sorted keys in files of their own and, for lists
+    on disk, their inverted lists in a file of their own, stacked on the others when the index
+    loads. Recall is re-measured on the build's queries, whose exact neighbours (kept in the index)
+    are brought up to date from the new vectors alone; queries drawn from the new parts are
+    measured against the new vectors. Warns when the new vectors sit much further from the IVF
+    centroids than the training sample did (rebuild then). Returns (updated manifest, vectors added).
+    An interrupted --add leaves the index as it was; rerun, it resumes from its finished tasks.
     """
     started = time.time()
+    executor = executor or Executor()
     target = IndexDir(index_dir)
     manifest = target.read_manifest()
-    index = target.load_index(manifest, mmap=False)
     emb = EmbeddingsDir(emb_dir)
     changed = identity_changes(emb.manifest, manifest["embeddings"])
     if changed:
         raise ConfigError(f"{emb_dir} was embedded differently from the index at {index_dir} (changed: "
                           f"{', '.join(changed)}): embed with the same config, or build a new index")
+    if not manifest.get("recall_set") or not manifest.get("mapped_ids"):
+        raise ConfigError(f"the index at {index_dir} was built before indexes kept their recall queries and mapped "
+                          f"ids, which --add extends without reading the old parts: rebuild it once with "
+                          f"`imgindex index EMB_DIR --out {index_dir} --overwrite`")
     known = {p["shard"]: p for p in manifest["parts"]}
-    changed = [p.shard for p in emb.parts() if p.shard in known and p.rows != known[p.shard]["rows"]]
+    parts = emb.parts()
+    changed = [p.shard for p in parts if p.shard in known and p.rows != known[p.shard]["rows"]]
     if changed:
         log.warning("%d shards changed since they were indexed (e.g. %s): rebuild the index to pick them up",
                     len(changed), changed[0])
-    new = [p for p in emb.parts() if p.shard not in known]
-    if not new:
+    new = [p for p in parts if p.shard not in known]
+    count = sum(p.rows for p in new)
+    if not count:
         return manifest, 0
 
-    old_ids = target.read_ids(manifest)
-    ids_tmp = target.tmp(IDS)
-    count = sum(p.rows for p in new)
-    residual_sum, added = 0.0, 0
-    bar = progress_bar(total=count, unit="vec", desc="add", progress=progress)
-    with pq.ParquetWriter(ids_tmp, IDS_SCHEMA) as ids_writer:
-        ids_writer.write_table(old_ids)
-        for _, ids, vectors in emb.iter_batches(new):
-            residual = mean_residual(index, vectors)
-            residual_sum += (residual or 0.0) * len(vectors)
-            with one_thread_if(bool(manifest.get("on_disk"))):
-                index.add(vectors)
-            ids_writer.write_table(ids.cast(IDS_SCHEMA))
-            added += len(vectors)
-            bar.update(len(vectors))
-    bar.close()
+    on_disk = bool(manifest.get("on_disk"))
+    old_count = int(manifest["count"])
+    segment = len(manifest.get("segments") or []) + 1
+    index = target.load_index(manifest, mmap=on_disk)  # on disk: the lists stay mapped; in RAM: written again
+    recall_set = target.read_recall_set(manifest)
+    placement = place(executor, _cores(), 0, want_gpu=False)
+    seed = int(manifest["build"].get("seed", 0)) + segment
+    build = BuildDir(target.build_url)
+    identity = {"add_to": old_count, "segment": segment, "parts": [[p.shard, p.rows] for p in new],
+                "eval_queries": eval_queries, "seed": seed}
+    plan = build.read_json(parallel.PLAN)
+    if plan is not None and plan.get("identity") == identity and build.exists(parallel.TRAINED) \
+            and build.exists(parallel.QUERIES):
+        tasks = [parallel.AddTask.from_json(t) for t in plan["tasks"]]
+        found = build.read_arrays(parallel.QUERIES)
+        new_ids, new_queries = found["ids"][len(recall_set["ids"]):], found["vectors"][len(recall_set["ids"]):]
+    else:
+        build.clear()
+        build.makedirs()
+        new_ids, new_queries = sample(emb, new, min(eval_queries, count), seed=seed)
+        new_ids = new_ids + old_count
+        if parallel.mergeable(index):  # sub-indexes of the new parts that share the trained quantizer
+            build.write_index(parallel.TRAINED, _emptied(target, manifest, index))
+            per_vector = max(1, codes_bytes(index, 1) or index.d * 4)
+            size = parallel.rows_per_task(count, placement.workers,
+                                          max(1, parse_memory(manifest["build"]["max_memory"]) // (4 * per_vector)))
+            tasks = [replace(t, start=t.start + old_count) for t in parallel.split_tasks(new, size)]
+        else:  # e.g. HNSW: one graph, the new vectors added to it by one worker
+            build.write_index(parallel.TRAINED, index)
+            tasks = [parallel.AddTask("add-00000", tuple(new), old_count)]
+        build.write_arrays(parallel.QUERIES, ids=np.concatenate([recall_set["ids"], new_ids]),
+                           vectors=np.concatenate([recall_set["vectors"], new_queries]).astype(np.float32))
+        parallel.save_plan(build, {"identity": identity, "tasks": [t.to_json() for t in tasks]})
+    done = parallel.done_tasks(build, tasks)
+    todo = [t for t in tasks if t.name not in done]
+    ivf = faiss.try_extract_index_ivf(index)
+    outcome = _add(placement, parallel.AddWorkers(emb.location, build.url, K + 1, ivf is not None), todo,
+                   count - sum(t.rows for t in todo), count, progress)
+    if outcome.failed:
+        name, error = next(iter(outcome.failed.items()))
+        raise ConfigError(f"{counted(len(outcome.failed), 'task')} of the --add failed every attempt (task {name}: "
+                          f"{error}); rerun the same command to finish them: the index is as it was")
+
     drift = None
-    if manifest.get("train_residual"):
-        drift = round(residual_sum / added / manifest["train_residual"], 3)
+    residual = mean_residual(index, new_queries)  # on the new parts' sample
+    if manifest.get("train_residual") and residual is not None:
+        drift = round(residual / manifest["train_residual"], 3)
         if drift > DRIFT_WARNING:
             log.warning("the new vectors are %.1fx further from the index's centroids than its training sample: "
                         "the data drifted; rebuild with `imgindex index EMB_DIR --out %s --overwrite`",
                         drift, index_dir)
+    depth = K + 1 + TIE_SLACK
+    among_new = parallel.read_exact(build, tasks, depth)
+    held = len(recall_set["ids"])
+    exact = parallel.merge_exact([Exact(recall_set["scores"], recall_set["exact"]),
+                                  Exact(among_new.scores[:held], among_new.ids[:held])], depth)
+    new_exact = Exact(among_new.scores[held:], among_new.ids[held:])
 
-    old_count = int(manifest["count"])
-    sources = []
-    for where, group in _by_dir(manifest):
-        old = EmbeddingsDir(where)
-        sources.append((old, [old.part(p["shard"], p["rows"]) for p in group]))
-    sources.append((emb, new))
-    query_ids, queries = emb.sample(new, eval_queries, seed=manifest["build"].get("seed", 0))
-    query_ids = query_ids + old_count
-    exact = exact_neighbors(queries, _blocks(sources), K + 1)
-    knob = search_knob(index)
-    value, recall, curve = tune(index, knob, queries, query_ids, exact,
-                                target_recall or manifest["build"]["target_recall"], K)
+    files = segment_files(segment, lists=on_disk)
+    parallel.concat_ids(build, tasks, None, target.path / files["ids"])  # the new rows only
+    merge_sorted_keys(parallel.key_runs(build, tasks), target.path / files["keys"])
+    old_files = set(data_files(manifest))
+    manifest = json.loads(json.dumps(manifest))  # the one read stays the index's until the new one is written
+    written = list(files.values())
+    if on_disk:  # the new lists in a file of their own; index.faiss and index.ivfdata stay as they are
+        subs = [build.local_file(f"{t.name}.faiss", target.path / BUILD) for t in tasks]
+        lists = merge_to_disk(_emptied(target, manifest, index), subs,
+                              str(target.tmp(files["ivfdata"])), str(target.path / files["ivfdata"]))
+        os.replace(target.tmp(files["ivfdata"]), target.path / files["ivfdata"])
+        write_lists(faiss.extract_index_ivf(lists).invlists, target.tmp(files["lists"]))
+        os.replace(target.tmp(files["lists"]), target.path / files["lists"])
+        del lists
+    else:  # in RAM: the index is written again (it fits RAM), under a new name until the manifest names it
+        if parallel.mergeable(index):
+            parallel.merge_into(index, build, tasks)
+        else:
+            index = build.read_index(f"{tasks[0].name}.faiss")
+        manifest["index_file"] = f"index.{segment}.faiss"
+        faiss.write_index(index, str(target.tmp(manifest["index_file"])))
+        os.replace(target.tmp(manifest["index_file"]), target.path / manifest["index_file"])
+        written.append(manifest["index_file"])
+    manifest["segments"] = [*(manifest.get("segments") or []), {"rows": count, "files": files}]
+    manifest["count"] = old_count + count
     manifest["parts"] += _part_records(emb, new)
-    manifest["count"] = int(index.ntotal)
-    manifest.update(measured_recall(knob, value, recall, curve, len(query_ids)))
-    manifest["adds"].append({"vectors": added, "parts": len(new), "drift_ratio": drift,
-                             f"recall_at_{K}_on_new": round(recall, 4), "seconds": round(time.time() - started, 3),
-                             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-    target.write_data(index, ids_tmp, on_disk=bool(manifest.get("on_disk")))
-    target.write_lookups()
-    manifest["mapped_ids"] = True
-    target.record_files(manifest)
-    target.write_manifest(manifest)
-    return manifest, added
+    if on_disk:
+        target.record_files(manifest, changed=tuple(written))
+        index = target.load_index(manifest)  # the stacked lists, as searches will load them
+    if index.ntotal != manifest["count"]:
+        raise ConfigError(f"the index holds {index.ntotal:,} vectors after the --add, {manifest['count']:,} were "
+                          "expected: a part changed during the --add; rerun it")
+
+    knob = search_knob(index)
+    value, recall, curve = tune(index, knob, recall_set["vectors"], recall_set["ids"], exact,
+                                target_recall or manifest["build"]["target_recall"], K)
+    recall_new = None
+    if len(new_ids):
+        _, found = index.search(new_queries, K + 1, params=range_params(index, old_count, manifest["count"]))
+        recall_new = round(recall_at_k(found, new_exact, new_ids, K), 4)
+    manifest["recall_set"] = f"recall.{segment}.npz"
+    target.write_recall_set(manifest["recall_set"], ids=recall_set["ids"], vectors=recall_set["vectors"],
+                            scores=exact.scores, exact=exact.ids)
+    written.append(manifest["recall_set"])
+    manifest.update(measured_recall(knob, value, recall, curve, held))
+    manifest["recall_covers"] = _covers(held, manifest["count"])
+    manifest["adds"].append({
+        "vectors": count, "parts": len(new), "segment": segment, "drift_ratio": drift,
+        f"recall_at_{K}_on_new": recall_new,
+        "on_new_covers": (f"{len(new_ids):,} queries drawn from the new parts, against their exact neighbours among "
+                          f"the {count:,} new vectors only (the search restricted to them)"),
+        "executor": {"kind": executor.kind, "asked": executor.flag, "workers": placement.workers,
+                     "tasks": len(tasks), "resumed_tasks": len(done), "retried": outcome.retried},
+        "seconds": round(time.time() - started, 3),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    target.record_files(manifest, changed=tuple(written))
+    target.write_manifest(manifest, changed=tuple(written))
+    target.remove(sorted(old_files - set(data_files(manifest))))  # the replaced index file and recall set
+    del index
+    build.clear()
+    if target.remote:
+        shutil.rmtree(target.path / BUILD, ignore_errors=True)
+    return manifest, count
+
+
+def _emptied(target: IndexDir, manifest: dict, index: faiss.Index) -> faiss.Index:
+    """The index's trained structure without its vectors (an IVF index's lists are not read)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:  # flat codes, held in RAM
+        empty = faiss.clone_index(index)
+        empty.reset()
+        return empty
+    flags = faiss.IO_FLAG_SKIP_IVF_DATA if manifest.get("on_disk") else faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
+    with c_stdout_to_stderr():
+        empty = faiss.read_index(str(target.path / index_file(manifest)), flags)
+    ivf = faiss.extract_index_ivf(empty)
+    lists = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+    lists.this.disown()  # the index owns them
+    ivf.replace_invlists(lists, True)
+    ivf.ntotal = empty.ntotal = 0
+    return empty
 
 
 def _by_dir(manifest: dict) -> list[tuple[str, list[dict]]]:

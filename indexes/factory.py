@@ -115,3 +115,22 @@ def knob_values(index: faiss.Index, knob: str | None) -> list[int]:
 def set_knob(index: faiss.Index, knob: str | None, value: int | None) -> None:
     if knob and value:
         faiss.ParameterSpace().set_index_parameter(index, knob, value)
+
+
+def range_params(index: faiss.Index, start: int, end: int) -> faiss.SearchParameters:
+    """Search parameters that keep only the rows [start, end), with the index's own search knob."""
+    selector = faiss.IDSelectorRange(start, end)
+    ivf = faiss.try_extract_index_ivf(index)
+    inner = faiss.downcast_index(index.index if isinstance(index, faiss.IndexPreTransform) else index)
+    if ivf is not None:
+        params = faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe)
+    elif isinstance(inner, faiss.IndexHNSW):
+        params = faiss.SearchParametersHNSW(sel=selector, efSearch=inner.hnsw.efSearch)
+    else:
+        params = faiss.SearchParameters(sel=selector)
+    if isinstance(index, faiss.IndexPreTransform):
+        outer = faiss.SearchParametersPreTransform(index_params=params)
+        outer.referenced_objects = [params, selector]
+        return outer
+    params.referenced_objects = [selector]
+    return params

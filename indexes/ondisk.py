@@ -6,8 +6,6 @@ directory was moved (faiss's IO_FLAG_ONDISK_SAME_DIR).
 """
 from __future__ import annotations
 
-import contextlib
-
 import faiss
 from faiss.contrib.ondisk import merge_ondisk
 
@@ -43,20 +41,3 @@ def merge_to_disk(trained: faiss.Index, sub_paths: list[str], ivfdata_tmp: str, 
     invlists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
     invlists.filename = ivfdata_final
     return index
-
-
-
-
-@contextlib.contextmanager
-def one_thread_if(on_disk: bool):
-    """Adds to on-disk lists in one thread: faiss's threads grow the lists' file concurrently and
-    lose entries (seen as vectors that no search finds)."""
-    if not on_disk:
-        yield
-        return
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(threads)

@@ -11,6 +11,7 @@ between the driver and the workers; the sub-indexes go through storage every nod
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -24,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imgindex.formats.embeddings_dir import EmbeddingsDir, Part
-from imgindex.formats.index_dir import IDS_SCHEMA, BuildDir
+from imgindex.formats.index_dir import IDS_SCHEMA, MERGE_BLOCK, BuildDir, sorted_keys
 from imgindex.indexes.reads import iter_batches
 from imgindex.indexes.recall import Exact, exact_neighbors
 
@@ -122,12 +123,14 @@ class AddWorker:
 
         exact = exact_neighbors(self.queries, blocks(), self.spec.k)
         exact = Exact(exact.scores, np.where(exact.ids >= 0, exact.ids + task.start, -1))
-        if index.ntotal != task.rows:
+        if index.ntotal - self.trained.ntotal != task.rows:  # an --add of a graph index starts from it whole
             raise RuntimeError(f"task {task.name}: read {index.ntotal} vectors, its parts list {task.rows} "
                                "(a part changed during the build?)")
         self.build.write_index(f"{task.name}.faiss", index)
-        self.build.write_table(f"{task.name}.ids.parquet", pa.concat_tables(tables) if tables else
-                               IDS_SCHEMA.empty_table())
+        ids = pa.concat_tables(tables) if tables else IDS_SCHEMA.empty_table()
+        self.build.write_table(f"{task.name}.ids.parquet", ids)
+        self.build.write_table(f"{task.name}.keys.parquet", sorted_keys(ids, task.start),  # a sorted run, read
+                               row_group_size=MERGE_BLOCK)  # back a row group at a time by the merge
         self.build.write_arrays(f"{task.name}.exact.npz", scores=exact.scores, ids=exact.ids)
         record = {"task": task.name, "rows": task.rows, "worker": self.name,
                   "seconds": round(time.perf_counter() - started, 3)}
@@ -174,11 +177,39 @@ def merge_in_memory(build: BuildDir, tasks: list[AddTask]) -> faiss.Index:
     return index
 
 
-def concat_ids(build: BuildDir, tasks: list[AddTask], path: str | os.PathLike) -> None:
-    """Every task's (shard, key) rows, in task order, into one Parquet file at `path`."""
-    with pq.ParquetWriter(path, IDS_SCHEMA) as writer:
+def merge_into(index: faiss.Index, build: BuildDir, tasks: list[AddTask]) -> None:
+    """Every task's sub-index's lists or codes moved into `index` (held in RAM), in task order."""
+    ivf = faiss.try_extract_index_ivf(index)
+    for task in tasks:
+        sub = build.read_index(f"{task.name}.faiss")
+        if ivf is not None:
+            ivf.merge_from(faiss.extract_index_ivf(sub), 0)
+        else:
+            faiss.downcast_index(index).merge_from(faiss.downcast_index(sub), 0)
+        del sub
+    if ivf is not None:
+        index.ntotal = ivf.ntotal  # an IndexPreTransform around it counts its own
+
+
+def concat_ids(build: BuildDir, tasks: list[AddTask], parquet: str | os.PathLike | None,
+               mapped: str | os.PathLike) -> None:
+    """Every task's (shard, key) rows, in task order, into an Arrow IPC file at `mapped` (and a
+    Parquet file at `parquet`), one task's rows held at a time."""
+    with contextlib.ExitStack() as stack:
+        writer = stack.enter_context(pq.ParquetWriter(parquet, IDS_SCHEMA)) if parquet else None
+        sink = stack.enter_context(pa.OSFile(str(mapped), "wb"))
+        ipc = stack.enter_context(pa.ipc.new_file(sink, IDS_SCHEMA))
         for task in tasks:
-            writer.write_table(build.read_table(f"{task.name}.ids.parquet"))
+            table = build.read_table(f"{task.name}.ids.parquet").cast(IDS_SCHEMA)
+            if writer is not None:
+                writer.write_table(table)
+            ipc.write_table(table, max_chunksize=1 << 20)
+
+
+def key_runs(build: BuildDir, tasks: list[AddTask]) -> list[Iterator[pa.RecordBatch]]:
+    """Each task's keys sorted on their own (its run), read a block at a time, for merge_sorted_keys."""
+    return [pq.ParquetFile(build.path(f"{task.name}.keys.parquet"), filesystem=build.fs)
+            .iter_batches(batch_size=MERGE_BLOCK) for task in tasks]
 
 
 def read_exact(build: BuildDir, tasks: list[AddTask], k: int) -> Exact:

@@ -15,13 +15,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
-import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from imgindex.formats.embeddings_dir import EmbeddingsDir, normalize_rows
-from imgindex.indexes.factory import search_knob, set_knob
+from imgindex.indexes.factory import range_params, search_knob, set_knob
 from imgindex.formats.index_dir import IndexDir
 from imgindex.errors import ConfigError, NotFound
 from imgindex.formats.samples import sample_location
@@ -128,16 +127,6 @@ class Searcher:
             raise NotFound(f"shard {shard!r} is not in the index")
         return self._shard_rows[shard]
 
-    def _params(self, rows: tuple[int, int]) -> faiss.SearchParameters:
-        """Search parameters that keep only `rows`, with the index's own search knob."""
-        selector = faiss.IDSelectorRange(*rows)
-        ivf = faiss.try_extract_index_ivf(self.index)
-        if ivf is not None:
-            return faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe)
-        if isinstance(faiss.downcast_index(self.index), faiss.IndexHNSW):
-            return faiss.SearchParametersHNSW(sel=selector, efSearch=faiss.downcast_index(self.index).hnsw.efSearch)
-        return faiss.SearchParameters(sel=selector)
-
     def search(self, vectors: np.ndarray, k: int = 10, shard: str | None = None) -> pa.Table:
         """Batch API: one row per hit (query, rank, score, shard, key), built without Python loops;
         with `shard`, only that shard's images are searched."""
@@ -147,7 +136,7 @@ class Searcher:
         if shard is None:
             scores, rows = self.index.search(normalize_rows(vectors), k)
         else:
-            scores, rows = self.index.search(normalize_rows(vectors), k, params=self._params(self.shard_rows(shard)))
+            scores, rows = self.index.search(normalize_rows(vectors), k, params=range_params(self.index, *self.shard_rows(shard)))
         valid = rows >= 0
         ranks = np.cumsum(valid, axis=1)
         picked = self.ids.take(rows[valid])
@@ -201,11 +190,14 @@ class Searcher:
 
     def locate(self, key: str, shard: str | None = None) -> tuple[str, str]:
         """(shard, key) of a key in the index; ambiguous keys need a shard. A binary search of the
-        sorted keys (O(log N) reads of the mapped file); a scan of the ids for older indexes."""
+        sorted keys (O(log N) reads of the mapped files, one per --add segment); a scan of the ids
+        for older indexes."""
         if self.keys is not None:
-            column = _Sorted(self.keys["key"])
-            lo, hi = bisect.bisect_left(column, key), bisect.bisect_right(column, key)
-            shards = self.keys["shard"][lo:hi].to_pylist()
+            shards = []
+            for keys in self.keys:  # the build's sorted keys, then each --add segment's
+                column = _Sorted(keys["key"])
+                lo, hi = bisect.bisect_left(column, key), bisect.bisect_right(column, key)
+                shards += keys["shard"][lo:hi].to_pylist()
             if shard:
                 shards = [s for s in shards if s == shard]
         else:

@@ -3,7 +3,6 @@ import json
 import logging
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from imgindex.indexes.build import BuildOptions, add_parts, build_index
@@ -101,9 +100,9 @@ def test_add_appends_new_parts_without_retraining_and_ids_stay_right(tmp_path, c
     manifest, added = add_parts(str(tmp_path / "emb"), str(tmp_path / "idx"), progress=False)
     assert added == 4000 and manifest["count"] == 12_000
     assert manifest["adds"][0]["drift_ratio"] < 1.5
-    ids = pq.read_table(tmp_path / "idx" / "ids.parquet").to_pydict()
-    assert ids["key"][8000] == "new0" and ids["shard"][8000] == "new-00002"
     searcher = Searcher(tmp_path / "idx")
+    ids = searcher.ids.to_pydict()  # the build's rows, then the --add's segment
+    assert ids["key"][8000] == "new0" and ids["shard"][8000] == "new-00002" and len(ids["key"]) == 12_000
     for row in (0, 7999, 8000, 11_999):
         hit = searcher.search_vectors(corpus[row], k=1)[0][0]
         expected = f"syn{row}" if row < 8000 else f"new{row - 8000}"
@@ -224,7 +223,7 @@ def test_a_bit_flipped_index_is_refused_and_verify_checks_every_byte(tmp_path, c
                 progress=False)
     ok = subprocess.run([sys.executable, "-m", "imgindex", "index", "--verify", str(tmp_path / "idx")],
                         capture_output=True, text=True)
-    assert ok.returncode == 0 and "4 index files and 2 parts match" in ok.stdout, ok.stderr
+    assert ok.returncode == 0 and "5 index files and 2 parts match" in ok.stdout, ok.stderr
     path = tmp_path / "idx" / "index.faiss"
     raw = bytearray(path.read_bytes())
     rng = np.random.default_rng(0)

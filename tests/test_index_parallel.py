@@ -213,7 +213,7 @@ def test_ids_are_memory_mapped_and_a_key_is_found_by_binary_search(tmp_path):
     before = pa.total_allocated_bytes()
     searcher = Searcher(tmp_path / "idx")
     assert pa.total_allocated_bytes() - before < searcher.ids.nbytes / 10  # mapped, not read
-    assert searcher.keys is not None and searcher.keys.num_rows == 6_000
+    assert searcher.keys is not None and sum(keys.num_rows for keys in searcher.keys) == 6_000
     with pytest.raises(ConfigError, match="in several shards \\(syn-00000, syn-00003\\): pass --shard"):
         searcher.locate("syn5")
     assert searcher.locate("syn5", shard="syn-00003") == ("syn-00003", "syn5")
@@ -239,4 +239,188 @@ def test_add_appends_to_lists_on_disk_and_the_new_vectors_are_found(tmp_path):
         hit = searcher.search_vectors(vectors[row], k=1)[0][0]
         assert hit.key == (f"syn{row}" if row < 6_000 else f"new{row - 6_000}") and hit.score > 0.999
     assert searcher.locate("new1999") == ("new-00003", "new1999")
-    assert verify_index(str(tmp_path / "idx"))["files"] == 5
+    assert verify_index(str(tmp_path / "idx"))["files"] == 10  # 6 of the build, 4 of the segment
+
+
+def _move_parts(emb: Path, shards: range, where: Path) -> None:
+    """Move parts (their file and their stats marker) out of or back into an embeddings directory."""
+    for shard in shards:
+        for folder, suffix in (("embeddings", "parquet"), ("_stats", "json")):
+            (where / folder).mkdir(parents=True, exist_ok=True)
+            os.replace(emb / folder / f"part-syn-{shard:05d}.{suffix}", where / folder / f"part-syn-{shard:05d}.{suffix}")
+
+
+@pytest.fixture(scope="module")
+def added(corpus, tmp_path_factory):
+    """An on-disk index of the corpus's first 8 parts, whose parts are then deleted, and an --add of
+    the last 4 on two processes: (index dir, the ivfdata's and index file's stat and manifest before)."""
+    import shutil
+
+    root, _ = corpus
+    work = tmp_path_factory.mktemp("added")
+    emb = work / "emb"
+    shutil.copytree(root / "emb", emb)
+    _move_parts(emb, range(8, 12), work / "later")
+    before = build_index(str(emb), str(work / "idx"), BuildOptions(index_key="IVF64,Flat", on_disk="always"),
+                         progress=False)
+    stats = {name: os.stat(work / "idx" / name) for name in ("index.ivfdata", "index.faiss")}
+    for shard in range(8):  # the --add must not read them
+        (emb / "embeddings" / f"part-syn-{shard:05d}.parquet").unlink()
+    _move_parts(work / "later", range(8, 12), emb)
+    done = subprocess.run(CLI + ["index", "--add", str(emb), "--out", str(work / "idx"), "--procs", "2",
+                                 "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "added 4000 vectors from 4 new parts" in done.stdout
+    assert "recall@10 on the new parts: " in done.stdout and "among the 4,000 new vectors only" in done.stdout
+    return work / "idx", stats, before
+
+
+def test_add_to_lists_on_disk_leaves_them_untouched_and_reads_no_old_part(added):
+    idx, stats, before = added
+    manifest = json.loads((idx / "manifest.json").read_text())
+    assert manifest["count"] == 12_000 and manifest["adds"][0]["executor"]["workers"] == 2
+    for name, stat in stats.items():  # not rewritten, not even opened for writing
+        now = os.stat(idx / name)
+        assert (now.st_ino, now.st_mtime_ns, now.st_size) == (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        assert manifest["files"][name] == before["files"][name]
+    segment = manifest["segments"][0]
+    assert segment["rows"] == 4_000 and {"lists.1.ilod", "lists.1.ivfdata", "ids.1.arrow"} <= set(manifest["files"])
+    assert (idx / "lists.1.ivfdata").stat().st_size == 4_000 * 32 * 4 + 4_000 * 8  # the new codes and ids only
+
+
+def test_an_index_extended_by_add_answers_as_one_built_at_once(added, corpus):
+    """Searched exhaustively (every list), both return the same (shard, key) hits at the same scores:
+    every vector is in the stacked lists under its row, and its row maps to its key."""
+    idx, _, _ = added
+    root, vectors = corpus
+    ours, reference = Searcher(idx, params={"nprobe": 64}), Searcher(root / "one", params={"nprobe": 64})
+    queries = vectors[np.random.default_rng(6).choice(len(vectors), 200, replace=False)]
+    ha, hb = ours.search(queries, k=10).to_pydict(), reference.search(queries, k=10).to_pydict()
+    np.testing.assert_allclose(ha["score"], hb["score"], atol=1e-5)
+    assert list(zip(ha["query"], ha["shard"], ha["key"])) == list(zip(hb["query"], hb["shard"], hb["key"]))
+    assert ours.locate("syn11999") == ("syn-00011", "syn11999") and ours.locate("syn5") == ("syn-00000", "syn5")
+
+
+def test_recall_after_add_is_the_recall_a_full_recomputation_finds(added, corpus):
+    from imgindex.indexes.recall import exact_neighbors, recall_at_k
+
+    idx, _, before = added
+    _, vectors = corpus
+    manifest = json.loads((idx / "manifest.json").read_text())
+    with np.load(idx / manifest["recall_set"]) as kept:
+        ids, queries, scores, exact = kept["ids"], kept["vectors"], kept["scores"], kept["exact"]
+    assert len(ids) == before["recall_queries"] and ids.max() < 8_000  # the build's queries
+    truth = exact_neighbors(queries, [vectors], 11)  # over all 12,000 vectors, old parts included
+    np.testing.assert_allclose(scores, truth.scores, atol=1e-5)
+    assert (exact[:, :10] == truth.ids[:, :10]).mean() > 0.999  # the same neighbours but for exact ties
+    searcher = Searcher(idx)
+    _, found = searcher.index.search(queries, 11)
+    assert manifest["recall_at_10"] == round(recall_at_k(found, truth, ids, 10), 4)
+    assert "among all 12,000 vectors" in manifest["recall_covers"]
+    assert "among the 4,000 new vectors only" in manifest["adds"][0]["on_new_covers"]
+    assert 0.5 < manifest["adds"][0]["recall_at_10_on_new"] <= 1
+
+
+def test_verify_passes_after_add_and_catches_a_damaged_segment(corpus, tmp_path):
+    from imgindex.errors import Corrupt
+    from imgindex.indexes.build import add_parts, verify_index
+
+    _, vectors = corpus
+    emb, idx = tmp_path / "emb", tmp_path / "idx"
+    write_embeddings_dir(str(emb), vectors[:4_000], shard_size=1_000)
+    build_index(str(emb), str(idx), BuildOptions(index_key="IVF64,Flat", on_disk="always"), progress=False)
+    write_embeddings_dir(str(emb), vectors[4_000:5_000], shard_size=1_000, first_shard=4, prefix="new")
+    manifest, _ = add_parts(str(emb), str(idx), progress=False)
+    assert verify_index(str(idx)) == {"files": len(manifest["files"]), "parts": 5}
+    with open(idx / "lists.1.ivfdata", "r+b") as f:
+        f.seek(1000)
+        byte = f.read(1)
+        f.seek(1000)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(Corrupt, match="lists.1.ivfdata is corrupt"):
+        verify_index(str(idx))
+    with pytest.raises(Corrupt, match="lists.1.ivfdata is corrupt"):  # a small file: loading checks it whole
+        Searcher(idx)
+
+
+@pytest.mark.parametrize("on_disk", ["always", "never"])
+def test_an_interrupted_add_leaves_the_index_as_it_was_and_a_rerun_finishes_it(corpus, tmp_path, monkeypatch, on_disk):
+    from imgindex.formats.index_dir import IndexDir
+    from imgindex.indexes.build import add_parts, verify_index
+
+    _, vectors = corpus
+    emb, idx = tmp_path / "emb", tmp_path / "idx"
+    write_embeddings_dir(str(emb), vectors[:6_000], shard_size=1_000)
+    build_index(str(emb), str(idx), BuildOptions(index_key="IVF64,Flat", on_disk=on_disk), progress=False)
+    write_embeddings_dir(str(emb), vectors[6_000:8_000], shard_size=1_000, first_shard=6, prefix="new")
+
+    def interrupted(self, manifest, changed=None):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(IndexDir, "write_manifest", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            add_parts(str(emb), str(idx), progress=False)
+    searcher = Searcher(idx)  # the index as it was: loads, answers, verifies
+    assert searcher.manifest["count"] == 6_000 and searcher.search_vectors(vectors[5], k=1)[0][0].key == "syn5"
+    verify_index(str(idx))
+    manifest, added = add_parts(str(emb), str(idx), progress=False)
+    assert added == 2_000 and manifest["count"] == 8_000 and manifest["adds"][0]["executor"]["resumed_tasks"] >= 1
+    hit = Searcher(idx).search_vectors(vectors[7_000], k=1)[0][0]
+    assert (hit.shard, hit.key) == ("new-00007", "new1000")
+    assert verify_index(str(idx))["files"] == len(manifest["files"])
+
+
+def test_keys_are_merged_from_the_tasks_sorted_runs_and_equal_one_sort_in_ram(tmp_path, monkeypatch):
+    """Before, the driver read every (shard, key) into RAM to sort them (58 GB at 1B): now each task
+    sorts its own and the driver merges the runs a block at a time (here 7 rows, many rounds)."""
+    import pyarrow as pa
+
+    from imgindex.formats import index_dir
+    from imgindex.formats.index_dir import sorted_keys
+
+    monkeypatch.setattr(index_dir, "MERGE_BLOCK", 7)
+    read_table = index_dir.pq.read_table
+
+    def no_whole_ids(path, *args, **kwargs):  # the tasks' own ids, yes; the index's, all at once, no
+        assert not str(path).endswith("idx/ids.parquet"), "the driver read every id into RAM"
+        return read_table(path, *args, **kwargs)
+
+    monkeypatch.setattr(index_dir.pq, "read_table", no_whole_ids)
+    vectors = clustered_vectors(3_000, 16, clusters=20, seed=12)
+    write_embeddings_dir(str(tmp_path / "emb"), vectors[:1_500], shard_size=500)
+    write_embeddings_dir(str(tmp_path / "emb"), vectors[1_500:], shard_size=500, first_shard=3)  # keys again
+    manifest = build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), BuildOptions(index_key="Flat"),
+                           progress=False)
+    assert manifest["build"]["executor"]["tasks"] > 1
+    with pa.memory_map(str(tmp_path / "idx" / "keys.arrow")) as source:
+        merged = pa.ipc.open_file(source).read_all()
+    with pa.memory_map(str(tmp_path / "idx" / "ids.arrow")) as source:
+        ids = pa.ipc.open_file(source).read_all()
+    assert merged.equals(sorted_keys(ids, 0)) and merged.num_rows == 3_000
+    assert merged["key"][:2].to_pylist() == ["syn0", "syn0"] and merged["shard"][:2].to_pylist() == [
+        "syn-00000", "syn-00003"]
+
+
+def test_merging_sorted_runs_of_any_sizes_gives_the_one_sort(tmp_path):
+    import pyarrow as pa
+
+    from imgindex.formats.index_dir import merge_sorted_keys, sorted_keys
+
+    rng = np.random.default_rng(3)
+    runs, start = [], 0
+    for size in (0, 1, 37, 500, 64, 250):  # an empty run, a single row, runs larger and smaller than a block
+        keys = [f"k{v}" for v in rng.integers(0, 300, size)]  # many equal keys, within and across runs
+        ids = pa.table({"shard": [f"s{v}" for v in rng.integers(0, 3, size)], "key": keys},
+                       schema=pa.schema([("shard", pa.string()), ("key", pa.string())]))
+        runs.append((ids, start))
+        start += size
+    merged_path = tmp_path / "keys.arrow"
+    rows = merge_sorted_keys([sorted_keys(ids, first).to_batches(max_chunksize=13) for ids, first in runs],
+                             merged_path, block=16)
+    with pa.memory_map(str(merged_path)) as source:
+        merged = pa.ipc.open_file(source).read_all()
+    whole = sorted_keys(pa.concat_tables([ids for ids, _ in runs]), 0)
+    assert rows == start and merged.select(["key", "shard"]).equals(whole.select(["key", "shard"]))
+    triples = lambda t: sorted(zip(t["key"].to_pylist(), t["shard"].to_pylist(), t["row"].to_pylist()))  # noqa: E731
+    assert triples(merged) == triples(whole)  # every row once, under its own key and shard

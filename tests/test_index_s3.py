@@ -76,3 +76,73 @@ def test_an_index_built_into_s3_is_searched_and_a_replaced_remote_part_fails_ver
     bad = subprocess.run(CLI + ["index", "--verify", "s3://bucket/idx"], capture_output=True, text=True,
                          env=full_env, timeout=300)
     assert bad.returncode == 2 and "shard syn-00001" in bad.stderr and "changed since it was indexed" in bad.stderr
+
+
+def test_a_thumbnail_of_a_tar_sample_on_s3_reads_its_member_alone(s3, tmp_path, monkeypatch):
+    """Before: the tar was opened with s3fs's default 50 MB read-ahead block, so one thumbnail
+    fetched the whole tar (up to 50 MB) instead of its member's bytes."""
+    import io
+    import tarfile
+
+    import s3fs
+
+    from imgindex.formats.samples import read_images
+
+    env, fs = s3
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    members = {f"s{i:03d}": np.random.default_rng(i).bytes(200_000) for i in range(8)}
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for key, data in members.items():
+            info = tarfile.TarInfo(f"{key}.jpg")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    fs.pipe_file("bucket/shards/a.tar", buffer.getvalue())
+    with tarfile.open(fileobj=io.BytesIO(buffer.getvalue())) as tar:
+        offsets = {m.name.split(".")[0]: (m.offset_data, m.size) for m in tar.getmembers()}
+
+    fetched = []
+    fetch = s3fs.core.S3File._fetch_range
+
+    def counted(self, start, end):
+        fetched.append(end - start)
+        return fetch(self, start, end)
+
+    monkeypatch.setattr(s3fs.core.S3File, "_fetch_range", counted)
+    found = read_images("tar", "s3://bucket/shards/a.tar", ["s005"], ranges={"s005": offsets["s005"]})
+    assert found == {"s005": members["s005"]}
+    assert 0 < sum(fetched) <= 200_000 + 64 * 1024, fetched  # the member (a little read-ahead at most), not 1.6 MB
+
+
+def test_add_to_an_index_on_s3_uploads_only_the_files_it_wrote(s3, tmp_path, monkeypatch):
+    import s3fs
+
+    from imgindex.indexes.build import BuildOptions, add_parts, build_index
+    from imgindex.indexes.query import Searcher
+
+    env, fs = s3
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    vectors = clustered_vectors(3_000, 16, clusters=20, seed=5)
+    write_embeddings_dir(str(tmp_path / "emb"), vectors[:2_000], shard_size=1_000)
+    build_index(str(tmp_path / "emb"), "s3://bucket/added", BuildOptions(index_key="IVF16,Flat", on_disk="always"),
+                progress=False)
+    write_embeddings_dir(str(tmp_path / "emb"), vectors[2_000:], shard_size=1_000, first_shard=2, prefix="new")
+    uploaded = []
+    put = s3fs.S3FileSystem._put_file  # the coroutine behind put_file (mirrored on each instance)
+
+    async def counted(self, local, remote, *args, **kwargs):
+        uploaded.append(remote.rsplit("/", 1)[1])
+        return await put(self, local, remote, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_put_file", counted)
+    s3fs.S3FileSystem.clear_instance_cache()  # instances made from now on mirror the counted one
+    manifest, added = add_parts(str(tmp_path / "emb"), "s3://bucket/added", progress=False)
+    assert added == 1_000 and manifest["count"] == 3_000
+    assert sorted(uploaded) == sorted(["ids.1.arrow", "keys.1.arrow", "lists.1.ilod", "lists.1.ivfdata",
+                                       "recall.1.npz", "manifest.json"])
+    assert not fs.exists("bucket/added/recall.npz")  # the replaced recall set is gone from the store
+    monkeypatch.setenv("IMGINDEX_CACHE", str(tmp_path / "fresh"))  # a searcher with nothing cached
+    hit = Searcher("s3://bucket/added").search_vectors(vectors[2_500], k=1)[0][0]
+    assert (hit.shard, hit.key) == ("new-00002", "new500")

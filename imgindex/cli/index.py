@@ -39,12 +39,16 @@ def cmd_index(args: argparse.Namespace) -> int:
         raise ConfigError("--out IDX is needed: the index directory to write")
     progress = False if args.no_progress else None
     if args.add:
-        manifest, added = add_parts(args.add, args.out, target_recall=args.target_recall, progress=progress)
+        manifest, added = add_parts(args.add, args.out, target_recall=args.target_recall, progress=progress,
+                                    executor=executor_from(args))
         if not added:
             print(f"nothing to add: every complete part of {args.add} is already in {args.out}")
             return 0
-        print(f"added {added} vectors from {manifest['adds'][-1]['parts']} new parts to {args.out} "
-              f"in {manifest['adds'][-1]['seconds']:.1f} s (drift ratio {manifest['adds'][-1]['drift_ratio']})")
+        last = manifest["adds"][-1]
+        print(f"added {added} vectors from {last['parts']} new parts to {args.out} "
+              f"in {last['seconds']:.1f} s (drift ratio {last['drift_ratio']})")
+        if last.get("recall_at_10_on_new") is not None:
+            print(f"recall@10 on the new parts: {last['recall_at_10_on_new']:.4f} ({last['on_new_covers']})")
     else:
         executor = executor_from(args)
         manifest = build_index(args.emb_dir, args.out, build_options(args), overwrite=args.overwrite,
