@@ -354,7 +354,7 @@ def test_keep_work_without_a_place_is_refused_before_any_work(index, against_dir
             run()
 
 
-def test_leakage_as_tasks_with_every_tier_gives_the_one_process_leaks(hashed_index, tmp_path):
+def test_leakage_as_tasks_with_every_tier_gives_the_one_process_leaks(hashed_index, tmp_path, monkeypatch):
     """Byte copies, phash near copies and embedding near copies of indexed rows, and unrelated rows."""
     from imgindex.formats.embeddings_dir import EmbeddingsDir
     from imgindex.indexes.dedup import find_leaks
@@ -373,8 +373,21 @@ def test_leakage_as_tasks_with_every_tier_gives_the_one_process_leaks(hashed_ind
                          columns={"sha256": test_sha, "phash": test_phash})
     options = DedupOptions(threshold=0.97, max_neighbors=CAP, phash_distance=3)
     expected = one_process_leaks(hashed_index, tmp_path / "test", options, tmp_path)
+
+    def in_the_driver(*args, **kwargs):
+        raise AssertionError("the driver joined the two corpora's hashes itself (every row's hashes in one process)")
+
+    import imgindex.indexes.dedup.find as find
+    import imgindex.indexes.dedup.hash_tiers as hash_tiers
+    import imgindex.indexes.dedup.tiers as tiers
+    for module in (find, hash_tiers, tiers):  # the workers (spawned processes) keep theirs
+        for name in ("exact_pairs", "phash_pairs"):
+            monkeypatch.setattr(module, name, in_the_driver, raising=False)
     result = find_leaks(hashed_index, str(tmp_path / "test"), options, progress=False, workdir=tmp_path / "w",
                         executor=Executor.from_flags(procs=2))
     assert keyed_pairs(result) == expected
+    hashes = result.stats["hash_partitions"]
+    assert hashes["partition_tasks"] == len(emb.parts()) + len(EmbeddingsDir(str(tmp_path / "test")).parts())
+    assert hashes["join_tasks"] >= 2
     kinds = [k for _, _, k in expected]
     assert kinds.count("exact") >= 110 and kinds.count("phash") >= 50 and kinds.count("embedding") >= 50

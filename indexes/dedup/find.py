@@ -15,14 +15,13 @@ import pyarrow.compute as pc
 
 from imgindex.errors import ConfigError
 from imgindex.executors.placement import Executor
-from imgindex.indexes.dedup.corpus import Corpus, hashes
+from imgindex.indexes.dedup.corpus import Corpus
 from imgindex.indexes.dedup.hash_tiers import hashed_pairs
 from imgindex.indexes.dedup.partitions import Scale, against_parts, partitioned_join
 from imgindex.indexes.dedup.workdir import NO_PLACE, WorkDir
 from imgindex.indexes.dedup.groups import GROUP_SCHEMA, group_duplicates
 from imgindex.indexes.dedup.tiers import (METHODS, PAIR_SCHEMA, DedupOptions, Pairs, decide, embedding_candidates,
-                                          exact_pairs, find_pairs, note_capped, phash_pairs, sha_codes, tune_on,
-                                          tuning_rows)
+                                          find_pairs, note_capped, tune_on, tuning_rows)
 from imgindex.formats.embeddings_dir import EmbeddingsDir
 from imgindex.indexes.query import Searcher
 from imgindex.formats.embeddings_dir import identity_changes
@@ -169,8 +168,8 @@ def find_leaks(index: str | Path | Searcher, against: str, options: DedupOptions
 
     On an IVF index the embedding tier runs as partition and join tasks on `executor` (the
     other corpus's rows probe the index's lists, partitions.partitioned_join), the exact and
-    phash tiers on the two corpora's hash columns in this process; then only the pairs' rows are
-    read. Other index types search in this process, as before. The same pairs either way."""
+    phash tiers as hash-bucket tasks over both corpora (hash_tiers.hashed_pairs); then only the
+    pairs' rows are read. Other index types search in this process, as before. The same pairs either way."""
     options = options or DedupOptions()
     options.check()
     scale = Scale(None, executor or Executor(), device, precision)
@@ -207,37 +206,14 @@ def find_leaks(index: str | Path | Searcher, against: str, options: DedupOptions
     return DedupResult(pairs, GROUP_SCHEMA.empty_table(), stats)
 
 
-def _hash_columns(parts: list[tuple[EmbeddingsDir, object]]) -> tuple[pa.ChunkedArray, tuple[np.ndarray, np.ndarray]]:
-    """The sha256 and phash columns of `parts` in row order (no vectors, no other metadata)."""
-    tables = [emb.read_columns(part.shard, ["sha256", "phash"]) for emb, part in parts]
-    table = pa.concat_tables(tables).combine_chunks()
-    return table["sha256"], hashes(table["phash"])
-
-
-def _index_parts(searcher: Searcher) -> list[tuple[EmbeddingsDir, object]]:
-    found = []
-    for part in searcher.manifest["parts"]:
-        emb = searcher.embeddings_for(part["shard"])
-        if emb is None:
-            raise ConfigError(f"the embeddings of shard {part['shard']} are gone: dedup reads the stored vectors")
-        found.append((emb, emb.part(part["shard"], part["rows"])))
-    return found
-
-
 def _leaks_at_scale(searcher: Searcher, scale: Scale, test: EmbeddingsDir, test_parts: list, options: DedupOptions,
                     stats: dict, progress: bool | None) -> tuple[Corpus, Corpus, Pairs]:
-    """find_pairs's leakage pairs without either corpus's vectors in this process: the embedding
-    tier as tasks, the hash tiers on the hash columns, then the rows of the pairs only."""
+    """find_pairs's leakage pairs without either corpus's vectors or hashes in this process: every
+    tier as tasks, then the rows of the pairs only."""
     candidates = {}
     if {"exact", "phash"} & set(options.methods):
-        q_sha, q_phash = _hash_columns([(test, p) for p in test_parts])
-        d_sha, d_phash = _hash_columns(_index_parts(searcher))
-        q_codes, d_codes = sha_codes(q_sha, d_sha)
-        if "exact" in options.methods:
-            candidates["exact"] = exact_pairs(q_codes, d_codes, False)
-        if "phash" in options.methods:
-            candidates["phash"] = phash_pairs(d_phash, options.phash_distance, queries=q_phash, progress=progress)
-        del q_sha, d_sha, q_codes, d_codes
+        candidates, stats["hash_partitions"] = hashed_pairs(searcher, scale, options.methods, options.phash_distance,
+                                                            progress, against=against_parts(test, test_parts))
     if "embedding" in options.methods:
         rows, rng = tuning_rows(int(searcher.manifest["count"]))
         sample = Corpus.of_index(searcher, scale.work.root, False, rows=rows, name="tuning")

@@ -13,13 +13,17 @@ least one bucket, and each bucket's task finds every pair within d bits among it
 one-process answer. Each row is written d + 1 times (16 bytes each).
 
 Both run as one partition task per part of the index (its sha256 and phash columns only) and
-one task per group of buckets, in the work folder's `hashes` stage.
+one task per group of buckets, in the work folder's `hashes` stage. A leakage check (`--against`)
+partitions the other corpus's parts the same way, its records marked as queries: each bucket's
+task then pairs only queries with the index's rows, as the one-process check does (each query
+with the first MAX_EXACT_PARTNERS index rows of its bytes; every index row within d bits), so
+neither corpus's hashes are ever held in one process.
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +37,9 @@ from imgindex.indexes.dedup.partitions import (MIN_TASKS, TASK_BYTES, IndexPart,
 from imgindex.indexes.dedup.tiers import exact_pairs, phash_pairs
 from imgindex.indexes.dedup.workdir import read_group, run_done, save_arrays, write_run
 
-SHA = np.dtype([("row", "<i8"), ("sha", "u1", (32,))])
-PHASH = np.dtype([("row", "<i8"), ("phash", "<i8")])
+SHA = np.dtype([("row", "<i8"), ("query", "u1"), ("sha", "u1", (32,))])
+PHASH = np.dtype([("row", "<i8"), ("query", "u1"), ("phash", "<i8")])
+LAYOUT = 2  # the records' layout (in the stage's identity: a work folder of another layout is cleared)
 HEX = np.full(256, 255, np.uint8)
 HEX[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16)
 HEX[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
@@ -79,10 +84,11 @@ class HashWorkers:
     """The picklable factory of the hash tiers' workers (the stage folder must reach them all)."""
 
     stage: str
-    parts: int
+    parts: int  # runs: the index's parts, then (a leakage check) the other corpus's
     exact_groups: int  # 0: the tier is off
     phash_groups: int
     distance: int
+    against: bool = False  # a leakage check: pairs join the other corpus's rows (queries) to the index's
 
     def __call__(self, slot: int, name: str) -> "HashWorker":
         return HashWorker(self, name)
@@ -96,6 +102,9 @@ class HashWorker(StageWorker):
     def partition(self, part: IndexPart) -> dict:
         emb = self.embeddings(part.embeddings)
         meta = emb.read_columns(part.shard, ["sha256", "phash"])
+        if meta.num_rows != part.rows and part.against:
+            raise ConfigError(f"the part of shard {part.shard} in {part.embeddings} holds {meta.num_rows} rows, "
+                              f"its directory said {part.rows}: it changed during the check; run it again")
         if meta.num_rows != part.rows:
             raise ConfigError(f"the part of shard {part.shard} holds {meta.num_rows} rows, the index recorded "
                               f"{part.rows}: the embeddings changed since the index was built; rebuild the index")
@@ -104,7 +113,7 @@ class HashWorker(StageWorker):
         if self.spec.exact_groups:
             sha, valid = sha_bytes(meta["sha256"])
             records = np.empty(int(valid.sum()), SHA)
-            records["row"], records["sha"] = rows[valid], sha[valid]
+            records["row"], records["query"], records["sha"] = rows[valid], part.against, sha[valid]
             group = (records["sha"][:, 0].astype(np.int64) << 8 | records["sha"][:, 1]) % self.spec.exact_groups
             written += self._write("exact", part.number, records, group, self.spec.exact_groups)
         if self.spec.phash_groups:
@@ -115,7 +124,7 @@ class HashWorker(StageWorker):
                 key = (unsigned >> np.uint64(shift)) & np.uint64((1 << bits) - 1)
                 groups.append(bucket_of(key | np.uint64(number << 56), self.spec.phash_groups))
                 block = np.empty(len(key), PHASH)
-                block["row"], block["phash"] = rows[valid], values[valid]
+                block["row"], block["query"], block["phash"] = rows[valid], part.against, values[valid]
                 taken.append(block)
             written += self._write("phash", part.number, np.concatenate(taken) if taken else np.empty(0, PHASH),
                                    np.concatenate(groups) if groups else np.zeros(0, np.int64),
@@ -129,39 +138,53 @@ class HashWorker(StageWorker):
 
     def join(self, task: HashJoinTask) -> dict:
         records = read_group(self.stage / task.kind, self.spec.parts, task.group)
-        records = records[np.argsort(records["row"], kind="stable")]
+        records = records[np.lexsort((records["row"], records["query"]))]  # index rows, then queries, by row
+        queries = records["query"].astype(bool)
         if task.kind == "exact":
             _, codes = np.unique(records["sha"], axis=0, return_inverse=True) if len(records) else (None, [])
             codes = np.asarray(codes, np.int64).ravel()
-            i, j = exact_pairs(codes, codes, self_join=True)
+            if self.spec.against:
+                i, j = exact_pairs(codes[queries], codes[~queries], self_join=False)
+            else:
+                i, j = exact_pairs(codes, codes, self_join=True)
+        elif self.spec.against:
+            i, j = phash_pairs((records["phash"][~queries], np.ones(int((~queries).sum()), bool)), self.spec.distance,
+                               queries=(records["phash"][queries], np.ones(int(queries.sum()), bool)), progress=False)
         else:
             i, j = phash_pairs((records["phash"], np.ones(len(records), bool)), self.spec.distance, progress=False)
-        a, b = records["row"][i], records["row"][j]
-        lo, hi = np.minimum(a, b), np.maximum(a, b)
-        both = np.unique(np.stack([lo, hi], axis=1)[lo != hi], axis=0)
+        if self.spec.against:  # (query row, index row): two row spaces, no order between them
+            both = np.unique(np.stack([records["row"][queries][i], records["row"][~queries][j]], axis=1), axis=0)
+        else:
+            a, b = records["row"][i], records["row"][j]
+            lo, hi = np.minimum(a, b), np.maximum(a, b)
+            both = np.unique(np.stack([lo, hi], axis=1)[lo != hi], axis=0)
         save_arrays(self.stage / f"{task.kind}-pairs" / f"{task.group:06d}.npz", a=both[:, 0], b=both[:, 1])
         return {"records": len(records), "pairs": len(both)}
 
 
-def hashed_pairs(searcher, scale: Scale, methods: tuple[str, ...], distance: int,
-                 progress: bool | None = None) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict]:
-    """kind -> (a, b) of every exact / phash pair (a < b, index rows) the enabled tiers find, as
-    partition and join tasks; and the stage's figures."""
+def hashed_pairs(searcher, scale: Scale, methods: tuple[str, ...], distance: int, progress: bool | None = None,
+                 against: list[IndexPart] | None = None) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict]:
+    """kind -> (a, b) of every exact / phash pair the enabled tiers find, as partition and join
+    tasks, and the stage's figures: (a < b, index rows), or with `against` (the other corpus's
+    parts, partitions.against_parts) (its row, index row), the leakage check's pairs."""
     manifest = searcher.manifest
     parts = index_parts(searcher)
-    count = manifest["count"]
+    # the other corpus's runs are numbered after the index's
+    parts += [replace(p, number=len(parts) + p.number) for p in against or []]
+    count = sum(p.rows for p in parts)
     exact_groups = max(MIN_TASKS, math.ceil(count * SHA.itemsize / TASK_BYTES)) if "exact" in methods else 0
     phash_groups = (max(MIN_TASKS, math.ceil(count * (distance + 1) * PHASH.itemsize / TASK_BYTES))
                     if "phash" in methods else 0)
-    identity = {"index": str(Path(searcher.dir.path).resolve()), "count": count, "files": manifest.get("files"),
-                "exact_groups": exact_groups, "phash_groups": phash_groups,
-                "phash_distance": distance if phash_groups else None}
+    identity = {"index": str(Path(searcher.dir.path).resolve()), "count": manifest["count"],
+                "files": manifest.get("files"), "layout": LAYOUT, "exact_groups": exact_groups,
+                "phash_groups": phash_groups, "phash_distance": distance if phash_groups else None,
+                "against": [[p.embeddings, p.shard, p.rows] for p in against or []]}
     stage = scale.work.stage("hashes", identity)
     kinds = [k for k in ("exact", "phash") if k in methods]
     for kind in kinds:
         (stage / kind).mkdir(exist_ok=True)
         (stage / f"{kind}-pairs").mkdir(exist_ok=True)
-    splits = [PartitionTask(f"hashes-{p.shard}", p) for p in parts]
+    splits = [PartitionTask(f"hashes-{'against-' if p.against else ''}{p.shard}", p) for p in parts]
     joins = [HashJoinTask(f"{kind}-{g:06d}", kind, g) for kind in kinds
              for g in range(exact_groups if kind == "exact" else phash_groups)]
     todo_splits = [t for t in splits if not all(run_done(stage / k, t.part.number) for k in kinds)]
@@ -169,7 +192,7 @@ def hashed_pairs(searcher, scale: Scale, methods: tuple[str, ...], distance: int
     stats = {"partition_tasks": len(splits), "join_tasks": len(joins),
              "reused_tasks": len(splits) - len(todo_splits) + len(joins) - len(todo_joins)}
     placement = scale.placement()
-    factory = HashWorkers(str(stage), len(parts), exact_groups, phash_groups, distance)
+    factory = HashWorkers(str(stage), len(parts), exact_groups, phash_groups, distance, against=bool(against))
     started = time.perf_counter()
     done = run_tasks(placement, factory, todo_splits, "hash partition", progress)
     done += run_tasks(placement, factory, todo_joins, "hash join", progress)
