@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from imgindex.errors import ConfigError, Corrupt
+from imgindex.formats.records import EmbeddingsManifest, json_default
 
 INDEX = "index.faiss"
 IDS = "ids.parquet"
@@ -226,9 +227,10 @@ class IndexDir:
             if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool):
                 raise Corrupt(f"{self.path / MANIFEST} is damaged ({key!r} is missing or not a "
                                   f"{kind.__name__}): rebuild the index")
-        if not isinstance((manifest["embeddings"].get("model") or {}).get("name"), str) or not all(
-                isinstance(p, dict) and isinstance(p.get("shard"), str) for p in manifest["parts"]):
-            raise Corrupt(f"{self.path / MANIFEST} is damaged (its model or parts): rebuild the index")
+        manifest["embeddings"] = EmbeddingsManifest.from_dict(manifest["embeddings"], f"{self.path / MANIFEST}",
+                                                              advice="rebuild the index")
+        if not all(isinstance(p, dict) and isinstance(p.get("shard"), str) for p in manifest["parts"]):
+            raise Corrupt(f"{self.path / MANIFEST} is damaged (its parts): rebuild the index")
         files = manifest.get("files")
         if not isinstance(files, dict) or not all(_is_digest(files.get(name)) for name in data_files(manifest)):
             raise Corrupt(f"{self.path / MANIFEST} is damaged (the digests of "
@@ -339,7 +341,7 @@ class IndexDir:
 
     def write_manifest(self, manifest: dict) -> None:
         """Written last: a directory with a manifest is complete (a remote one: after its files are uploaded)."""
-        self.tmp(MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        self.tmp(MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=json_default))
         os.replace(self.tmp(MANIFEST), self.path / MANIFEST)
         if self.remote:
             self.publish()

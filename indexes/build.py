@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from imgindex.errors import ConfigError, Corrupt
 from imgindex.executors.handout import Event, Outcome, hand_out
 from imgindex.executors.placement import Executor, place
-from imgindex.formats.embeddings_dir import EmbeddingsDir, Part, identity_changes
+from imgindex.formats.embeddings_dir import EmbeddingsDir, Part
 from imgindex.formats.index_dir import (BUILD, FORMAT, IDS, IDS_SCHEMA, IVFDATA, BuildDir, IndexDir, digest_changes,
                                        faiss_reason, part_digest)
 from imgindex.indexes import parallel
@@ -378,7 +378,7 @@ def add_parts(emb_dir: str, index_dir: str, target_recall: float | None = None,
     manifest = target.read_manifest()
     index = target.load_index(manifest, mmap=False)
     emb = EmbeddingsDir(emb_dir)
-    changed = identity_changes(emb.manifest, manifest["embeddings"])
+    changed = emb.manifest.identity_changes(manifest["embeddings"])
     if changed:
         raise ConfigError(f"{emb_dir} was embedded differently from the index at {index_dir} (changed: "
                           f"{', '.join(changed)}): embed with the same config, or build a new index")

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 from imgindex.formats.embeddings_dir import EmbeddingsDir, normalize_rows
 from imgindex.indexes.factory import search_knob, set_knob
 from imgindex.formats.index_dir import IndexDir
+from imgindex.formats.records import EmbeddingsManifest, ShardStats
 from imgindex.errors import ConfigError, NotFound
 from imgindex.formats.samples import sample_location
 
@@ -72,10 +73,10 @@ class Searcher:
     about (`embedder()`); without one, only vectors and keys can be searched."""
 
     def __init__(self, index_dir: str | Path, mmap: bool = True, params: dict | None = None,
-                 model: str | None = None, image_model: Callable[[dict], ImageModel] | None = None):
+                 model: str | None = None, image_model: Callable[[EmbeddingsManifest], ImageModel] | None = None):
         self.dir = IndexDir(index_dir)
         self.manifest = self.dir.read_manifest()
-        built_with = self.manifest["embeddings"]["model"]["name"]
+        built_with = self.manifest["embeddings"].model.name
         if model and model != built_with:
             raise ConfigError(f"the index at {index_dir} was built with {built_with}, not {model}: "
                               "query it without --model, or pass the matching index")
@@ -87,7 +88,7 @@ class Searcher:
         set_knob(self.index, self.knob, settings.get(self.knob) if self.knob else None)
         self.shard_dirs = {p["shard"]: p["dir"] for p in self.manifest["parts"]}
         self._dirs: dict[str, EmbeddingsDir | None] = {}
-        self._sources: dict[str, dict] | None = None
+        self._sources: dict[str, ShardStats] | None = None
         self._image_model = image_model
         self._embedder: ImageModel | None = None
         self._missing: set[str] = set()  # shards whose part is gone (warned once each)
@@ -106,7 +107,7 @@ class Searcher:
                 self._dirs[where] = None
         return self._dirs[where]
 
-    def sources(self) -> dict[str, dict]:
+    def sources(self) -> dict[str, ShardStats]:
         """shard -> its stats (kind, source URL), from every embeddings directory of the index."""
         if self._sources is None:
             self._sources = {}
@@ -184,11 +185,11 @@ class Searcher:
                     log.warning("the part of shard %s is missing from %s: its hits carry no caption, url or path",
                                 shard, emb.url)
                 continue
-            stats = self.sources().get(shard, {})
+            stats = self.sources().get(shard)
             for hit in shard_hits:
                 row = rows.get(hit.key, {})
                 hit.caption, hit.url = row.get("caption"), row.get("url")
-                hit.path = sample_location(stats.get("kind"), stats.get("source"), hit.key)
+                hit.path = sample_location(stats.kind, stats.source, hit.key) if stats else None
 
     def member_ranges(self, shard: str, keys: list[str]) -> dict[str, tuple[int, int]]:
         """key -> (offset, size) of its image member in an uncompressed tar, where the part records it."""

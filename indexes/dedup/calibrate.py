@@ -127,8 +127,8 @@ def calibrate(searcher: Searcher, sample: int = 100, seed: int = 0,
     return {"images": len(originals), "copies": len(copies), "transforms": list(TRANSFORMS),
             "embedding": embedding, "phash": phash_rows,
             "suggested_threshold": good[0]["threshold"] if good else None,
-            "model": searcher.manifest["embeddings"]["model"]["name"],
-            "weights": searcher.manifest["embeddings"]["weights"].get("source")}
+            "model": searcher.manifest["embeddings"].model.name,
+            "weights": searcher.manifest["embeddings"].weights_source}
 
 
 def _corpus_hashes(searcher: Searcher) -> tuple[np.ndarray, np.ndarray]:

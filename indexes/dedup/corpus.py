@@ -8,7 +8,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from imgindex.errors import ConfigError
-from imgindex.formats.embeddings_dir import EmbeddingsDir, Part, part_schema
+from imgindex.formats.embeddings_dir import EmbeddingsDir, Part
+from imgindex.formats.records import part_schema
 from imgindex.indexes.query import Searcher
 from imgindex.progress import progress_bar
 

@@ -24,7 +24,6 @@ from imgindex.indexes.dedup.tiers import (METHODS, PAIR_SCHEMA, DedupOptions, Pa
                                           find_pairs, note_capped, tune_on, tuning_rows)
 from imgindex.formats.embeddings_dir import EmbeddingsDir
 from imgindex.indexes.query import Searcher
-from imgindex.formats.embeddings_dir import identity_changes
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +58,13 @@ def resolve_threshold(searcher: Searcher, options: DedupOptions) -> tuple[DedupO
     a number for a threshold, and what was chosen with its measured recall and precision."""
     if "embedding" not in options.methods:
         return options, {}
-    weights = searcher.manifest["embeddings"].get("weights") or {}
-    if weights.get("source") == "random" and not options.allow_random_weights:
+    if searcher.manifest["embeddings"].weights_source == "random" and not options.allow_random_weights:
         raise ConfigError("the index was embedded with random weights, which cannot tell images apart: the embedding "
                           "tier would call everything a duplicate. Use --method exact,phash, embed with real "
                           "weights (--config lite0 or --checkpoint), or pass --allow-random-weights for plumbing tests")
     if options.threshold != "auto":
         return options, {"threshold_source": "given"}
-    if not searcher.manifest["embeddings"].get("config"):
+    if not searcher.manifest["embeddings"].config:
         raise ConfigError("--threshold auto plants copies and embeds them with the index's model, which these "
                           "embeddings do not record (synthetic vectors?): pass --threshold, e.g. 0.95")
     from imgindex.indexes.dedup.calibrate import FINE_THRESHOLDS, calibrate, choose_threshold
@@ -168,7 +166,7 @@ def find_leaks(index: str | Path | Searcher, against: str, options: DedupOptions
     searcher = _searcher(index)
     options, chosen = resolve_threshold(searcher, options)
     test = EmbeddingsDir(against)
-    changed = identity_changes(test.manifest, searcher.manifest["embeddings"])
+    changed = test.manifest.identity_changes(searcher.manifest["embeddings"])
     if changed:
         raise ConfigError(f"{against} was embedded differently from the index (changed: {', '.join(changed)}): "
                           "embed it with the same config")
