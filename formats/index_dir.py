@@ -16,16 +16,18 @@ import re
 import sys
 import uuid
 from pathlib import Path
+from typing import Annotated, Any
 
 import faiss
 import fsspec
+import msgspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from imgindex.errors import ConfigError, Corrupt
-from imgindex.formats.records import EmbeddingsManifest, json_default
+from imgindex.formats.records import EmbeddingsManifest, decode, encode
 
 INDEX = "index.faiss"
 IDS = "ids.parquet"
@@ -48,7 +50,60 @@ def faiss_reason(exc: BaseException, limit: int = 120) -> str:
     return text
 
 
-REQUIRED = {"embeddings": dict, "embeddings_dir": str, "count": int, "dim": int, "parts": list, "factory": str}
+class PartRecord(msgspec.Struct, kw_only=True):
+    """An index manifest's record of one part it holds: its shard and rows (contiguous in the index,
+    in the manifest's order), the embeddings directory that holds it and its digest."""
+
+    shard: str
+    rows: Annotated[int, msgspec.Meta(ge=0)]
+    dir: str
+    file: dict[str, Any] | None = None  # part_digest's; None from builds before remote parts had one
+
+
+class IndexManifest(msgspec.Struct, kw_only=True):
+    """IDX/manifest.json, written last: what the index holds (its embeddings, parts, count), how it
+    was built and searched (factory, recall, search knob), and its data files' digests. Unknown
+    fields are ignored and later ones have defaults, so indexes built before read."""
+
+    format: str = FORMAT
+    embeddings_dir: str
+    embeddings: EmbeddingsManifest
+    factory: str
+    selection: str | None = None
+    notes: list[str] = []
+    on_disk: bool = False  # an IVF index's lists in index.ivfdata
+    mapped_ids: bool = False  # ids.arrow and keys.arrow (indexes built before have ids.parquet only)
+    metric: str = "inner_product"
+    normalized: bool = True
+    count: Annotated[int, msgspec.Meta(ge=0)]
+    dim: Annotated[int, msgspec.Meta(ge=1)]
+    build: dict[str, Any] = {}
+    parts: list[PartRecord]
+    recall_at_10: float | None = None
+    recall_queries: int | None = None
+    search_params: dict[str, Any] = {}
+    recall_curve: list[dict[str, Any]] = []
+    train_residual: float | None = None
+    faiss_gpus: int | None = None
+    versions: dict[str, Any] = {}
+    created: str | None = None
+    adds: list[dict[str, Any]] = []
+    timings: dict[str, Any] = {}
+    # data file -> its file_digest; read_manifest checks there is one for each data file (a damaged one
+    # is refused as missing digests, whatever its type)
+    files: Any = {}
+
+    def to_json(self) -> bytes:
+        return encode(self)
+
+    @classmethod
+    def from_json(cls, data: bytes | str, where: str) -> IndexManifest:
+        manifest = decode(cls, data, where, "rebuild the index")
+        if manifest.format != FORMAT:
+            raise ConfigError(f"{where} is not an imgindex index manifest: rebuild the index")
+        return manifest
+
+
 SAMPLE_BLOCK = 64 * 1024
 SAMPLE_BLOCKS = 64  # besides the first and last blocks; files up to 66 blocks are read whole
 # Files up to this size are hashed whole when an index loads (well under a second); larger ones are
@@ -100,10 +155,10 @@ def _digest(f, size: int, full: bool) -> dict:
     return digest
 
 
-def data_files(manifest: dict) -> tuple[str, ...]:
+def data_files(manifest: IndexManifest) -> tuple[str, ...]:
     """The files an index manifest holds digests of (indexes built before the mapped ids have two)."""
-    return ((INDEX, IDS) + ((IVFDATA,) if manifest.get("on_disk") else ())
-            + ((IDS_MAPPED, KEYS) if manifest.get("mapped_ids") else ()))
+    return ((INDEX, IDS) + ((IVFDATA,) if manifest.on_disk else ())
+            + ((IDS_MAPPED, KEYS) if manifest.mapped_ids else ()))
 
 
 def _is_digest(value: object) -> bool:
@@ -187,14 +242,14 @@ class IndexDir:
                               "`imgindex index --out` wrote")
         return (self.path / MANIFEST).read_text()
 
-    def fetch(self, manifest: dict, again: bool = False) -> None:
+    def fetch(self, manifest: IndexManifest, again: bool = False) -> None:
         """A remote index's data files into the local copy, each only when missing or different there
         (`again`: every one, as --verify checks what the store holds)."""
         if not self.remote:
             return
         self.path.mkdir(parents=True, exist_ok=True)
         for name in data_files(manifest):
-            local, recorded = self.path / name, manifest["files"].get(name) or {}
+            local, recorded = self.path / name, manifest.files.get(name) or {}
             if not again and local.is_file() and local.stat().st_size == recorded.get("bytes") and \
                     file_digest(local, full=False)["sampled_sha256"] == recorded.get("sampled_sha256"):
                 continue
@@ -215,36 +270,23 @@ class IndexDir:
             elif self.fs.exists(self._remote(name)):
                 self.fs.rm_file(self._remote(name))
 
-    def read_manifest(self) -> dict:
-        text = self._manifest_text()
-        try:
-            manifest = json.loads(text)
-        except ValueError as exc:
-            raise Corrupt(f"{self.path / MANIFEST} is not valid JSON ({exc}): rebuild the index") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise ConfigError(f"{self.path / MANIFEST} is not an imgindex index manifest: rebuild the index")
-        for key, kind in REQUIRED.items():
-            if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool):
-                raise Corrupt(f"{self.path / MANIFEST} is damaged ({key!r} is missing or not a "
-                                  f"{kind.__name__}): rebuild the index")
-        manifest["embeddings"] = EmbeddingsManifest.from_dict(manifest["embeddings"], f"{self.path / MANIFEST}",
-                                                              advice="rebuild the index")
-        if not all(isinstance(p, dict) and isinstance(p.get("shard"), str) for p in manifest["parts"]):
-            raise Corrupt(f"{self.path / MANIFEST} is damaged (its parts): rebuild the index")
-        files = manifest.get("files")
-        if not isinstance(files, dict) or not all(_is_digest(files.get(name)) for name in data_files(manifest)):
+    def read_manifest(self) -> IndexManifest:
+        """The manifest, every field checked; a damaged one is Corrupt."""
+        manifest = IndexManifest.from_json(self._manifest_text(), str(self.path / MANIFEST))
+        files = manifest.files if isinstance(manifest.files, dict) else {}
+        if not all(_is_digest(files.get(name)) for name in data_files(manifest)):
             raise Corrupt(f"{self.path / MANIFEST} is damaged (the digests of "
-                              f"{' and '.join(data_files(manifest))} are missing or malformed), so the index cannot "
-                              "be checked: rebuild the index")
+                          f"{' and '.join(data_files(manifest))} are missing or malformed), so the index cannot "
+                          "be checked: rebuild the index")
         return manifest
 
-    def verify(self, manifest: dict, full: bool = False) -> None:
+    def verify(self, manifest: IndexManifest, full: bool = False) -> None:
         """Check the index's files against the digests its manifest records (read_manifest made sure
         it records them): every byte of files up to FULL_CHECK_BYTES, or of all with `full`; larger
         ones by size and a sampled digest (a few MB read whatever the size)."""
         self.fetch(manifest, again=full)
         for name in data_files(manifest):
-            recorded = manifest["files"][name]
+            recorded = manifest.files[name]
             path = self.path / name
             if not path.is_file():
                 raise ConfigError(f"{path} is missing: rebuild the index")
@@ -256,11 +298,11 @@ class IndexDir:
                 raise Corrupt(f"{path} is corrupt or truncated: it does not match the digest in its manifest "
                                   f"({what} changed): rebuild the index")
 
-    def record_files(self, manifest: dict) -> None:
+    def record_files(self, manifest: IndexManifest) -> None:
         """Digests of the index's data files, into the manifest (before it is written)."""
-        manifest["files"] = {name: file_digest(self.path / name, full=True) for name in data_files(manifest)}
+        manifest.files = {name: file_digest(self.path / name, full=True) for name in data_files(manifest)}
 
-    def load_index(self, manifest: dict, mmap: bool = True) -> faiss.Index:
+    def load_index(self, manifest: IndexManifest, mmap: bool = True) -> faiss.Index:
         """Read the index (memory-mapped where the type allows) and check it against the manifest."""
         self.fetch(manifest)
         path = self.path / INDEX
@@ -268,34 +310,34 @@ class IndexDir:
             raise ConfigError(f"{path} is missing: rebuild the index")
         self.verify(manifest)
         flags = (faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY) if mmap else 0
-        if manifest.get("on_disk"):  # the lists are memory-mapped from index.ivfdata beside it, whatever `mmap`
+        if manifest.on_disk:  # the lists are memory-mapped from index.ivfdata beside it, whatever `mmap`
             flags = faiss.IO_FLAG_ONDISK_SAME_DIR | (faiss.IO_FLAG_READ_ONLY if mmap else 0)
         try:
             with c_stdout_to_stderr():  # faiss says where it found index.ivfdata, on stdout
                 index = faiss.read_index(str(path), flags)
         except RuntimeError as exc:
             raise Corrupt(f"{path} is corrupt or truncated ({faiss_reason(exc)}): rebuild the index") from None
-        if index.ntotal != manifest["count"] or index.d != manifest["dim"]:
+        if index.ntotal != manifest.count or index.d != manifest.dim:
             raise Corrupt(f"{path} holds {index.ntotal} vectors of dim {index.d}, the manifest says "
-                              f"{manifest['count']} of dim {manifest['dim']} (interrupted update?): rebuild the index")
+                              f"{manifest.count} of dim {manifest.dim} (interrupted update?): rebuild the index")
         return index
 
-    def read_ids(self, manifest: dict) -> pa.Table:
+    def read_ids(self, manifest: IndexManifest) -> pa.Table:
         """Row i -> (shard, key): memory-mapped from ids.arrow (RAM holds the pages a search touches),
         or read from ids.parquet for indexes built before it."""
         self.fetch(manifest)
-        path = self.path / (IDS_MAPPED if manifest.get("mapped_ids") else IDS)
+        path = self.path / (IDS_MAPPED if manifest.mapped_ids else IDS)
         try:
-            ids = _mapped(path) if manifest.get("mapped_ids") else pq.read_table(path, schema=IDS_SCHEMA)
+            ids = _mapped(path) if manifest.mapped_ids else pq.read_table(path, schema=IDS_SCHEMA)
         except (OSError, pa.ArrowInvalid) as exc:
             raise ConfigError(f"{path} is missing or unreadable ({exc}): rebuild the index") from None
-        if ids.num_rows != manifest["count"]:
-            raise Corrupt(f"{path} has {ids.num_rows} rows for {manifest['count']} vectors: rebuild the index")
+        if ids.num_rows != manifest.count:
+            raise Corrupt(f"{path} has {ids.num_rows} rows for {manifest.count} vectors: rebuild the index")
         return ids
 
-    def read_keys(self, manifest: dict) -> pa.Table | None:
+    def read_keys(self, manifest: IndexManifest) -> pa.Table | None:
         """The sorted key table (memory-mapped), or None for indexes built before it."""
-        if not manifest.get("mapped_ids"):
+        if not manifest.mapped_ids:
             return None
         try:
             return _mapped(self.path / KEYS)
@@ -339,9 +381,9 @@ class IndexDir:
         """Where a build in progress keeps its files (BuildDir): beside the index, where workers reach it."""
         return f"{self.url}/{BUILD}" if self.remote else str(self.path / BUILD)
 
-    def write_manifest(self, manifest: dict) -> None:
+    def write_manifest(self, manifest: IndexManifest) -> None:
         """Written last: a directory with a manifest is complete (a remote one: after its files are uploaded)."""
-        self.tmp(MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=json_default))
+        self.tmp(MANIFEST).write_bytes(manifest.to_json())
         os.replace(self.tmp(MANIFEST), self.path / MANIFEST)
         if self.remote:
             self.publish()

@@ -37,13 +37,6 @@ def decode(cls: type, data: bytes | str, where: str, advice: str):
         raise Corrupt(f"{where} is not valid JSON ({exc}): {advice}") from None
 
 
-def json_default(value: object) -> object:
-    """For json.dumps: a record inside a dict as its JSON value."""
-    if isinstance(value, msgspec.Struct):
-        return msgspec.to_builtins(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
 def convert(cls: type, value: object, where: str, advice: str):
     """An already parsed value (e.g. the embeddings manifest inside an index manifest) as a `cls`."""
     try:

@@ -32,8 +32,8 @@ from imgindex.errors import ConfigError, Corrupt
 from imgindex.executors.handout import Event, Outcome, hand_out
 from imgindex.executors.placement import Executor, place
 from imgindex.formats.embeddings_dir import EmbeddingsDir, Part
-from imgindex.formats.index_dir import (BUILD, FORMAT, IDS, IDS_SCHEMA, IVFDATA, BuildDir, IndexDir, digest_changes,
-                                       faiss_reason, part_digest)
+from imgindex.formats.index_dir import (BUILD, IDS, IDS_SCHEMA, IVFDATA, BuildDir, IndexDir, IndexManifest,
+                                       PartRecord, digest_changes, faiss_reason, part_digest)
 from imgindex.indexes import parallel
 from imgindex.indexes.factory import (FLAT_THRESHOLD, MIN_TRAIN_PER_LIST, choose_index_key, codes_bytes, human,
                                       parse_memory, search_knob)
@@ -195,7 +195,7 @@ def _start_or_resume(build: BuildDir, emb: EmbeddingsDir, parts: list[Part], ind
 
 
 def build_index(emb_dir: str, out: str, options: BuildOptions | None = None, overwrite: bool = False,
-                progress: bool | None = None, executor: Executor | None = None) -> dict:
+                progress: bool | None = None, executor: Executor | None = None) -> IndexManifest:
     """Build IDX from every complete part of EMB_DIR on `executor` (default: this process);
     returns the index manifest. Rerun after an interruption, it resumes."""
     options = options or BuildOptions()
@@ -285,32 +285,31 @@ def build_index(emb_dir: str, out: str, options: BuildOptions | None = None, ove
     knob = search_knob(index)
     value, recall, curve = tune(index, knob, queries, query_ids, exact, options.target_recall, K)
     timings["tune_s"] = round(time.time() - t, 3)
-    manifest = {
-        "format": FORMAT,
-        "embeddings_dir": emb.location,
-        "embeddings": emb.manifest,
-        "factory": key,
-        "selection": reason,
-        "notes": notes,
-        "on_disk": on_disk,
-        "mapped_ids": True,
-        "metric": "inner_product",
-        "normalized": True,
-        "count": int(index.ntotal),
-        "dim": emb.dim,
-        "build": {**asdict(options), "train_size": train_size,
-                  "executor": {"kind": executor.kind, "asked": executor.flag, "workers": workers,
-                               "tasks": len(tasks), "resumed_tasks": len(done), "retried": outcome.retried,
-                               "restarts": outcome.restarts}},
-        "parts": _part_records(emb, parts),
+    manifest = IndexManifest(
+        embeddings_dir=emb.location,
+        embeddings=emb.manifest,
+        factory=key,
+        selection=reason,
+        notes=notes,
+        on_disk=on_disk,
+        mapped_ids=True,
+        metric="inner_product",
+        normalized=True,
+        count=int(index.ntotal),
+        dim=emb.dim,
+        build={**asdict(options), "train_size": train_size,
+               "executor": {"kind": executor.kind, "asked": executor.flag, "workers": workers,
+                            "tasks": len(tasks), "resumed_tasks": len(done), "retried": outcome.retried,
+                            "restarts": outcome.restarts}},
+        parts=_part_records(emb, parts),
         **measured_recall(knob, value, recall, curve, len(query_ids)),
-        "train_residual": plan["train_residual"],
-        "faiss_gpus": faiss_gpus(),
-        "versions": _versions(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "adds": [],
-        "timings": timings,
-    }
+        train_residual=plan["train_residual"],
+        faiss_gpus=faiss_gpus(),
+        versions=_versions(),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        adds=[],
+        timings=timings,
+    )
     t = time.time()
     target.write_data(index, ids_tmp, ivfdata_tmp, on_disk=on_disk)
     target.write_lookups()
@@ -325,9 +324,9 @@ def build_index(emb_dir: str, out: str, options: BuildOptions | None = None, ove
     return manifest
 
 
-def _part_records(emb: EmbeddingsDir, parts: list[Part]) -> list[dict]:
+def _part_records(emb: EmbeddingsDir, parts: list[Part]) -> list[PartRecord]:
     """The manifest's record of each part: shard, rows, directory and a digest (local or remote)."""
-    return [{"shard": p.shard, "rows": p.rows, "dir": emb.location, "file": part_digest(emb.fs, p.path, emb.local)}
+    return [PartRecord(shard=p.shard, rows=p.rows, dir=emb.location, file=part_digest(emb.fs, p.path, emb.local))
             for p in parts]
 
 
@@ -366,7 +365,7 @@ def _blocks(sources: list[tuple[EmbeddingsDir, list[Part]]]):
 
 
 def add_parts(emb_dir: str, index_dir: str, target_recall: float | None = None,
-              eval_queries: int = 1000, progress: bool | None = None) -> tuple[dict, int]:
+              eval_queries: int = 1000, progress: bool | None = None) -> tuple[IndexManifest, int]:
     """Add the parts of EMB_DIR that the index does not hold yet, without retraining.
 
     Warns when the new vectors sit much further from the IVF centroids than the training
@@ -378,12 +377,12 @@ def add_parts(emb_dir: str, index_dir: str, target_recall: float | None = None,
     manifest = target.read_manifest()
     index = target.load_index(manifest, mmap=False)
     emb = EmbeddingsDir(emb_dir)
-    changed = emb.manifest.identity_changes(manifest["embeddings"])
+    changed = emb.manifest.identity_changes(manifest.embeddings)
     if changed:
         raise ConfigError(f"{emb_dir} was embedded differently from the index at {index_dir} (changed: "
                           f"{', '.join(changed)}): embed with the same config, or build a new index")
-    known = {p["shard"]: p for p in manifest["parts"]}
-    changed = [p.shard for p in emb.parts() if p.shard in known and p.rows != known[p.shard]["rows"]]
+    known = {p.shard: p for p in manifest.parts}
+    changed = [p.shard for p in emb.parts() if p.shard in known and p.rows != known[p.shard].rows]
     if changed:
         log.warning("%d shards changed since they were indexed (e.g. %s): rebuild the index to pick them up",
                     len(changed), changed[0])
@@ -401,51 +400,52 @@ def add_parts(emb_dir: str, index_dir: str, target_recall: float | None = None,
         for _, ids, vectors in emb.iter_batches(new):
             residual = mean_residual(index, vectors)
             residual_sum += (residual or 0.0) * len(vectors)
-            with one_thread_if(bool(manifest.get("on_disk"))):
+            with one_thread_if(manifest.on_disk):
                 index.add(vectors)
             ids_writer.write_table(ids.cast(IDS_SCHEMA))
             added += len(vectors)
             bar.update(len(vectors))
     bar.close()
     drift = None
-    if manifest.get("train_residual"):
-        drift = round(residual_sum / added / manifest["train_residual"], 3)
+    if manifest.train_residual:
+        drift = round(residual_sum / added / manifest.train_residual, 3)
         if drift > DRIFT_WARNING:
             log.warning("the new vectors are %.1fx further from the index's centroids than its training sample: "
                         "the data drifted; rebuild with `imgindex index EMB_DIR --out %s --overwrite`",
                         drift, index_dir)
 
-    old_count = int(manifest["count"])
+    old_count = manifest.count
     sources = []
     for where, group in _by_dir(manifest):
         old = EmbeddingsDir(where)
-        sources.append((old, [old.part(p["shard"], p["rows"]) for p in group]))
+        sources.append((old, [old.part(p.shard, p.rows) for p in group]))
     sources.append((emb, new))
-    query_ids, queries = emb.sample(new, eval_queries, seed=manifest["build"].get("seed", 0))
+    query_ids, queries = emb.sample(new, eval_queries, seed=manifest.build.get("seed", 0))
     query_ids = query_ids + old_count
     exact = exact_neighbors(queries, _blocks(sources), K + 1)
     knob = search_knob(index)
     value, recall, curve = tune(index, knob, queries, query_ids, exact,
-                                target_recall or manifest["build"]["target_recall"], K)
-    manifest["parts"] += _part_records(emb, new)
-    manifest["count"] = int(index.ntotal)
-    manifest.update(measured_recall(knob, value, recall, curve, len(query_ids)))
-    manifest["adds"].append({"vectors": added, "parts": len(new), "drift_ratio": drift,
+                                target_recall or manifest.build["target_recall"], K)
+    manifest.parts += _part_records(emb, new)
+    manifest.count = int(index.ntotal)
+    for field, measured in measured_recall(knob, value, recall, curve, len(query_ids)).items():
+        setattr(manifest, field, measured)
+    manifest.adds.append({"vectors": added, "parts": len(new), "drift_ratio": drift,
                              f"recall_at_{K}_on_new": round(recall, 4), "seconds": round(time.time() - started, 3),
                              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-    target.write_data(index, ids_tmp, on_disk=bool(manifest.get("on_disk")))
+    target.write_data(index, ids_tmp, on_disk=manifest.on_disk)
     target.write_lookups()
-    manifest["mapped_ids"] = True
+    manifest.mapped_ids = True
     target.record_files(manifest)
     target.write_manifest(manifest)
     return manifest, added
 
 
-def _by_dir(manifest: dict) -> list[tuple[str, list[dict]]]:
+def _by_dir(manifest: IndexManifest) -> list[tuple[str, list[PartRecord]]]:
     """The index's parts grouped by the embeddings directory that holds them, in index order."""
-    groups: list[tuple[str, list[dict]]] = []
-    for part in manifest["parts"]:
-        where = part["dir"]
+    groups: list[tuple[str, list[PartRecord]]] = []
+    for part in manifest.parts:
+        where = part.dir
         if groups and groups[-1][0] == where:
             groups[-1][1].append(part)
         else:
@@ -463,16 +463,16 @@ def verify_index(index_dir: str) -> dict:
     for where, group in _by_dir(manifest):
         emb = EmbeddingsDir(where)
         for recorded in group:
-            part = emb.part(recorded["shard"], recorded["rows"])
-            if not recorded.get("file"):
+            part = emb.part(recorded.shard, recorded.rows)
+            if not recorded.file:
                 raise ConfigError(f"the index records no digest of the part of shard {part.shard} in {where} (built "
                                   "before remote parts had one), so it cannot be checked: rebuild the index")
             found = part_digest(emb.fs, part.path, emb.local)
-            if "sha256" in recorded["file"] and emb.local:  # recorded whole by older builds: checked whole
+            if "sha256" in recorded.file and emb.local:  # recorded whole by older builds: checked whole
                 from imgindex.formats.index_dir import file_digest
                 found = file_digest(Path(part.path), full=True)
-            if digest_changes(recorded["file"], found):
+            if digest_changes(recorded.file, found):
                 raise Corrupt(f"the part of shard {part.shard} in {where} changed since it was indexed "
-                                  f"({', '.join(digest_changes(recorded['file'], found))} differ): rebuild the index")
+                                  f"({', '.join(digest_changes(recorded.file, found))} differ): rebuild the index")
             checked += 1
-    return {"files": len(manifest.get("files") or {}), "parts": checked}
+    return {"files": len(manifest.files), "parts": checked}

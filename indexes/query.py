@@ -76,7 +76,7 @@ class Searcher:
                  model: str | None = None, image_model: Callable[[EmbeddingsManifest], ImageModel] | None = None):
         self.dir = IndexDir(index_dir)
         self.manifest = self.dir.read_manifest()
-        built_with = self.manifest["embeddings"].model.name
+        built_with = self.manifest.embeddings.model.name
         if model and model != built_with:
             raise ConfigError(f"the index at {index_dir} was built with {built_with}, not {model}: "
                               "query it without --model, or pass the matching index")
@@ -84,9 +84,9 @@ class Searcher:
         self.ids = self.dir.read_ids(self.manifest)
         self.keys = self.dir.read_keys(self.manifest)
         self.knob = search_knob(self.index)
-        settings = {**self.manifest.get("search_params", {}), **(params or {})}
+        settings = {**self.manifest.search_params, **(params or {})}
         set_knob(self.index, self.knob, settings.get(self.knob) if self.knob else None)
-        self.shard_dirs = {p["shard"]: p["dir"] for p in self.manifest["parts"]}
+        self.shard_dirs = {p.shard: p.dir for p in self.manifest.parts}
         self._dirs: dict[str, EmbeddingsDir | None] = {}
         self._sources: dict[str, ShardStats] | None = None
         self._image_model = image_model
@@ -96,7 +96,7 @@ class Searcher:
 
     def embeddings_for(self, shard: str) -> EmbeddingsDir | None:
         """The embeddings directory holding a shard's part, if it is still there."""
-        return self._open(self.shard_dirs.get(shard, self.manifest["embeddings_dir"]))
+        return self._open(self.shard_dirs.get(shard, self.manifest.embeddings_dir))
 
     def _open(self, where: str) -> EmbeddingsDir | None:
         if where not in self._dirs:
@@ -122,9 +122,9 @@ class Searcher:
         order, so they are contiguous and known without reading the ids)."""
         if not self._shard_rows:
             start = 0
-            for part in self.manifest["parts"]:
-                self._shard_rows[part["shard"]] = (start, start + int(part["rows"]))
-                start += int(part["rows"])
+            for part in self.manifest.parts:
+                self._shard_rows[part.shard] = (start, start + int(part.rows))
+                start += int(part.rows)
         if shard not in self._shard_rows:
             raise NotFound(f"shard {shard!r} is not in the index")
         return self._shard_rows[shard]
@@ -238,7 +238,7 @@ class Searcher:
             if self._image_model is None:
                 raise ConfigError("searching by image needs the index's model, and this index was opened without "
                                   "one: query by vector or key")
-            self._embedder = self._image_model(self.manifest["embeddings"])
+            self._embedder = self._image_model(self.manifest.embeddings)
         return self._embedder
 
     def search_images(self, paths: list[str | Path], k: int = 10) -> list[list[Hit]]:

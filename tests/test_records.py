@@ -10,7 +10,7 @@ import pytest
 
 from imgindex.errors import Corrupt
 from imgindex.formats.embeddings_dir import MANIFEST, EmbeddingsDir, EmbeddingStore
-from imgindex.formats.index_dir import IndexDir
+from imgindex.formats.index_dir import IndexDir, IndexManifest
 from imgindex.formats.records import (IDENTITY_FIELDS, ROW_FIELDS, EmbeddingsManifest, PartRow, ShardStats, add_row,
                                       part_schema, row_columns)
 
@@ -128,6 +128,8 @@ OLD_MANIFEST = r'''{
 OLD_SYNTHETIC_MANIFEST = '{"data_config": {}, "decode": {}, "dim": 8, "dtype": "float32", "format": ' \
     '"imgindex.embeddings/1", "model": {"name": "synthetic"}, "normalized": true, "precision": "fp32", ' \
     '"preprocess": [], "weights": {"sha256": null, "source": "synthetic"}}'
+# An index manifest the dict literal in indexes/build.py wrote (a Flat index of synthetic vectors).
+OLD_INDEX_MANIFEST = '{"adds": [], "build": {"eval_queries": 1000, "executor": {"asked": "in-process", "kind": "local", "restarts": 0, "resumed_tasks": 0, "retried": 0, "tasks": 2, "workers": 1}, "flat_threshold": 50000, "index_key": null, "max_memory": "16G", "max_train": null, "on_disk": "auto", "seed": 0, "target_recall": 0.95, "train_per_list": 50, "train_size": 0}, "count": 300, "created": "2026-12-02T14:11:52+00:00", "dim": 8, "embeddings": {"data_config": {}, "decode": {}, "dim": 8, "dtype": "float32", "format": "imgindex.embeddings/1", "model": {"name": "synthetic"}, "normalized": true, "precision": "fp32", "preprocess": [], "weights": {"sha256": null, "source": "synthetic"}}, "embeddings_dir": "/data/syn", "factory": "Flat", "faiss_gpus": 0, "files": {"ids.arrow": {"bytes": 7682, "sampled_sha256": "f60171af2dc336624a63df73479944378301c4fd064d08ae1da93e2d20f12275", "sha256": "f60171af2dc336624a63df73479944378301c4fd064d08ae1da93e2d20f12275"}, "ids.parquet": {"bytes": 2567, "sampled_sha256": "ffe8f7765726c4d763f8c8f7665d5eb76e02b8a6645a07da3ee1454ac182d871", "sha256": "ffe8f7765726c4d763f8c8f7665d5eb76e02b8a6645a07da3ee1454ac182d871"}, "index.faiss": {"bytes": 9645, "sampled_sha256": "ad6b582b1316355cce86658f090498fc8935e52e79de709636ceac256e356634", "sha256": "ad6b582b1316355cce86658f090498fc8935e52e79de709636ceac256e356634"}, "keys.arrow": {"bytes": 9978, "sampled_sha256": "965cbaba3ec10c23ab8c4daf82d968ccfd8cc702159e78ffd149cfe926d14777", "sha256": "965cbaba3ec10c23ab8c4daf82d968ccfd8cc702159e78ffd149cfe926d14777"}}, "format": "imgindex.index/1", "mapped_ids": true, "metric": "inner_product", "normalized": true, "notes": [], "on_disk": false, "parts": [{"dir": "/data/syn", "file": {"bytes": 12276, "sampled_sha256": "365db74710fda2b1b01c14705dde4469a616154e8e90baeb5fecdfebf9f0ff93"}, "rows": 200, "shard": "syn-00000"}, {"dir": "/data/syn", "file": {"bytes": 7896, "sampled_sha256": "15905a225da4b5e3b425d1b4a99bd58b2aae75ac16e4bc7e693244d06a0fadbf"}, "rows": 100, "shard": "syn-00001"}], "recall_at_10": 1.0, "recall_curve": [], "recall_queries": 300, "search_params": {}, "selection": "300 vectors <= 50,000: exact search (Flat, 10.3 KB)", "timings": {"add_s": 0.087, "ground_truth_s": 0.005, "merge_s": 0.015, "sample_s": 0.009, "total_s": 0.15, "train_s": 0.0, "tune_s": 0.02, "write_s": 0.006}, "train_residual": null, "versions": {"faiss": "1.15.1", "pyarrow": "26.0.1", "python": "3.11.7"}}'
 OLD_STATS = r'''{
   "batch_size": 8,
   "decode_seconds": 0.125,
@@ -296,3 +298,34 @@ def test_an_index_manifest_with_a_damaged_embeddings_manifest_is_corrupt(tmp_pat
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(Corrupt, match="manifest.json is damaged .*model.*: rebuild the index"):
         IndexDir(str(tmp_path)).read_manifest()
+
+
+def test_an_index_manifest_written_before_the_records_reads_and_round_trips(tmp_path):
+    (tmp_path / "manifest.json").write_text(OLD_INDEX_MANIFEST)
+    manifest = IndexDir(str(tmp_path)).read_manifest()
+    assert (manifest.factory, manifest.count, manifest.dim, manifest.recall_at_10) == ("Flat", 300, 8, 1.0)
+    assert [(p.shard, p.rows, p.dir) for p in manifest.parts] == [("syn-00000", 200, "/data/syn"),
+                                                                  ("syn-00001", 100, "/data/syn")]
+    assert manifest.embeddings.model.name == "synthetic" and manifest.mapped_ids and not manifest.on_disk
+    assert manifest.build["executor"]["kind"] == "local" and manifest.files["index.faiss"]["bytes"] == 9645
+    assert IndexManifest.from_json(manifest.to_json(), "again") == manifest
+    written = json.loads(manifest.to_json())
+    old = json.loads(OLD_INDEX_MANIFEST)
+    assert {k: v for k, v in written.items() if k != "embeddings"} == {k: v for k, v in old.items() if k != "embeddings"}
+
+
+@pytest.mark.parametrize("damage, field", [
+    (lambda m: m.update(count="300"), "$.count"),
+    (lambda m: m["parts"][1].pop("rows"), "$.parts[1]"),
+    (lambda m: m.update(parts=3), "$.parts"),
+    (lambda m: m.pop("embeddings_dir"), "embeddings_dir"),
+    (lambda m: m["files"].pop("keys.arrow"), "keys.arrow"),
+])
+def test_a_damaged_index_manifest_is_corrupt_naming_the_file_and_the_field(tmp_path, damage, field):
+    manifest = json.loads(OLD_INDEX_MANIFEST)
+    damage(manifest)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(Corrupt) as caught:
+        IndexDir(str(tmp_path)).read_manifest()
+    message = str(caught.value)
+    assert str(tmp_path / "manifest.json") in message and field in message and "rebuild the index" in message

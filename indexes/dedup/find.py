@@ -58,13 +58,13 @@ def resolve_threshold(searcher: Searcher, options: DedupOptions) -> tuple[DedupO
     a number for a threshold, and what was chosen with its measured recall and precision."""
     if "embedding" not in options.methods:
         return options, {}
-    if searcher.manifest["embeddings"].weights_source == "random" and not options.allow_random_weights:
+    if searcher.manifest.embeddings.weights_source == "random" and not options.allow_random_weights:
         raise ConfigError("the index was embedded with random weights, which cannot tell images apart: the embedding "
                           "tier would call everything a duplicate. Use --method exact,phash, embed with real "
                           "weights (--config lite0 or --checkpoint), or pass --allow-random-weights for plumbing tests")
     if options.threshold != "auto":
         return options, {"threshold_source": "given"}
-    if not searcher.manifest["embeddings"].config:
+    if not searcher.manifest.embeddings.config:
         raise ConfigError("--threshold auto plants copies and embeds them with the index's model, which these "
                           "embeddings do not record (synthetic vectors?): pass --threshold, e.g. 0.95")
     from imgindex.indexes.dedup.calibrate import FINE_THRESHOLDS, calibrate, choose_threshold
@@ -100,7 +100,7 @@ def _pairs_at_scale(searcher: Searcher, scale: Scale, options: DedupOptions, sta
         candidates, stats["hash_partitions"] = hashed_pairs(searcher, scale, options.methods,
                                                             options.phash_distance, progress)
     if "embedding" in options.methods:
-        rows, rng = tuning_rows(int(searcher.manifest["count"]))
+        rows, rng = tuning_rows(int(searcher.manifest.count))
         sample = Corpus.of_index(searcher, scale.work.root, False, rows=rows, name="tuning")
         stats["search"] = tune_on(searcher, rows, np.asarray(sample.vectors), rng, options.threshold,
                                   options.max_neighbors + 1)
@@ -110,7 +110,7 @@ def _pairs_at_scale(searcher: Searcher, scale: Scale, options: DedupOptions, sta
         else:
             if scale.executor.kind != "local":
                 log.warning("a %s index is searched in this process: %s runs only the exact and phash tiers' "
-                            "tasks", searcher.manifest.get("factory"), scale.executor.flag)
+                            "tasks", searcher.manifest.factory, scale.executor.flag)
             whole = Corpus.of_index(searcher, scale.work.root, progress)
             q, d, capped = embedding_candidates(searcher.index, whole, whole, options.threshold,
                                                 options.max_neighbors, True, progress)
@@ -140,7 +140,7 @@ def find_duplicates(index: str | Path | Searcher, options: DedupOptions | None =
     started = time.time()
     searcher = _searcher(index)
     options, chosen = resolve_threshold(searcher, options)
-    stats: dict = {"images": int(searcher.manifest["count"]), **_tiers(options), **chosen}
+    stats: dict = {"images": int(searcher.manifest.count), **_tiers(options), **chosen}
     with WorkDir(workdir, keep_work) as work:
         scale.work = work
         corpus, found = _pairs_at_scale(searcher, scale, options, stats, progress)
@@ -166,7 +166,7 @@ def find_leaks(index: str | Path | Searcher, against: str, options: DedupOptions
     searcher = _searcher(index)
     options, chosen = resolve_threshold(searcher, options)
     test = EmbeddingsDir(against)
-    changed = test.manifest.identity_changes(searcher.manifest["embeddings"])
+    changed = test.manifest.identity_changes(searcher.manifest.embeddings)
     if changed:
         raise ConfigError(f"{against} was embedded differently from the index (changed: {', '.join(changed)}): "
                           "embed it with the same config")

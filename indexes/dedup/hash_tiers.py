@@ -149,11 +149,11 @@ def hashed_pairs(searcher, scale: Scale, methods: tuple[str, ...], distance: int
     partition and join tasks; and the stage's figures."""
     manifest = searcher.manifest
     parts = index_parts(searcher)
-    count = manifest["count"]
+    count = manifest.count
     exact_groups = max(MIN_TASKS, math.ceil(count * SHA.itemsize / TASK_BYTES)) if "exact" in methods else 0
     phash_groups = (max(MIN_TASKS, math.ceil(count * (distance + 1) * PHASH.itemsize / TASK_BYTES))
                     if "phash" in methods else 0)
-    identity = {"index": str(Path(searcher.dir.path).resolve()), "count": count, "files": manifest.get("files"),
+    identity = {"index": str(Path(searcher.dir.path).resolve()), "count": count, "files": manifest.files,
                 "exact_groups": exact_groups, "phash_groups": phash_groups,
                 "phash_distance": distance if phash_groups else None}
     stage = scale.work.stage("hashes", identity)

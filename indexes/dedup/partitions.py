@@ -67,12 +67,12 @@ class IndexPart:
 def index_parts(searcher) -> list[IndexPart]:
     """The index's parts in index order, with the row each starts at."""
     parts, start = [], 0
-    for number, part in enumerate(searcher.manifest["parts"]):
-        emb = searcher.embeddings_for(part["shard"])
+    for number, part in enumerate(searcher.manifest.parts):
+        emb = searcher.embeddings_for(part.shard)
         if emb is None:
             raise ConfigError(f"the embeddings of shard {part['shard']} are gone: dedup reads the stored vectors")
-        parts.append(IndexPart(number, emb.location, part["shard"], start, part["rows"]))
-        start += part["rows"]
+        parts.append(IndexPart(number, emb.location, part.shard, start, part.rows))
+        start += part.rows
     return parts
 
 
@@ -325,11 +325,11 @@ def partitioned_join(searcher, scale: Scale, threshold: float, cap: int,
     nprobe = min(ivf.nprobe, ivf.nlist)
     manifest = searcher.manifest
     precision = scale.product_precision
-    identity = {"index": str(Path(searcher.dir.path).resolve()), "count": manifest["count"],
-                "files": manifest.get("files"), "factory": manifest.get("factory"), "nprobe": nprobe,
+    identity = {"index": str(Path(searcher.dir.path).resolve()), "count": manifest.count,
+                "files": manifest.files, "factory": manifest.factory, "nprobe": nprobe,
                 "threshold": threshold, "max_neighbors": cap, "precision": precision}
     stage = scale.work.stage("embedding", identity)
-    _write_layout(ivf, stage, nprobe, manifest["dim"])
+    _write_layout(ivf, stage, nprobe, manifest.dim)
     parts = [PartitionTask(f"partition-{p.shard}", p) for p in index_parts(searcher)]
     groups = len(np.load(stage / "groups.npy")) - 1
     joins = [JoinTask(f"join-{g:06d}", g) for g in range(groups)]
@@ -338,7 +338,7 @@ def partitioned_join(searcher, scale: Scale, threshold: float, cap: int,
     stats = {"nprobe": nprobe, "partition_tasks": len(parts), "join_tasks": groups,
              "reused_tasks": len(parts) - len(todo_parts) + groups - len(todo_joins), "precision": precision}
     placement = scale.placement()
-    factory = JoinWorkers(str(stage), manifest["dim"], nprobe, len(parts), threshold, cap, scale.device, precision)
+    factory = JoinWorkers(str(stage), manifest.dim, nprobe, len(parts), threshold, cap, scale.device, precision)
     started = time.perf_counter()
     done = run_tasks(placement, factory, todo_parts, "partition", progress)
     stats["partition_s"] = round(time.perf_counter() - started, 2)
