@@ -89,13 +89,13 @@ def main() -> None:
     start = time.perf_counter()
     manifest = build_index(str(emb), str(idx), BuildOptions(), overwrite=True, progress=False)
     ours_build = time.perf_counter() - start
-    key = manifest["factory"]
-    params = manifest["search_params"]
-    print(f"ours: {key} ({manifest['selection']}), {ours_build:.1f} s, recall@10 {manifest['recall_at_10']:.4f} "
-          f"with {params}; timings {manifest['timings']}")
+    key = manifest.factory
+    params = manifest.search_params
+    print(f"ours: {key} ({manifest.selection}), {ours_build:.1f} s, recall@10 {manifest.recall_at_10:.4f} "
+          f"with {params}; timings {manifest.timings}")
 
-    raw, raw_build = raw_faiss_build(emb, key, args.dim, manifest["build"]["train_size"],
-                                     manifest["build"]["seed"])
+    raw, raw_build = raw_faiss_build(emb, key, args.dim, manifest.build["train_size"],
+                                     manifest.build["seed"])
     for name, value in params.items():
         set_knob(raw, name, value)
     print(f"raw faiss: {key}, {raw_build:.1f} s")
@@ -124,12 +124,12 @@ def main() -> None:
         "benchmark": "index_throughput", "count": args.count, "dim": args.dim, "factory": key,
         "search_params": params, "ours_build_s": round(ours_build, 2), "raw_build_s": round(raw_build, 2),
         "build_ratio": round(ours_build / raw_build, 3),
-        "build_ratio_without_recall": round((ours_build - manifest["timings"]["ground_truth_s"]
-                                             - manifest["timings"]["tune_s"]) / raw_build, 3),
-        "ours_index_work_s": round(manifest["timings"]["train_s"] + manifest["timings"]["add_s"], 2),
+        "build_ratio_without_recall": round((ours_build - manifest.timings["ground_truth_s"]
+                                             - manifest.timings["tune_s"]) / raw_build, 3),
+        "ours_index_work_s": round(manifest.timings["train_s"] + manifest.timings["add_s"], 2),
         "ours_qps": round(ours_qps), "raw_qps": round(raw_qps), "qps_ratio": round(ours_qps / raw_qps, 3),
         "mmap_qps": round(mmap_qps),
-        "qps_hits_with_metadata": round(hits_qps), "recall_at_10_manifest": manifest["recall_at_10"],
+        "qps_hits_with_metadata": round(hits_qps), "recall_at_10_manifest": manifest.recall_at_10,
         "recall_at_10_perturbed_queries": round(recall, 4), "load_and_first_query_s": round(load_query_s, 3),
         "import_s": round(import_s, 3), "machine": f"{platform.machine()}, {faiss.omp_get_max_threads()} threads",
         "faiss": faiss.__version__,

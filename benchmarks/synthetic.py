@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from imgindex.formats.embeddings_dir import EmbeddingStore, manifest, normalize_rows
+from imgindex.formats.embeddings_dir import EmbeddingStore, normalize_rows
+from imgindex.formats.records import ROW_FIELDS, EmbeddingsManifest, ModelInfo, ShardStats
 
 
 def clustered_vectors(count: int, dim: int, clusters: int = 1000, spread: float = 0.35,
@@ -26,9 +27,9 @@ def clustered_vectors(count: int, dim: int, clusters: int = 1000, spread: float 
     return normalize_rows(out)
 
 
-def synthetic_manifest(dim: int) -> dict:
-    return manifest(model={"name": "synthetic"}, weights={"source": "synthetic", "sha256": None}, dim=dim,
-                    normalized=True, precision="fp32", decode={})
+def synthetic_manifest(dim: int) -> EmbeddingsManifest:
+    return EmbeddingsManifest(model=ModelInfo(name="synthetic"), weights={"source": "synthetic", "sha256": None},
+                              dim=dim, normalized=True, precision="fp32", decode={})
 
 
 def write_embeddings_dir(out: str, vectors: np.ndarray, shard_size: int = 50_000,
@@ -43,12 +44,10 @@ def write_embeddings_dir(out: str, vectors: np.ndarray, shard_size: int = 50_000
         block = vectors[start:start + shard_size]
         name = f"{prefix}-{number:05d}"
         n = len(block)
-        rows = {"key": [f"{prefix}{start + i}" for i in range(n)], "key_bytes": [None] * n, "width": [0] * n,
-                "height": [0] * n, "bytes": [0] * n, "member_offset": [None] * n, "grayscale": [None] * n,
-                "sha256": [None] * n, "phash": [None] * n, "caption": [None] * n, "json": [None] * n,
-                "url": [None] * n}
+        rows = {name: [None] * n for name in ROW_FIELDS}
+        rows.update(key=[f"{prefix}{start + i}" for i in range(n)], width=[0] * n, height=[0] * n, bytes=[0] * n)
         rows.update({name: list(values[start:start + shard_size]) for name, values in (columns or {}).items()})
-        store.write_shard(name, rows, block, [], {"shard": name, "kind": "synthetic", "source": "synthetic",
-                                                  "samples": n, "rows": n, "failures": 0})
+        store.write_shard(name, rows, block, [], ShardStats(shard=name, kind="synthetic", source="synthetic",
+                                                            samples=n, rows=n, failures=0))
         names.append(name)
     return names

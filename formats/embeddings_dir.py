@@ -1,7 +1,8 @@
-"""The embeddings directory, both sides of it: its layout, the part and failures schemas, the
-manifest's identity, the writer the job uses (EmbeddingStore: atomic parts, failures, stats
-marker last) and the reader the indexes use (EmbeddingsDir: parts with row counts, vector
-batches, seeded samples, metadata).
+"""The embeddings directory, both sides of it: its layout, the failures schema, the writer the
+job uses (EmbeddingStore: the manifest, atomic parts, failures, stats marker last) and the reader
+the indexes use (EmbeddingsDir: the manifest and stats markers, parts with row counts, vector
+batches, seeded samples, metadata). What the manifest, a stats marker and a part's row hold is
+formats/records.py's.
 
 Every file appears whole or not at all: locally it is written under a hidden temporary
 name that no `*.parquet` glob sees and renamed into place; on object stores (no rename)
@@ -9,7 +10,6 @@ it is sent in one PUT. The stats marker is written last and marks the shard as d
 """
 from __future__ import annotations
 
-import json
 import os
 import uuid
 from collections.abc import Iterator
@@ -22,57 +22,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imgindex.errors import ConfigError, NotFound
-
-FORMAT = "imgindex.embeddings/1"
+from imgindex.formats.records import EmbeddingsManifest, ShardStats, part_schema
 
 MANIFEST = "_manifest.json"
 EMBEDDINGS = "embeddings"
 FAILURES = "failures"
 STATS = "_stats"
 
-# Manifest fields that decide what the vectors are; a run that differs in any of them
-# must not add parts to the same directory.
-IDENTITY_FIELDS = ("model", "weights", "data_config", "preprocess", "dim", "dtype",
-                   "normalized", "precision", "decode")
-
 FAILURE_SCHEMA = pa.schema([
     ("key", pa.string()), ("shard", pa.string()), ("member", pa.string()),
     ("error", pa.string()), ("message", pa.string()),
 ])
-
-
-def part_schema(dim: int) -> pa.Schema:
-    return pa.schema([
-        ("key", pa.string()), ("shard", pa.string()),
-        ("embedding", pa.list_(pa.float32(), dim)), ("key_bytes", pa.binary()),
-        ("width", pa.int32()), ("height", pa.int32()), ("bytes", pa.int64()),
-        ("member_offset", pa.int64()),  # where the image's bytes start in an uncompressed tar, else null
-        ("grayscale", pa.bool_()),
-        ("sha256", pa.string()), ("phash", pa.int64()),
-        ("caption", pa.string()), ("json", pa.string()), ("url", pa.string()),
-    ])
-
-
-def manifest(model: dict, weights: dict, dim: int, normalized: bool, precision: str, decode: dict,
-             data_config: dict | None = None, preprocess: list | None = None, **more) -> dict:
-    """An embeddings manifest: the identity fields (what decides the vectors), then `more`
-    (how the job ran: device, schedule, config, versions)."""
-    return {"format": FORMAT, "model": model, "weights": weights, "data_config": data_config or {},
-            "preprocess": preprocess or [], "dim": dim, "dtype": "float32", "normalized": normalized,
-            "precision": precision, "decode": decode, **more}
-
-
-def identity(manifest: dict) -> dict:
-    ident = {name: manifest.get(name) for name in IDENTITY_FIELDS}
-    ident["weights"] = {"sha256": (manifest.get("weights") or {}).get("sha256")}
-    ident["model"] = {"name": (manifest.get("model") or {}).get("name")}
-    return ident
-
-
-def identity_changes(old: dict, new: dict) -> list[str]:
-    """The identity fields in which two manifests differ (empty: same vectors)."""
-    a, b = identity(old), identity(new)
-    return [name for name in IDENTITY_FIELDS if a.get(name) != b.get(name)]
 
 
 class Layout:
@@ -95,24 +55,22 @@ class Layout:
     def stats_path(self, shard: str) -> str:
         return self.path(STATS, f"part-{shard}.json")
 
-    def read_manifest(self) -> dict | None:
+    def read_manifest(self) -> EmbeddingsManifest | None:
+        """The manifest (None when there is none yet); a damaged one is Corrupt."""
         path = self.path(MANIFEST)
         if not self.fs.exists(path):
             return None
-        with self.fs.open(path, "rt") as f:
-            return json.load(f)
+        return EmbeddingsManifest.from_json(self.fs.cat_file(path), f"{self.url}/{MANIFEST}")
 
     def done_shards(self) -> set[str]:
         """Shards whose stats marker exists: complete (skipped on a rerun, read by indexes)."""
         found = self.fs.glob(self.path(STATS, "part-*.json")) if self.fs.exists(self.path(STATS)) else []
         return {PurePosixPath(p).name[len("part-"):-len(".json")] for p in found}
 
-    def read_stats(self) -> list[dict]:
-        stats = []
-        for path in sorted(self.fs.glob(self.path(STATS, "part-*.json"))):
-            with self.fs.open(path, "rt") as f:
-                stats.append(json.load(f))
-        return stats
+    def read_stats(self) -> list[ShardStats]:
+        """Every stats marker; a damaged one is Corrupt."""
+        return [ShardStats.from_json(self.fs.cat_file(path), path)
+                for path in sorted(self.fs.glob(self.path(STATS, "part-*.json")))]
 
 
 class EmbeddingStore(Layout):
@@ -153,14 +111,14 @@ class EmbeddingStore(Layout):
             raise ConfigError(f"cannot write to output {self.url!r} ({type(exc).__name__}: {exc}): "
                               "choose another --out") from None
 
-    def prepare(self, manifest: dict, overwrite: bool) -> None:
+    def prepare(self, manifest: EmbeddingsManifest, overwrite: bool) -> None:
         """Start or resume a job: refuse to mix vectors from a different model or preprocessing."""
         existing = self.read_manifest()
         if existing is not None and overwrite:
             self.clear()
             existing = None
-        elif existing is not None and identity_changes(existing, manifest):
-            changed = ", ".join(identity_changes(existing, manifest))
+        elif existing is not None and existing.identity_changes(manifest):
+            changed = ", ".join(existing.identity_changes(manifest))
             raise ConfigError(
                 f"{self.url} holds embeddings made differently (changed: {changed}); "
                 "use a new --out, or --overwrite to delete them and start again"
@@ -170,7 +128,7 @@ class EmbeddingStore(Layout):
         for sub in (EMBEDDINGS, FAILURES, STATS):
             self.fs.makedirs(self.path(sub), exist_ok=True)
         if existing is None:
-            self._put(self.path(MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode(), shared=True)
+            self._put(self.path(MANIFEST), manifest.to_json(), shared=True)
 
     def clear(self) -> None:
         """Delete every part, failure, stats marker and the manifest (for --overwrite)."""
@@ -190,7 +148,7 @@ class EmbeddingStore(Layout):
         return sink.getvalue().to_pybytes()
 
     def write_shard(self, shard: str, rows: dict[str, list], embeddings: np.ndarray,
-                    failures: list[dict], stats: dict) -> None:
+                    failures: list[dict], stats: ShardStats) -> None:
         """Write the part, then its failures, then the stats marker (last: the shard is done).
 
         A shard where every sample failed has no embeddings part (empty Parquet files trip
@@ -208,7 +166,7 @@ class EmbeddingStore(Layout):
         if failures:
             table = pa.Table.from_pylist([{**f, "shard": shard} for f in failures], schema=FAILURE_SCHEMA)
             self._put(self.failures_path(shard), self._parquet_bytes(table))
-        self._put(self.stats_path(shard), json.dumps(stats, indent=2, sort_keys=True).encode())
+        self._put(self.stats_path(shard), stats.to_json())
 
 
 @dataclass(frozen=True)
@@ -234,18 +192,12 @@ class EmbeddingsDir(Layout):
     def __init__(self, url: str):
         super().__init__(url)
         self.location = url if "://" in url else str(Path(url).resolve())  # as recorded in index manifests
-        try:
-            manifest = self.read_manifest()
-        except ValueError as exc:
-            raise ConfigError(f"{url}/{MANIFEST} is not valid JSON ({exc}): re-embed into a new --out") from None
+        manifest = self.read_manifest()
         if manifest is None:
             raise ConfigError(f"{url} is not an embeddings directory (no {MANIFEST}): run `imgindex embed` first")
         self.manifest = manifest
-        dim = self.manifest.get("dim") if isinstance(self.manifest, dict) else None
-        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
-            raise ConfigError(f"{url}/{MANIFEST} is damaged (no dimension recorded): re-embed into a new --out")
-        self.dim = dim
-        self.normalized = bool(self.manifest.get("normalized"))
+        self.dim = manifest.dim
+        self.normalized = manifest.normalized
 
     def parts(self) -> list[Part]:
         """Complete parts (those with a stats marker), sorted by shard, with row counts from metadata."""
@@ -298,9 +250,9 @@ class EmbeddingsDir(Layout):
         vectors = np.concatenate(taken) if taken else np.zeros((0, self.dim), np.float32)
         return chosen, np.ascontiguousarray(vectors)
 
-    def shard_sources(self) -> dict[str, dict]:
+    def shard_sources(self) -> dict[str, ShardStats]:
         """shard -> its stats (kind and source URL among them)."""
-        return {stats["shard"]: stats for stats in self.read_stats()}
+        return {stats.shard: stats for stats in self.read_stats()}
 
     def digest(self, part: Part) -> dict | None:
         """Size and digests of a part's file (local directories; None for remote ones)."""

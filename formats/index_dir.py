@@ -16,15 +16,18 @@ import re
 import sys
 import uuid
 from pathlib import Path
+from typing import Annotated, Any
 
 import faiss
 import fsspec
+import msgspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from imgindex.errors import ConfigError, Corrupt
+from imgindex.formats.records import EmbeddingsManifest, decode, encode
 
 INDEX = "index.faiss"
 IDS = "ids.parquet"
@@ -48,7 +51,72 @@ def faiss_reason(exc: BaseException, limit: int = 120) -> str:
     return text
 
 
-REQUIRED = {"embeddings": dict, "embeddings_dir": str, "count": int, "dim": int, "parts": list, "factory": str}
+class PartRecord(msgspec.Struct, kw_only=True):
+    """An index manifest's record of one part it holds: its shard and rows (contiguous in the index,
+    in the manifest's order), the embeddings directory that holds it and its digest."""
+
+    shard: str
+    rows: Annotated[int, msgspec.Meta(ge=0)]
+    dir: str
+    file: dict[str, Any] | None = None  # part_digest's; None from builds before remote parts had one
+
+
+class Segment(msgspec.Struct, kw_only=True):
+    """The rows one --add appended: how many, and its files (segment_files: ids, keys and, for
+    lists on disk, its inverted lists)."""
+
+    rows: Annotated[int, msgspec.Meta(ge=0)]
+    files: dict[str, str]
+
+
+class IndexManifest(msgspec.Struct, kw_only=True):
+    """IDX/manifest.json, written last: what the index holds (its embeddings, parts, count), how it
+    was built and searched (factory, recall, search knob), and its data files' digests. Unknown
+    fields are ignored and later ones have defaults, so indexes built before read."""
+
+    format: str = FORMAT
+    embeddings_dir: str
+    embeddings: EmbeddingsManifest
+    factory: str
+    selection: str | None = None
+    notes: list[str] = []
+    on_disk: bool = False  # an IVF index's lists in index.ivfdata
+    mapped_ids: bool = False  # ids.arrow and keys.arrow (indexes built before have ids.parquet only)
+    metric: str = "inner_product"
+    normalized: bool = True
+    count: Annotated[int, msgspec.Meta(ge=0)]
+    dim: Annotated[int, msgspec.Meta(ge=1)]
+    build: dict[str, Any] = {}
+    parts: list[PartRecord]
+    recall_at_10: float | None = None
+    recall_queries: int | None = None
+    search_params: dict[str, Any] = {}
+    recall_curve: list[dict[str, Any]] = []
+    train_residual: float | None = None
+    faiss_gpus: int | None = None
+    versions: dict[str, Any] = {}
+    created: str | None = None
+    adds: list[dict[str, Any]] = []
+    segments: list[Segment] = []  # each --add's rows, after the build's
+    index_file: str | None = None  # the faiss index when an --add of an index in RAM wrote a new one (else INDEX)
+    recall_set: str | None = None  # the recall queries and their exact neighbours (RECALL_SET, or an --add's)
+    recall_covers: str | None = None  # what recall_at_10 measures
+    timings: dict[str, Any] = {}
+    # data file -> its file_digest; read_manifest checks there is one for each data file (a damaged one
+    # is refused as missing digests, whatever its type)
+    files: Any = {}
+
+    def to_json(self) -> bytes:
+        return encode(self)
+
+    @classmethod
+    def from_json(cls, data: bytes | str, where: str) -> IndexManifest:
+        manifest = decode(cls, data, where, "rebuild the index")
+        if manifest.format != FORMAT:
+            raise ConfigError(f"{where} is not an imgindex index manifest: rebuild the index")
+        return manifest
+
+
 SAMPLE_BLOCK = 64 * 1024
 SAMPLE_BLOCKS = 64  # besides the first and last blocks; files up to 66 blocks are read whole
 # Files up to this size are hashed whole when an index loads (well under a second); larger ones are
@@ -109,17 +177,17 @@ def segment_files(number: int, lists: bool) -> dict[str, str]:
     return files
 
 
-def index_file(manifest: dict) -> str:
+def index_file(manifest: IndexManifest) -> str:
     """The file holding the faiss index (an --add of an index in RAM writes a new one)."""
-    return manifest.get("index_file") or INDEX
+    return manifest.index_file or INDEX
 
 
-def data_files(manifest: dict) -> tuple[str, ...]:
+def data_files(manifest: IndexManifest) -> tuple[str, ...]:
     """The files an index manifest holds digests of (indexes built before the mapped ids have two)."""
-    return ((index_file(manifest), IDS) + ((IVFDATA,) if manifest.get("on_disk") else ())
-            + ((IDS_MAPPED, KEYS) if manifest.get("mapped_ids") else ())
-            + ((manifest["recall_set"],) if manifest.get("recall_set") else ())
-            + tuple(name for segment in manifest.get("segments") or () for name in segment["files"].values()))
+    return ((index_file(manifest), IDS) + ((IVFDATA,) if manifest.on_disk else ())
+            + ((IDS_MAPPED, KEYS) if manifest.mapped_ids else ())
+            + ((manifest.recall_set,) if manifest.recall_set else ())
+            + tuple(name for segment in manifest.segments for name in segment.files.values()))
 
 
 def _is_digest(value: object) -> bool:
@@ -262,14 +330,14 @@ class IndexDir:
                               "`imgindex index --out` wrote")
         return (self.path / MANIFEST).read_text()
 
-    def fetch(self, manifest: dict, again: bool = False) -> None:
+    def fetch(self, manifest: IndexManifest, again: bool = False) -> None:
         """A remote index's data files into the local copy, each only when missing or different there
         (`again`: every one, as --verify checks what the store holds)."""
         if not self.remote:
             return
         self.path.mkdir(parents=True, exist_ok=True)
         for name in data_files(manifest):
-            local, recorded = self.path / name, manifest["files"].get(name) or {}
+            local, recorded = self.path / name, manifest.files.get(name) or {}
             if not again and local.is_file() and local.stat().st_size == recorded.get("bytes") and \
                     file_digest(local, full=False)["sampled_sha256"] == recorded.get("sampled_sha256"):
                 continue
@@ -291,35 +359,23 @@ class IndexDir:
             elif self.fs.exists(self._remote(name)):
                 self.fs.rm_file(self._remote(name))
 
-    def read_manifest(self) -> dict:
-        text = self._manifest_text()
-        try:
-            manifest = json.loads(text)
-        except ValueError as exc:
-            raise Corrupt(f"{self.path / MANIFEST} is not valid JSON ({exc}): rebuild the index") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise ConfigError(f"{self.path / MANIFEST} is not an imgindex index manifest: rebuild the index")
-        for key, kind in REQUIRED.items():
-            if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool):
-                raise Corrupt(f"{self.path / MANIFEST} is damaged ({key!r} is missing or not a "
-                                  f"{kind.__name__}): rebuild the index")
-        if not isinstance((manifest["embeddings"].get("model") or {}).get("name"), str) or not all(
-                isinstance(p, dict) and isinstance(p.get("shard"), str) for p in manifest["parts"]):
-            raise Corrupt(f"{self.path / MANIFEST} is damaged (its model or parts): rebuild the index")
-        files = manifest.get("files")
-        if not isinstance(files, dict) or not all(_is_digest(files.get(name)) for name in data_files(manifest)):
+    def read_manifest(self) -> IndexManifest:
+        """The manifest, every field checked; a damaged one is Corrupt."""
+        manifest = IndexManifest.from_json(self._manifest_text(), str(self.path / MANIFEST))
+        files = manifest.files if isinstance(manifest.files, dict) else {}
+        if not all(_is_digest(files.get(name)) for name in data_files(manifest)):
             raise Corrupt(f"{self.path / MANIFEST} is damaged (the digests of "
-                              f"{' and '.join(data_files(manifest))} are missing or malformed), so the index cannot "
-                              "be checked: rebuild the index")
+                          f"{' and '.join(data_files(manifest))} are missing or malformed), so the index cannot "
+                          "be checked: rebuild the index")
         return manifest
 
-    def verify(self, manifest: dict, full: bool = False) -> None:
+    def verify(self, manifest: IndexManifest, full: bool = False) -> None:
         """Check the index's files against the digests its manifest records (read_manifest made sure
         it records them): every byte of files up to FULL_CHECK_BYTES, or of all with `full`; larger
         ones by size and a sampled digest (a few MB read whatever the size)."""
         self.fetch(manifest, again=full)
         for name in data_files(manifest):
-            recorded = manifest["files"][name]
+            recorded = manifest.files[name]
             path = self.path / name
             if not path.is_file():
                 raise ConfigError(f"{path} is missing: rebuild the index")
@@ -331,15 +387,15 @@ class IndexDir:
                 raise Corrupt(f"{path} is corrupt or truncated: it does not match the digest in its manifest "
                                   f"({what} changed): rebuild the index")
 
-    def record_files(self, manifest: dict, changed: tuple[str, ...] | None = None) -> None:
+    def record_files(self, manifest: IndexManifest, changed: tuple[str, ...] | None = None) -> None:
         """Digests of the index's data files, into the manifest (before it is written): of every one,
         or only of the `changed` ones (an --add: the digests of the files it left alone are kept)."""
-        kept = {} if changed is None else {name: digest for name, digest in (manifest.get("files") or {}).items()
+        kept = {} if changed is None else {name: digest for name, digest in (manifest.files if isinstance(manifest.files, dict) else {}).items()
                                            if name not in changed}
-        manifest["files"] = {name: kept[name] if name in kept else file_digest(self.path / name, full=True)
+        manifest.files = {name: kept[name] if name in kept else file_digest(self.path / name, full=True)
                              for name in data_files(manifest)}
 
-    def load_index(self, manifest: dict, mmap: bool = True) -> faiss.Index:
+    def load_index(self, manifest: IndexManifest, mmap: bool = True) -> faiss.Index:
         """Read the index (memory-mapped where the type allows) and check it against the manifest."""
         self.fetch(manifest)
         path = self.path / index_file(manifest)
@@ -347,19 +403,19 @@ class IndexDir:
             raise ConfigError(f"{path} is missing: rebuild the index")
         self.verify(manifest)
         flags = (faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY) if mmap else 0
-        if manifest.get("on_disk"):  # the lists are memory-mapped from index.ivfdata beside it, whatever `mmap`
+        if manifest.on_disk:  # the lists are memory-mapped from index.ivfdata beside it, whatever `mmap`
             flags = faiss.IO_FLAG_ONDISK_SAME_DIR | (faiss.IO_FLAG_READ_ONLY if mmap else 0)
         try:
             with c_stdout_to_stderr():  # faiss says where it found index.ivfdata, on stdout
                 index = faiss.read_index(str(path), flags)
         except RuntimeError as exc:
             raise Corrupt(f"{path} is corrupt or truncated ({faiss_reason(exc)}): rebuild the index") from None
-        lists = [segment["files"]["lists"] for segment in manifest.get("segments") or () if "lists" in segment["files"]]
+        lists = [segment.files["lists"] for segment in manifest.segments if "lists" in segment.files]
         if lists:
             index = self._stack_lists(index, lists, mmap)
-        if index.ntotal != manifest["count"] or index.d != manifest["dim"]:
+        if index.ntotal != manifest.count or index.d != manifest.dim:
             raise Corrupt(f"{path} holds {index.ntotal} vectors of dim {index.d}, the manifest says "
-                              f"{manifest['count']} of dim {manifest['dim']} (interrupted update?): rebuild the index")
+                              f"{manifest.count} of dim {manifest.dim} (interrupted update?): rebuild the index")
         return index
 
     def _stack_lists(self, index: faiss.Index, names: list[str], mmap: bool) -> faiss.Index:
@@ -387,30 +443,30 @@ class IndexDir:
         ivf.ntotal = index.ntotal = stacked.compute_ntotal()
         return index
 
-    def read_ids(self, manifest: dict) -> pa.Table:
+    def read_ids(self, manifest: IndexManifest) -> pa.Table:
         """Row i -> (shard, key): memory-mapped from ids.arrow and every --add's segment after it (RAM
         holds the pages a search touches), or read from ids.parquet for indexes built before it."""
         self.fetch(manifest)
-        path = self.path / (IDS_MAPPED if manifest.get("mapped_ids") else IDS)
-        names = [segment["files"]["ids"] for segment in manifest.get("segments") or ()]
+        path = self.path / (IDS_MAPPED if manifest.mapped_ids else IDS)
+        names = [segment.files["ids"] for segment in manifest.segments]
         try:
-            ids = _mapped(path) if manifest.get("mapped_ids") else pq.read_table(path, schema=IDS_SCHEMA)
+            ids = _mapped(path) if manifest.mapped_ids else pq.read_table(path, schema=IDS_SCHEMA)
             if names:
                 path = self.path  # named in the message should a segment be unreadable
                 ids = pa.concat_tables([ids, *(_mapped(self.path / name) for name in names)])  # zero copy
         except (OSError, pa.ArrowInvalid) as exc:
             raise ConfigError(f"{path} is missing or unreadable ({exc}): rebuild the index") from None
-        if ids.num_rows != manifest["count"]:
-            raise Corrupt(f"{path} has {ids.num_rows} rows for {manifest['count']} vectors: rebuild the index")
+        if ids.num_rows != manifest.count:
+            raise Corrupt(f"{path} has {ids.num_rows} rows for {manifest.count} vectors: rebuild the index")
         return ids
 
-    def read_keys(self, manifest: dict) -> list[pa.Table] | None:
+    def read_keys(self, manifest: IndexManifest) -> list[pa.Table] | None:
         """The sorted key tables (memory-mapped): the build's and one per --add segment, each sorted
         on its own; None for indexes built before them."""
-        if not manifest.get("mapped_ids"):
+        if not manifest.mapped_ids:
             return None
         tables = []
-        for name in (KEYS, *(segment["files"]["keys"] for segment in manifest.get("segments") or ())):
+        for name in (KEYS, *(segment.files["keys"] for segment in manifest.segments)):
             try:
                 tables.append(_mapped(self.path / name))
             except (OSError, pa.ArrowInvalid) as exc:
@@ -431,15 +487,16 @@ class IndexDir:
             np.savez(f, **arrays)
         os.replace(self.tmp(name), self.path / name)
 
-    def read_recall_set(self, manifest: dict) -> dict[str, np.ndarray] | None:
+    def read_recall_set(self, manifest: IndexManifest) -> dict[str, np.ndarray] | None:
         """The recall set the manifest records (checked against its digest when the index loaded), or None."""
-        if not manifest.get("recall_set"):
+        if not manifest.recall_set:
             return None
         try:
-            with np.load(self.path / manifest["recall_set"]) as found:
+            with np.load(self.path / manifest.recall_set) as found:
                 return {k: found[k] for k in found.files}
         except (OSError, ValueError) as exc:
-            raise Corrupt(f"{self.path / manifest['recall_set']} is missing or unreadable ({exc}): rebuild the index") from None
+            raise Corrupt(f"{self.path / manifest.recall_set} is missing or unreadable ({exc}): "
+                          "rebuild the index") from None
 
     def tmp(self, name: str) -> Path:
         return self.path / f".{name}.tmp"
@@ -473,10 +530,10 @@ class IndexDir:
         """Where a build in progress keeps its files (BuildDir): beside the index, where workers reach it."""
         return f"{self.url}/{BUILD}" if self.remote else str(self.path / BUILD)
 
-    def write_manifest(self, manifest: dict, changed: tuple[str, ...] | None = None) -> None:
+    def write_manifest(self, manifest: IndexManifest, changed: tuple[str, ...] | None = None) -> None:
         """Written last: a directory with a manifest is complete (a remote one: after its files are
         uploaded: all, or only the `changed` ones)."""
-        self.tmp(MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        self.tmp(MANIFEST).write_bytes(manifest.to_json())
         os.replace(self.tmp(MANIFEST), self.path / MANIFEST)
         if self.remote:
             self.publish(changed)

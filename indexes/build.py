@@ -13,7 +13,6 @@ index without retraining.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -31,10 +30,11 @@ import pyarrow as pa
 from imgindex.errors import ConfigError, Corrupt
 from imgindex.executors.handout import Event, Outcome, hand_out
 from imgindex.executors.placement import Executor, place
-from imgindex.formats.embeddings_dir import EmbeddingsDir, Part, identity_changes
-from imgindex.formats.index_dir import (BUILD, FORMAT, IDS, IDS_MAPPED, IVFDATA, KEYS, RECALL_SET, BuildDir,
-                                       IndexDir, c_stdout_to_stderr, data_files, digest_changes, faiss_reason,
-                                       index_file, merge_sorted_keys, part_digest, segment_files, write_lists)
+from imgindex.formats.embeddings_dir import EmbeddingsDir, Part
+from imgindex.formats.index_dir import (BUILD, IDS, IDS_MAPPED, IVFDATA, KEYS, RECALL_SET, BuildDir, IndexDir,
+                                       IndexManifest, PartRecord, Segment, c_stdout_to_stderr, data_files,
+                                       digest_changes, faiss_reason, index_file, merge_sorted_keys, part_digest,
+                                       segment_files, write_lists)
 from imgindex.indexes import parallel
 from imgindex.indexes.factory import (FLAT_THRESHOLD, MIN_TRAIN_PER_LIST, choose_index_key, codes_bytes, human,
                                       parse_memory, range_params, search_knob)
@@ -196,7 +196,7 @@ def _start_or_resume(build: BuildDir, emb: EmbeddingsDir, parts: list[Part], ind
 
 
 def build_index(emb_dir: str, out: str, options: BuildOptions | None = None, overwrite: bool = False,
-                progress: bool | None = None, executor: Executor | None = None) -> dict:
+                progress: bool | None = None, executor: Executor | None = None) -> IndexManifest:
     """Build IDX from every complete part of EMB_DIR on `executor` (default: this process);
     returns the index manifest. Rerun after an interruption, it resumes."""
     options = options or BuildOptions()
@@ -287,34 +287,33 @@ def build_index(emb_dir: str, out: str, options: BuildOptions | None = None, ove
     knob = search_knob(index)
     value, recall, curve = tune(index, knob, queries, query_ids, exact, options.target_recall, K)
     timings["tune_s"] = round(time.time() - t, 3)
-    manifest = {
-        "format": FORMAT,
-        "embeddings_dir": emb.location,
-        "embeddings": emb.manifest,
-        "factory": key,
-        "selection": reason,
-        "notes": notes,
-        "on_disk": on_disk,
-        "mapped_ids": True,
-        "metric": "inner_product",
-        "normalized": True,
-        "count": int(index.ntotal),
-        "dim": emb.dim,
-        "build": {**asdict(options), "train_size": train_size,
-                  "executor": {"kind": executor.kind, "asked": executor.flag, "workers": workers,
-                               "tasks": len(tasks), "resumed_tasks": len(done), "retried": outcome.retried,
-                               "restarts": outcome.restarts}},
-        "parts": _part_records(emb, parts),
+    manifest = IndexManifest(
+        embeddings_dir=emb.location,
+        embeddings=emb.manifest,
+        factory=key,
+        selection=reason,
+        notes=notes,
+        on_disk=on_disk,
+        mapped_ids=True,
+        metric="inner_product",
+        normalized=True,
+        count=int(index.ntotal),
+        dim=emb.dim,
+        build={**asdict(options), "train_size": train_size,
+               "executor": {"kind": executor.kind, "asked": executor.flag, "workers": workers,
+                            "tasks": len(tasks), "resumed_tasks": len(done), "retried": outcome.retried,
+                            "restarts": outcome.restarts}},
+        parts=_part_records(emb, parts),
         **measured_recall(knob, value, recall, curve, len(query_ids)),
-        "recall_set": RECALL_SET,
-        "recall_covers": _covers(len(query_ids), count),
-        "train_residual": plan["train_residual"],
-        "faiss_gpus": faiss_gpus(),
-        "versions": _versions(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "adds": [],
-        "timings": timings,
-    }
+        recall_set=RECALL_SET,
+        recall_covers=_covers(len(query_ids), count),
+        train_residual=plan["train_residual"],
+        faiss_gpus=faiss_gpus(),
+        versions=_versions(),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        adds=[],
+        timings=timings,
+    )
     t = time.time()
     target.write_data(index, ids_tmp, ivfdata_tmp, on_disk=on_disk)
     target.place_lookups()
@@ -330,9 +329,9 @@ def build_index(emb_dir: str, out: str, options: BuildOptions | None = None, ove
     return manifest
 
 
-def _part_records(emb: EmbeddingsDir, parts: list[Part]) -> list[dict]:
+def _part_records(emb: EmbeddingsDir, parts: list[Part]) -> list[PartRecord]:
     """The manifest's record of each part: shard, rows, directory and a digest (local or remote)."""
-    return [{"shard": p.shard, "rows": p.rows, "dir": emb.location, "file": part_digest(emb.fs, p.path, emb.local)}
+    return [PartRecord(shard=p.shard, rows=p.rows, dir=emb.location, file=part_digest(emb.fs, p.path, emb.local))
             for p in parts]
 
 
@@ -371,7 +370,7 @@ def _covers(queries: int, count: int) -> str:
 
 
 def add_parts(emb_dir: str, index_dir: str, target_recall: float | None = None, eval_queries: int = 1000,
-              progress: bool | None = None, executor: Executor | None = None) -> tuple[dict, int]:
+              progress: bool | None = None, executor: Executor | None = None) -> tuple[IndexManifest, int]:
     """Add the parts of EMB_DIR that the index does not hold yet, without retraining, at the cost of
     what it adds: only the new parts are read (by the build's add tasks, on `executor`), and the
     index's files stay as they are but for an index held in RAM (written again, whole).
@@ -389,17 +388,17 @@ def add_parts(emb_dir: str, index_dir: str, target_recall: float | None = None, 
     target = IndexDir(index_dir)
     manifest = target.read_manifest()
     emb = EmbeddingsDir(emb_dir)
-    changed = identity_changes(emb.manifest, manifest["embeddings"])
+    changed = emb.manifest.identity_changes(manifest.embeddings)
     if changed:
         raise ConfigError(f"{emb_dir} was embedded differently from the index at {index_dir} (changed: "
                           f"{', '.join(changed)}): embed with the same config, or build a new index")
-    if not manifest.get("recall_set") or not manifest.get("mapped_ids"):
+    if not manifest.recall_set or not manifest.mapped_ids:
         raise ConfigError(f"the index at {index_dir} was built before indexes kept their recall queries and mapped "
                           f"ids, which --add extends without reading the old parts: rebuild it once with "
                           f"`imgindex index EMB_DIR --out {index_dir} --overwrite`")
-    known = {p["shard"]: p for p in manifest["parts"]}
+    known = {p.shard: p for p in manifest.parts}
     parts = emb.parts()
-    changed = [p.shard for p in parts if p.shard in known and p.rows != known[p.shard]["rows"]]
+    changed = [p.shard for p in parts if p.shard in known and p.rows != known[p.shard].rows]
     if changed:
         log.warning("%d shards changed since they were indexed (e.g. %s): rebuild the index to pick them up",
                     len(changed), changed[0])
@@ -408,13 +407,13 @@ def add_parts(emb_dir: str, index_dir: str, target_recall: float | None = None, 
     if not count:
         return manifest, 0
 
-    on_disk = bool(manifest.get("on_disk"))
-    old_count = int(manifest["count"])
-    segment = len(manifest.get("segments") or []) + 1
+    on_disk = manifest.on_disk
+    old_count = manifest.count
+    segment = len(manifest.segments) + 1
     index = target.load_index(manifest, mmap=on_disk)  # on disk: the lists stay mapped; in RAM: written again
     recall_set = target.read_recall_set(manifest)
     placement = place(executor, _cores(), 0, want_gpu=False)
-    seed = int(manifest["build"].get("seed", 0)) + segment
+    seed = int(manifest.build.get("seed", 0)) + segment
     build = BuildDir(target.build_url)
     identity = {"add_to": old_count, "segment": segment, "parts": [[p.shard, p.rows] for p in new],
                 "eval_queries": eval_queries, "seed": seed}
@@ -433,7 +432,7 @@ def add_parts(emb_dir: str, index_dir: str, target_recall: float | None = None, 
             build.write_index(parallel.TRAINED, _emptied(target, manifest, index))
             per_vector = max(1, codes_bytes(index, 1) or index.d * 4)
             size = parallel.rows_per_task(count, placement.workers,
-                                          max(1, parse_memory(manifest["build"]["max_memory"]) // (4 * per_vector)))
+                                          max(1, parse_memory(manifest.build["max_memory"]) // (4 * per_vector)))
             tasks = [replace(t, start=t.start + old_count) for t in parallel.split_tasks(new, size)]
         else:  # e.g. HNSW: one graph, the new vectors added to it by one worker
             build.write_index(parallel.TRAINED, index)
@@ -453,8 +452,8 @@ def add_parts(emb_dir: str, index_dir: str, target_recall: float | None = None, 
 
     drift = None
     residual = mean_residual(index, new_queries)  # on the new parts' sample
-    if manifest.get("train_residual") and residual is not None:
-        drift = round(residual / manifest["train_residual"], 3)
+    if manifest.train_residual and residual is not None:
+        drift = round(residual / manifest.train_residual, 3)
         if drift > DRIFT_WARNING:
             log.warning("the new vectors are %.1fx further from the index's centroids than its training sample: "
                         "the data drifted; rebuild with `imgindex index EMB_DIR --out %s --overwrite`",
@@ -470,7 +469,7 @@ def add_parts(emb_dir: str, index_dir: str, target_recall: float | None = None, 
     parallel.concat_ids(build, tasks, None, target.path / files["ids"])  # the new rows only
     merge_sorted_keys(parallel.key_runs(build, tasks), target.path / files["keys"])
     old_files = set(data_files(manifest))
-    manifest = json.loads(json.dumps(manifest))  # the one read stays the index's until the new one is written
+    manifest = IndexManifest.from_json(manifest.to_json(), index_dir)  # the one read stays as it was until the new one is written
     written = list(files.values())
     if on_disk:  # the new lists in a file of their own; index.faiss and index.ivfdata stay as they are
         subs = [build.local_file(f"{t.name}.faiss", target.path / BUILD) for t in tasks]
@@ -485,34 +484,35 @@ def add_parts(emb_dir: str, index_dir: str, target_recall: float | None = None, 
             parallel.merge_into(index, build, tasks)
         else:
             index = build.read_index(f"{tasks[0].name}.faiss")
-        manifest["index_file"] = f"index.{segment}.faiss"
-        faiss.write_index(index, str(target.tmp(manifest["index_file"])))
-        os.replace(target.tmp(manifest["index_file"]), target.path / manifest["index_file"])
-        written.append(manifest["index_file"])
-    manifest["segments"] = [*(manifest.get("segments") or []), {"rows": count, "files": files}]
-    manifest["count"] = old_count + count
-    manifest["parts"] += _part_records(emb, new)
+        manifest.index_file = f"index.{segment}.faiss"
+        faiss.write_index(index, str(target.tmp(manifest.index_file)))
+        os.replace(target.tmp(manifest.index_file), target.path / manifest.index_file)
+        written.append(manifest.index_file)
+    manifest.segments = [*manifest.segments, Segment(rows=count, files=files)]
+    manifest.count = old_count + count
+    manifest.parts += _part_records(emb, new)
     if on_disk:
         target.record_files(manifest, changed=tuple(written))
         index = target.load_index(manifest)  # the stacked lists, as searches will load them
-    if index.ntotal != manifest["count"]:
-        raise ConfigError(f"the index holds {index.ntotal:,} vectors after the --add, {manifest['count']:,} were "
+    if index.ntotal != manifest.count:
+        raise ConfigError(f"the index holds {index.ntotal:,} vectors after the --add, {manifest.count:,} were "
                           "expected: a part changed during the --add; rerun it")
 
     knob = search_knob(index)
     value, recall, curve = tune(index, knob, recall_set["vectors"], recall_set["ids"], exact,
-                                target_recall or manifest["build"]["target_recall"], K)
+                                target_recall or manifest.build["target_recall"], K)
     recall_new = None
     if len(new_ids):
-        _, found = index.search(new_queries, K + 1, params=range_params(index, old_count, manifest["count"]))
+        _, found = index.search(new_queries, K + 1, params=range_params(index, old_count, manifest.count))
         recall_new = round(recall_at_k(found, new_exact, new_ids, K), 4)
-    manifest["recall_set"] = f"recall.{segment}.npz"
-    target.write_recall_set(manifest["recall_set"], ids=recall_set["ids"], vectors=recall_set["vectors"],
+    manifest.recall_set = f"recall.{segment}.npz"
+    target.write_recall_set(manifest.recall_set, ids=recall_set["ids"], vectors=recall_set["vectors"],
                             scores=exact.scores, exact=exact.ids)
-    written.append(manifest["recall_set"])
-    manifest.update(measured_recall(knob, value, recall, curve, held))
-    manifest["recall_covers"] = _covers(held, manifest["count"])
-    manifest["adds"].append({
+    written.append(manifest.recall_set)
+    for field, measured in measured_recall(knob, value, recall, curve, held).items():
+        setattr(manifest, field, measured)
+    manifest.recall_covers = _covers(held, manifest.count)
+    manifest.adds.append({
         "vectors": count, "parts": len(new), "segment": segment, "drift_ratio": drift,
         f"recall_at_{K}_on_new": recall_new,
         "on_new_covers": (f"{len(new_ids):,} queries drawn from the new parts, against their exact neighbours among "
@@ -531,14 +531,14 @@ def add_parts(emb_dir: str, index_dir: str, target_recall: float | None = None, 
     return manifest, count
 
 
-def _emptied(target: IndexDir, manifest: dict, index: faiss.Index) -> faiss.Index:
+def _emptied(target: IndexDir, manifest: IndexManifest, index: faiss.Index) -> faiss.Index:
     """The index's trained structure without its vectors (an IVF index's lists are not read)."""
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is None:  # flat codes, held in RAM
         empty = faiss.clone_index(index)
         empty.reset()
         return empty
-    flags = faiss.IO_FLAG_SKIP_IVF_DATA if manifest.get("on_disk") else faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
+    flags = faiss.IO_FLAG_SKIP_IVF_DATA if manifest.on_disk else faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
     with c_stdout_to_stderr():
         empty = faiss.read_index(str(target.path / index_file(manifest)), flags)
     ivf = faiss.extract_index_ivf(empty)
@@ -549,11 +549,11 @@ def _emptied(target: IndexDir, manifest: dict, index: faiss.Index) -> faiss.Inde
     return empty
 
 
-def _by_dir(manifest: dict) -> list[tuple[str, list[dict]]]:
+def _by_dir(manifest: IndexManifest) -> list[tuple[str, list[PartRecord]]]:
     """The index's parts grouped by the embeddings directory that holds them, in index order."""
-    groups: list[tuple[str, list[dict]]] = []
-    for part in manifest["parts"]:
-        where = part["dir"]
+    groups: list[tuple[str, list[PartRecord]]] = []
+    for part in manifest.parts:
+        where = part.dir
         if groups and groups[-1][0] == where:
             groups[-1][1].append(part)
         else:
@@ -571,16 +571,16 @@ def verify_index(index_dir: str) -> dict:
     for where, group in _by_dir(manifest):
         emb = EmbeddingsDir(where)
         for recorded in group:
-            part = emb.part(recorded["shard"], recorded["rows"])
-            if not recorded.get("file"):
+            part = emb.part(recorded.shard, recorded.rows)
+            if not recorded.file:
                 raise ConfigError(f"the index records no digest of the part of shard {part.shard} in {where} (built "
                                   "before remote parts had one), so it cannot be checked: rebuild the index")
             found = part_digest(emb.fs, part.path, emb.local)
-            if "sha256" in recorded["file"] and emb.local:  # recorded whole by older builds: checked whole
+            if "sha256" in recorded.file and emb.local:  # recorded whole by older builds: checked whole
                 from imgindex.formats.index_dir import file_digest
                 found = file_digest(Path(part.path), full=True)
-            if digest_changes(recorded["file"], found):
+            if digest_changes(recorded.file, found):
                 raise Corrupt(f"the part of shard {part.shard} in {where} changed since it was indexed "
-                                  f"({', '.join(digest_changes(recorded['file'], found))} differ): rebuild the index")
+                                  f"({', '.join(digest_changes(recorded.file, found))} differ): rebuild the index")
             checked += 1
-    return {"files": len(manifest.get("files") or {}), "parts": checked}
+    return {"files": len(manifest.files), "parts": checked}

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from PIL import Image, ImageOps
 
 from imgindex.formats.names import printable
+from imgindex.formats.records import ShardStats
 from imgindex.formats.samples import KINDS, read_images
 
 THUMB = 160
@@ -41,7 +42,7 @@ def thumbnail_jpeg(data: bytes | None, size: int = THUMB) -> bytes | None:
     return buf.getvalue()
 
 
-def fetch_images(sources: dict[str, dict], wanted: Iterable[tuple[str, str]],
+def fetch_images(sources: dict[str, ShardStats], wanted: Iterable[tuple[str, str]],
                  ranges: Callable[[str, list[str]], dict[str, tuple[int, int]]] | None = None,
                  ) -> dict[tuple[str, str], bytes]:
     """(shard, key) -> encoded bytes, read back from the shards' sources (one pass per shard);
@@ -53,11 +54,11 @@ def fetch_images(sources: dict[str, dict], wanted: Iterable[tuple[str, str]],
         by_shard.setdefault(shard, []).append(key)
     found = {}
     for shard, keys in by_shard.items():
-        stats = sources.get(shard) or {}
-        if stats.get("kind") not in KINDS:
+        stats = sources.get(shard)
+        if stats is None or stats.kind not in KINDS:
             continue
-        where = ranges(shard, keys) if ranges and stats["kind"] == "tar" else None
-        for key, data in read_images(stats["kind"], stats["source"], keys, where, stats.get("parquet")).items():
+        where = ranges(shard, keys) if ranges and stats.kind == "tar" else None
+        for key, data in read_images(stats.kind, stats.source, keys, where, stats.parquet).items():
             found[(shard, key)] = data
     return found
 

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 from imgindex.formats.embeddings_dir import EmbeddingsDir, normalize_rows
 from imgindex.indexes.factory import range_params, search_knob, set_knob
 from imgindex.formats.index_dir import IndexDir
+from imgindex.formats.records import EmbeddingsManifest, ShardStats
 from imgindex.errors import ConfigError, NotFound
 from imgindex.formats.samples import sample_location
 
@@ -71,10 +72,10 @@ class Searcher:
     about (`embedder()`); without one, only vectors and keys can be searched."""
 
     def __init__(self, index_dir: str | Path, mmap: bool = True, params: dict | None = None,
-                 model: str | None = None, image_model: Callable[[dict], ImageModel] | None = None):
+                 model: str | None = None, image_model: Callable[[EmbeddingsManifest], ImageModel] | None = None):
         self.dir = IndexDir(index_dir)
         self.manifest = self.dir.read_manifest()
-        built_with = self.manifest["embeddings"]["model"]["name"]
+        built_with = self.manifest.embeddings.model.name
         if model and model != built_with:
             raise ConfigError(f"the index at {index_dir} was built with {built_with}, not {model}: "
                               "query it without --model, or pass the matching index")
@@ -82,11 +83,11 @@ class Searcher:
         self.ids = self.dir.read_ids(self.manifest)
         self.keys = self.dir.read_keys(self.manifest)
         self.knob = search_knob(self.index)
-        settings = {**self.manifest.get("search_params", {}), **(params or {})}
+        settings = {**self.manifest.search_params, **(params or {})}
         set_knob(self.index, self.knob, settings.get(self.knob) if self.knob else None)
-        self.shard_dirs = {p["shard"]: p["dir"] for p in self.manifest["parts"]}
+        self.shard_dirs = {p.shard: p.dir for p in self.manifest.parts}
         self._dirs: dict[str, EmbeddingsDir | None] = {}
-        self._sources: dict[str, dict] | None = None
+        self._sources: dict[str, ShardStats] | None = None
         self._image_model = image_model
         self._embedder: ImageModel | None = None
         self._missing: set[str] = set()  # shards whose part is gone (warned once each)
@@ -94,7 +95,7 @@ class Searcher:
 
     def embeddings_for(self, shard: str) -> EmbeddingsDir | None:
         """The embeddings directory holding a shard's part, if it is still there."""
-        return self._open(self.shard_dirs.get(shard, self.manifest["embeddings_dir"]))
+        return self._open(self.shard_dirs.get(shard, self.manifest.embeddings_dir))
 
     def _open(self, where: str) -> EmbeddingsDir | None:
         if where not in self._dirs:
@@ -105,7 +106,7 @@ class Searcher:
                 self._dirs[where] = None
         return self._dirs[where]
 
-    def sources(self) -> dict[str, dict]:
+    def sources(self) -> dict[str, ShardStats]:
         """shard -> its stats (kind, source URL), from every embeddings directory of the index."""
         if self._sources is None:
             self._sources = {}
@@ -120,9 +121,9 @@ class Searcher:
         order, so they are contiguous and known without reading the ids)."""
         if not self._shard_rows:
             start = 0
-            for part in self.manifest["parts"]:
-                self._shard_rows[part["shard"]] = (start, start + int(part["rows"]))
-                start += int(part["rows"])
+            for part in self.manifest.parts:
+                self._shard_rows[part.shard] = (start, start + int(part.rows))
+                start += int(part.rows)
         if shard not in self._shard_rows:
             raise NotFound(f"shard {shard!r} is not in the index")
         return self._shard_rows[shard]
@@ -173,11 +174,11 @@ class Searcher:
                     log.warning("the part of shard %s is missing from %s: its hits carry no caption, url or path",
                                 shard, emb.url)
                 continue
-            stats = self.sources().get(shard, {})
+            stats = self.sources().get(shard)
             for hit in shard_hits:
                 row = rows.get(hit.key, {})
                 hit.caption, hit.url = row.get("caption"), row.get("url")
-                hit.path = sample_location(stats.get("kind"), stats.get("source"), hit.key)
+                hit.path = sample_location(stats.kind, stats.source, hit.key) if stats else None
 
     def member_ranges(self, shard: str, keys: list[str]) -> dict[str, tuple[int, int]]:
         """key -> (offset, size) of its image member in an uncompressed tar, where the part records it."""
@@ -229,7 +230,7 @@ class Searcher:
             if self._image_model is None:
                 raise ConfigError("searching by image needs the index's model, and this index was opened without "
                                   "one: query by vector or key")
-            self._embedder = self._image_model(self.manifest["embeddings"])
+            self._embedder = self._image_model(self.manifest.embeddings)
         return self._embedder
 
     def search_images(self, paths: list[str | Path], k: int = 10) -> list[list[Hit]]:

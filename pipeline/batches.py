@@ -13,20 +13,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from imgindex.formats.records import PartRow, add_row, row_columns
 from imgindex.pipeline.config import DecodeConfig
 from imgindex.pipeline.decode import (SampleError, build_preprocess, draft_side, is_grayscale, is_near_constant,
                                       open_upright, phash, sha256, stack_nchw)
 from imgindex.pipeline.sources import Sample
-
-ROW_FIELDS = ("key", "key_bytes", "width", "height", "bytes", "member_offset", "grayscale", "sha256", "phash",
-              "caption", "json", "url")
 
 
 @dataclass
 class Batch:
     shard: str
     images: torch.Tensor  # uint8, N x C x H x W
-    rows: dict[str, list]  # ROW_FIELDS -> one value per image
+    rows: dict[str, list]  # PartRow's fields -> one value per image
 
     def pin_memory(self) -> "Batch":
         """Page-locked, so the copy to the GPU is asynchronous."""
@@ -57,10 +55,10 @@ class ShardDone:
 
 @dataclass
 class Decoded:
-    """A sample ready for the model: uint8 CHW pixels and its row values (ROW_FIELDS order)."""
+    """A sample ready for the model: uint8 CHW pixels and its part row."""
 
     pixels: np.ndarray
-    values: tuple
+    row: PartRow
     near_constant: bool
     seconds: float
 
@@ -104,9 +102,11 @@ class SampleDecoder:
             img, width, height = open_upright(sample.data, self.decode.max_pixels, self.decode.alpha_background,
                                               self.draft_side)
             pixels = self._preprocess(img)
-            values = (sample.key, sample.key_bytes, width, height, len(sample.data), sample.offset, is_grayscale(pixels),
-                      sha256(sample.data), phash(img), sample.caption, sample.json, sample.url)
-            return Decoded(pixels, values, is_near_constant(pixels), time.perf_counter() - start)
+            row = PartRow(key=sample.key, key_bytes=sample.key_bytes, width=width, height=height,
+                          bytes=len(sample.data), member_offset=sample.offset, grayscale=is_grayscale(pixels),
+                          sha256=sha256(sample.data), phash=phash(img), caption=sample.caption, json=sample.json,
+                          url=sample.url)
+            return Decoded(pixels, row, is_near_constant(pixels), time.perf_counter() - start)
         except SampleError as exc:
             failure = {"key": sample.key, "member": sample.member, "error": exc.kind, "message": str(exc)}
         except Exception as exc:  # an unforeseen decoder error is this sample's, not the job's
@@ -122,7 +122,7 @@ class ShardTally:
     def __init__(self, shard: str):
         self.done = ShardDone(shard=shard, samples=0)
         self.images: list[np.ndarray] = []
-        self.rows: dict[str, list] = {name: [] for name in ROW_FIELDS}
+        self.rows = row_columns()
 
     def add(self, result: Decoded | Failed | Skipped) -> None:
         if isinstance(result, Skipped):
@@ -135,10 +135,9 @@ class ShardTally:
             return
         self.done.near_constant += result.near_constant
         self.images.append(result.pixels)
-        for name, value in zip(ROW_FIELDS, result.values):
-            self.rows[name].append(value)
+        add_row(self.rows, result.row)
 
     def take_batch(self) -> Batch:
         batch = Batch(shard=self.done.shard, images=stack_nchw(self.images), rows=self.rows)
-        self.images, self.rows = [], {name: [] for name in ROW_FIELDS}
+        self.images, self.rows = [], row_columns()
         return batch

@@ -19,7 +19,7 @@ from imgindex.errors import ConfigError
 from imgindex.executors.handout import Event, Outcome, Pool, hand_out
 from imgindex.executors.placement import Executor, Placement, place
 from imgindex.formats.embeddings_dir import EmbeddingStore
-from imgindex.formats.embeddings_dir import manifest as embeddings_manifest
+from imgindex.formats.records import EmbeddingsManifest, ModelInfo, ShardStats
 from imgindex.pipeline.config import EmbedConfig
 from imgindex.pipeline.schedule import Machine, Schedule, decide, machine_facts
 from imgindex.pipeline.sources import Shard, plan_shards
@@ -49,15 +49,15 @@ class Summary:
     near_constant: int = 0  # embedded images of (almost) one colour
     skipped: dict[str, int] = field(default_factory=dict)  # no samples: tar directories, failed downloads...
 
-    def add(self, stats: dict) -> None:
+    def add(self, stats: ShardStats) -> None:
         """One finished shard's stats marker."""
         self.shards_done += 1
-        self.images += stats["rows"]
-        self.failed += stats["failures"]
-        self.near_constant += stats.get("near_constant", 0)
-        for error, count in stats["failures_by_error"].items():
+        self.images += stats.rows
+        self.failed += stats.failures
+        self.near_constant += stats.near_constant
+        for error, count in stats.failures_by_error.items():
             self.failures_by_error[error] = self.failures_by_error.get(error, 0) + count
-        for reason, count in stats.get("skipped_members", {}).items():
+        for reason, count in stats.skipped_members.items():
             self.skipped[reason] = self.skipped.get(reason, 0) + count
 
     @property
@@ -85,7 +85,7 @@ class Summary:
         return text
 
 
-def build_manifest(config: EmbedConfig, backbone: "Backbone", schedule: Schedule) -> dict:
+def build_manifest(config: EmbedConfig, backbone: "Backbone", schedule: Schedule) -> EmbeddingsManifest:
     """Everything needed to know, and reproduce, how the vectors were made, and how the job ran."""
     import pyarrow
     import timm
@@ -94,16 +94,16 @@ def build_manifest(config: EmbedConfig, backbone: "Backbone", schedule: Schedule
     from imgindex.pipeline.decode import DECODE_MODE, describe_preprocess
 
     cfg = backbone.model.pretrained_cfg
-    return embeddings_manifest(
-        model={"name": backbone.name, "architecture": cfg.get("architecture"), "tag": cfg.get("tag"),
-               "num_classes": 0, "pooled": True},
+    return EmbeddingsManifest(
+        model=ModelInfo(name=backbone.name, architecture=cfg.get("architecture"), tag=cfg.get("tag"), num_classes=0,
+                        pooled=True),
         weights=backbone.weights, dim=backbone.dim, normalized=backbone.normalize, precision=schedule.precision,
         decode={"mode": DECODE_MODE, "max_pixels": config.decode.max_pixels,
                 "alpha_background": list(config.decode.alpha_background), "draft": config.decode.draft},
         data_config={k: list(v) if isinstance(v, tuple) else v for k, v in backbone.data_config.items()},
         preprocess=describe_preprocess(backbone.data_config),
         device=schedule.device, schedule=schedule.to_dict(), config=config.to_dict(),
-        versions={"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+        versions={"python": platform.python_version(), "torch": str(torch.__version__), "timm": timm.__version__,
                   "pyarrow": pyarrow.__version__},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
@@ -144,17 +144,17 @@ class Job:
             return False
         return not self._changed_since(manifest)
 
-    def _changed_since(self, manifest: dict) -> bool:
+    def _changed_since(self, manifest: EmbeddingsManifest) -> bool:
         import json
 
         from imgindex.pipeline.weights import file_sha256
 
-        recorded, now = manifest.get("config") or {}, json.loads(json.dumps(self.config.to_dict()))
-        model, weights = self.config.model, manifest.get("weights") or {}
+        recorded, now = manifest.config or {}, json.loads(json.dumps(self.config.to_dict()))
+        model, weights = self.config.model, manifest.weights
         if any((recorded.get("model") or {}).get(k) != now["model"].get(k)
                for k in ("name", "pretrained", "weights_package", "normalize")):
             return True
-        if recorded.get("decode") != now["decode"] or manifest.get("precision") != self.schedule.precision:
+        if recorded.get("decode") != now["decode"] or manifest.precision != self.schedule.precision:
             return True
         if model.checkpoint:
             path = Path(model.checkpoint).resolve()
@@ -271,7 +271,7 @@ def _hand_out(job: Job, pool: Pool, todo: list[Shard], summary: Summary, progres
             if event.kind == "done":
                 summary.add(event.result)
                 if not pool.reports_progress:
-                    bar.update(event.result["samples"])
+                    bar.update(event.result.samples)
             executor.warn(event, outcome)
             postfix = {"shards": f"{summary.shards_done}/{len(todo)}"}
             if executor.kind != "local":
@@ -280,7 +280,7 @@ def _hand_out(job: Job, pool: Pool, todo: list[Shard], summary: Summary, progres
 
         outcome = hand_out(pool, todo, count, executor.retries, on_event)
     summary.seconds = time.perf_counter() - start
-    summary.model_seconds = sum(s.get("model_seconds", 0.0) for s in outcome.done) / count  # the workers' mean
+    summary.model_seconds = sum(s.model_seconds or 0.0 for s in outcome.done) / count  # the workers' mean
     return outcome
 
 

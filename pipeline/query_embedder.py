@@ -9,14 +9,16 @@ import numpy as np
 
 from imgindex.errors import ConfigError
 from imgindex.formats.embeddings_dir import normalize_rows
+from imgindex.formats.records import EmbeddingsManifest
 from imgindex.pipeline.config import EmbedConfig, load_config
 from imgindex.pipeline.decode import SampleError, build_preprocess, draft_side, open_upright, phash, stack_nchw
 from imgindex.pipeline.model import load_backbone
 
 
-def config_from_manifest(manifest: dict, device: str | None = None, checkpoint: str | None = None) -> EmbedConfig:
+def config_from_manifest(manifest: EmbeddingsManifest, device: str | None = None,
+                         checkpoint: str | None = None) -> EmbedConfig:
     """The recorded config, with the runtime of this machine (device, precision)."""
-    recorded = manifest.get("config")
+    recorded = manifest.config
     if not recorded:
         raise ConfigError("the embeddings manifest records no model config (synthetic vectors?): "
                           "query by vector or key instead")
@@ -26,9 +28,8 @@ def config_from_manifest(manifest: dict, device: str | None = None, checkpoint: 
     overrides["runtime.device"] = device or "auto"
     overrides["runtime.precision"] = "auto"
     overrides["runtime.workers"] = 0
-    weights = manifest.get("weights") or {}
-    if checkpoint or weights.get("source") == "checkpoint":
-        overrides["model.checkpoint"] = checkpoint or weights.get("path")
+    if checkpoint or manifest.weights_source == "checkpoint":
+        overrides["model.checkpoint"] = checkpoint or manifest.weights.get("path")
         overrides.pop("model.weights_package", None)
     return load_config(None, overrides)
 
@@ -36,11 +37,11 @@ def config_from_manifest(manifest: dict, device: str | None = None, checkpoint: 
 class ImageEmbedder:
     """Loads the recorded backbone once; refuses weights that differ from the recorded ones."""
 
-    def __init__(self, manifest: dict, device: str | None = None, checkpoint: str | None = None):
+    def __init__(self, manifest: EmbeddingsManifest, device: str | None = None, checkpoint: str | None = None):
         config = config_from_manifest(manifest, device, checkpoint)
         self.decode = config.decode
         self.backbone = load_backbone(config)
-        recorded = (manifest.get("weights") or {}).get("sha256")
+        recorded = manifest.weights_sha256
         if recorded and self.backbone.weights["sha256"] != recorded:
             raise ConfigError(
                 f"the weights loaded for {config.model.name} ({self.backbone.weights.get('source')}) differ from "

@@ -26,11 +26,12 @@ import numpy as np
 import torch
 
 from imgindex.pipeline.config import EmbedConfig
-from imgindex.pipeline.batches import ROW_FIELDS, Batch, SampleDecoder, ShardDone, ShardTally
+from imgindex.pipeline.batches import Batch, SampleDecoder, ShardDone, ShardTally
 from imgindex.pipeline.model import Backbone, auto_batch_size, load_backbone
 from imgindex.pipeline.schedule import Schedule
 from imgindex.pipeline.sources import Sample, Shard, read_shard
 from imgindex.formats.embeddings_dir import EmbeddingStore
+from imgindex.formats.records import ROW_FIELDS, ShardStats, row_columns
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +56,11 @@ class Worker:
         self._threads: ThreadPoolExecutor | None = None  # decode threads inside a chunk
 
     # -- the unit of work -------------------------------------------------------------------
-    def embed_shard(self, shard: Shard, progress: Progress | None = None) -> dict:
+    def embed_shard(self, shard: Shard, progress: Progress | None = None) -> ShardStats:
         """Embed one shard and write its part, failures and (last) stats marker; its stats."""
         done = ShardDone(shard=shard.name, samples=0)
         model_before = self.model_seconds
-        rows: dict[str, list] = {name: [] for name in ROW_FIELDS}
+        rows = row_columns()
         vectors: list[np.ndarray] = []
         for part, batch, embedded in self._batches(shard):
             done.merge(part)
@@ -70,8 +71,8 @@ class Worker:
             if progress:
                 progress(len(batch.images) if batch is not None else 0, len(part.failures))
         embeddings = np.concatenate(vectors) if vectors else np.zeros((0, self.backbone.dim), np.float32)
-        stats = shard_stats(done, shard, len(embeddings), self.name, self.batch_size)
-        stats["model_seconds"] = round(self.model_seconds - model_before, 3)
+        stats = shard_stats(done, shard, len(embeddings), self.name, self.batch_size,
+                            model_seconds=self.model_seconds - model_before)
         self.store.write_shard(shard.name, rows, embeddings, done.failures, stats)
         return stats
 
@@ -201,20 +202,19 @@ def decode_in_process(chunk: list[Sample]) -> list:
     return [_DECODER(sample) for sample in chunk]
 
 
-def shard_stats(done: ShardDone, source: Shard, rows: int, worker: str, batch_size: int) -> dict:
+def shard_stats(done: ShardDone, source: Shard, rows: int, worker: str, batch_size: int,
+                model_seconds: float) -> ShardStats:
     """The stats marker; `seconds` runs from when the shard's reading began to now (its part is
-    written next), so images/s is the shard's own rate."""
+    written next), so images/s is the shard's own rate. Rows + failures must be the samples."""
     seconds = time.time() - done.started
     errors: dict[str, int] = {}
     for failure in done.failures:
         errors[failure["error"]] = errors.get(failure["error"], 0) + 1
-    if rows + len(done.failures) != done.samples:
-        raise RuntimeError(f"shard {done.shard}: {rows} rows + {len(done.failures)} failures != "
-                           f"{done.samples} samples")
-    return {"shard": done.shard, "kind": source.kind, "source": source.url, "samples": done.samples, "rows": rows,
-            "failures": len(done.failures), "failures_by_error": errors, "near_constant": done.near_constant,
-            "skipped_members": done.skipped, "worker": worker, "batch_size": batch_size,
-            "seconds": round(seconds, 3), "decode_seconds": round(done.decode_seconds, 3),
-            "images_per_s": round(rows / seconds, 2) if seconds > 0 else None,
-            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            **({"parquet": source.parquet.to_dict()} if source.parquet else {})}
+    return ShardStats(
+        shard=done.shard, kind=source.kind, source=source.url, samples=done.samples, rows=rows,
+        failures=len(done.failures), failures_by_error=errors, near_constant=done.near_constant,
+        skipped_members=done.skipped, worker=worker, batch_size=batch_size, seconds=round(seconds, 3),
+        decode_seconds=round(done.decode_seconds, 3), model_seconds=round(model_seconds, 3),
+        images_per_s=round(rows / seconds, 2) if seconds > 0 else None,
+        finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        parquet=source.parquet.to_dict() if source.parquet else None)

@@ -79,7 +79,7 @@ def planted_index(tmp_path_factory):
 
 def test_planted_groups_equal_brute_force_with_an_ivf_index(planted_index):
     root, vectors, truth = planted_index
-    assert Searcher(root / "idx").manifest["factory"].startswith("IVF")
+    assert Searcher(root / "idx").manifest.factory.startswith("IVF")
     result = find_duplicates(root / "idx", EMBEDDING, progress=False)
     found = groups_as_sets(result)
     reference = brute_force_groups(vectors, 0.95)

@@ -60,10 +60,10 @@ def test_the_choice_at_1b_builds_with_lists_on_disk_and_enough_training_vectors_
 
 def test_build_measures_and_reaches_the_target_recall(ivf_index):
     root, manifest = ivf_index
-    assert manifest["factory"] == "IVF512,Flat"
-    assert manifest["recall_at_10"] >= 0.95 and manifest["search_params"]["nprobe"] >= 1
-    curve = manifest["recall_curve"]
-    assert curve[-1]["nprobe"] == manifest["search_params"]["nprobe"] and curve[-1]["recall"] >= 0.95
+    assert manifest.factory == "IVF512,Flat"
+    assert manifest.recall_at_10 >= 0.95 and manifest.search_params["nprobe"] >= 1
+    curve = manifest.recall_curve
+    assert curve[-1]["nprobe"] == manifest.search_params["nprobe"] and curve[-1]["recall"] >= 0.95
     on_disk = json.loads((root / "idx" / "manifest.json").read_text())
     assert on_disk["count"] == 12_000 and on_disk["embeddings"]["dim"] == 64
     assert [p["rows"] for p in on_disk["parts"]] == [5000, 5000, 2000]
@@ -79,7 +79,7 @@ def test_measured_recall_is_honest(ivf_index, corpus):
     exact = np.argsort(-(corpus[queries] @ corpus.T), axis=1)[:, 1:11]
     _, found = searcher.index.search(corpus[queries], 11)
     recall = np.mean([len(set(f[f != q][:10]) & set(e)) / 10 for f, e, q in zip(found, exact, queries)])
-    assert abs(recall - manifest["recall_at_10"]) < 0.05
+    assert abs(recall - manifest.recall_at_10) < 0.05
 
 
 def test_perturbed_copy_finds_its_original_first(ivf_index, corpus):
@@ -98,8 +98,8 @@ def test_add_appends_new_parts_without_retraining_and_ids_stay_right(tmp_path, c
     build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), IVF, progress=False)
     write_embeddings_dir(str(tmp_path / "emb"), corpus[8000:], shard_size=4000, first_shard=2, prefix="new")
     manifest, added = add_parts(str(tmp_path / "emb"), str(tmp_path / "idx"), progress=False)
-    assert added == 4000 and manifest["count"] == 12_000
-    assert manifest["adds"][0]["drift_ratio"] < 1.5
+    assert added == 4000 and manifest.count == 12_000
+    assert manifest.adds[0]["drift_ratio"] < 1.5
     searcher = Searcher(tmp_path / "idx")
     ids = searcher.ids.to_pydict()  # the build's rows, then the --add's segment
     assert ids["key"][8000] == "new0" and ids["shard"][8000] == "new-00002" and len(ids["key"]) == 12_000
@@ -117,22 +117,22 @@ def test_add_warns_when_new_data_drifts_from_the_training_sample(tmp_path, corpu
     write_embeddings_dir(str(tmp_path / "emb"), other, shard_size=3000, first_shard=1, prefix="far")
     with caplog.at_level(logging.WARNING):
         manifest, _ = add_parts(str(tmp_path / "emb"), str(tmp_path / "idx"), progress=False)
-    assert manifest["adds"][0]["drift_ratio"] > 1.5
+    assert manifest.adds[0]["drift_ratio"] > 1.5
     assert "drifted" in caplog.text
 
 
 def test_flat_index_is_exact(tmp_path, corpus):
     write_embeddings_dir(str(tmp_path / "emb"), corpus[:3000], shard_size=1000)
     manifest = build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), progress=False)
-    assert manifest["factory"] == "Flat" and manifest["recall_at_10"] == 1.0 and manifest["search_params"] == {}
+    assert manifest.factory == "Flat" and manifest.recall_at_10 == 1.0 and manifest.search_params == {}
 
 
 def test_any_factory_string_and_hnsw_tuning(tmp_path, corpus):
     write_embeddings_dir(str(tmp_path / "emb"), corpus[:4000], shard_size=4000)
     manifest = build_index(str(tmp_path / "emb"), str(tmp_path / "idx"),
                            BuildOptions(index_key="HNSW16,Flat", eval_queries=200), progress=False)
-    assert manifest["factory"] == "HNSW16,Flat" and "efSearch" in manifest["search_params"]
-    assert manifest["recall_at_10"] >= 0.95
+    assert manifest.factory == "HNSW16,Flat" and "efSearch" in manifest.search_params
+    assert manifest.recall_at_10 >= 0.95
     with pytest.raises(ConfigError, match="not a valid faiss.index_factory"):
         build_index(str(tmp_path / "emb"), str(tmp_path / "idx2"), BuildOptions(index_key="IVFzz,Nope"))
 
@@ -142,7 +142,7 @@ def test_existing_index_is_not_replaced_without_overwrite(tmp_path, corpus):
     build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), progress=False)
     with pytest.raises(ConfigError, match="--overwrite"):
         build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), progress=False)
-    assert build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), overwrite=True, progress=False)["count"] == 1000
+    assert build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), overwrite=True, progress=False).count == 1000
 
 
 def test_query_errors_are_clear(tmp_path, corpus, ivf_index):

@@ -40,9 +40,9 @@ def corpus(tmp_path_factory):
 def assert_same_answers(ours: Path, reference: Path, vectors: np.ndarray) -> None:
     """Same count, recall and tuned nprobe; every query finds the same (shard, key) hits at the same scores."""
     a, b = Searcher(ours), Searcher(reference)
-    assert a.manifest["count"] == b.manifest["count"] == len(vectors)
-    assert a.manifest["recall_at_10"] == b.manifest["recall_at_10"]
-    assert a.manifest["search_params"] == b.manifest["search_params"]
+    assert a.manifest.count == b.manifest.count == len(vectors)
+    assert a.manifest.recall_at_10 == b.manifest.recall_at_10
+    assert a.manifest.search_params == b.manifest.search_params
     queries = vectors[np.random.default_rng(5).choice(len(vectors), 200, replace=False)]
     ha, hb = a.search(queries, k=10).to_pydict(), b.search(queries, k=10).to_pydict()
     np.testing.assert_allclose(ha["score"], hb["score"], atol=1e-5)
@@ -106,7 +106,7 @@ def test_a_worker_killed_in_the_middle_of_a_task_has_it_redone_elsewhere(corpus,
     monkeypatch.setattr(parallel, "AddWorkers", DyingAddWorkers)
     manifest = build_index(str(root / "emb"), str(out), IVF_FLAT, progress=False,
                            executor=Executor.from_flags(procs=2, retries=2))
-    run = manifest["build"]["executor"]
+    run = manifest.build["executor"]
     assert run["retried"] == 1  # (the dead slot is restarted only if work is left when it is seen dead)
     assert "exited with code -9" in capfd.readouterr().err  # the death was seen and said
     assert_same_answers(out, root / "one", vectors)
@@ -139,7 +139,7 @@ def test_an_interrupted_build_resumes_from_the_finished_sub_indexes(corpus, tmp_
     monkeypatch.setattr(build_module, "_train", lambda index, vectors: seen.append(len(vectors)))
     manifest = build_index(str(root / "emb"), str(out), IVF_FLAT, progress=False)
     assert not seen  # not trained again: the first run's trained index is reused
-    assert manifest["build"]["executor"]["resumed_tasks"] == 3
+    assert manifest.build["executor"]["resumed_tasks"] == 3
     assert (out / "_build").exists() is False and trained
     assert_same_answers(out, root / "one", vectors)
 
@@ -155,7 +155,7 @@ def test_a_build_of_other_parts_does_not_resume_an_unfinished_one(corpus, tmp_pa
     write_embeddings_dir(str(fewer), vectors[:6_000], shard_size=1_000)
     manifest = build_index(str(fewer), str(out), IVF_FLAT, progress=False)
     assert "discarding the unfinished build" in capfd.readouterr().err
-    assert manifest["count"] == 6_000 and manifest["build"]["executor"]["resumed_tasks"] == 0
+    assert manifest.count == 6_000 and manifest.build["executor"]["resumed_tasks"] == 0
 
 
 def test_lists_on_disk_answer_as_lists_in_ram_and_are_found_where_the_index_moved(corpus, tmp_path):
@@ -163,7 +163,7 @@ def test_lists_on_disk_answer_as_lists_in_ram_and_are_found_where_the_index_move
     built = tmp_path / "disk"
     options = BuildOptions(index_key="IVF64,Flat", on_disk="always")
     manifest = build_index(str(root / "emb"), str(built), options, progress=False)
-    assert manifest["on_disk"] and "index.ivfdata" in manifest["files"]
+    assert manifest.on_disk and "index.ivfdata" in manifest.files
     assert (built / "index.ivfdata").stat().st_size > vectors.nbytes  # the vectors are in the lists file
     assert (built / "index.faiss").stat().st_size < vectors.nbytes / 10  # the index file: the quantizer
     moved = tmp_path / "moved"
@@ -175,7 +175,7 @@ def test_lists_go_on_disk_by_themselves_when_they_exceed_the_budget(corpus, tmp_
     root, vectors = corpus
     manifest = build_index(str(root / "emb"), str(tmp_path / "auto"),
                            BuildOptions(index_key="IVF64,Flat", max_memory="1.5M"), progress=False)
-    assert manifest["on_disk"] and any("exceed --max-memory" in n for n in manifest["notes"])
+    assert manifest.on_disk and any("exceed --max-memory" in n for n in manifest.notes)
     assert "on-disk lists: its inverted lists" in capfd.readouterr().err
     assert_same_answers(tmp_path / "auto", root / "one", vectors)
 
@@ -233,7 +233,7 @@ def test_add_appends_to_lists_on_disk_and_the_new_vectors_are_found(tmp_path):
                 BuildOptions(index_key="IVF32,Flat", on_disk="always"), progress=False)
     write_embeddings_dir(str(tmp_path / "emb"), vectors[6_000:], shard_size=2_000, first_shard=3, prefix="new")
     manifest, added = add_parts(str(tmp_path / "emb"), str(tmp_path / "idx"), progress=False)
-    assert added == 2_000 and manifest["count"] == 8_000 and manifest["on_disk"]
+    assert added == 2_000 and manifest.count == 8_000 and manifest.on_disk
     searcher = Searcher(tmp_path / "idx")
     for row in (0, 5_999, 6_000, 7_999):
         hit = searcher.search_vectors(vectors[row], k=1)[0][0]
@@ -282,7 +282,7 @@ def test_add_to_lists_on_disk_leaves_them_untouched_and_reads_no_old_part(added)
     for name, stat in stats.items():  # not rewritten, not even opened for writing
         now = os.stat(idx / name)
         assert (now.st_ino, now.st_mtime_ns, now.st_size) == (stat.st_ino, stat.st_mtime_ns, stat.st_size)
-        assert manifest["files"][name] == before["files"][name]
+        assert manifest["files"][name] == before.files[name]
     segment = manifest["segments"][0]
     assert segment["rows"] == 4_000 and {"lists.1.ilod", "lists.1.ivfdata", "ids.1.arrow"} <= set(manifest["files"])
     assert (idx / "lists.1.ivfdata").stat().st_size == 4_000 * 32 * 4 + 4_000 * 8  # the new codes and ids only
@@ -309,7 +309,7 @@ def test_recall_after_add_is_the_recall_a_full_recomputation_finds(added, corpus
     manifest = json.loads((idx / "manifest.json").read_text())
     with np.load(idx / manifest["recall_set"]) as kept:
         ids, queries, scores, exact = kept["ids"], kept["vectors"], kept["scores"], kept["exact"]
-    assert len(ids) == before["recall_queries"] and ids.max() < 8_000  # the build's queries
+    assert len(ids) == before.recall_queries and ids.max() < 8_000  # the build's queries
     truth = exact_neighbors(queries, [vectors], 11)  # over all 12,000 vectors, old parts included
     np.testing.assert_allclose(scores, truth.scores, atol=1e-5)
     assert (exact[:, :10] == truth.ids[:, :10]).mean() > 0.999  # the same neighbours but for exact ties
@@ -331,7 +331,7 @@ def test_verify_passes_after_add_and_catches_a_damaged_segment(corpus, tmp_path)
     build_index(str(emb), str(idx), BuildOptions(index_key="IVF64,Flat", on_disk="always"), progress=False)
     write_embeddings_dir(str(emb), vectors[4_000:5_000], shard_size=1_000, first_shard=4, prefix="new")
     manifest, _ = add_parts(str(emb), str(idx), progress=False)
-    assert verify_index(str(idx)) == {"files": len(manifest["files"]), "parts": 5}
+    assert verify_index(str(idx)) == {"files": len(manifest.files), "parts": 5}
     with open(idx / "lists.1.ivfdata", "r+b") as f:
         f.seek(1000)
         byte = f.read(1)
@@ -362,13 +362,13 @@ def test_an_interrupted_add_leaves_the_index_as_it_was_and_a_rerun_finishes_it(c
         with pytest.raises(KeyboardInterrupt):
             add_parts(str(emb), str(idx), progress=False)
     searcher = Searcher(idx)  # the index as it was: loads, answers, verifies
-    assert searcher.manifest["count"] == 6_000 and searcher.search_vectors(vectors[5], k=1)[0][0].key == "syn5"
+    assert searcher.manifest.count == 6_000 and searcher.search_vectors(vectors[5], k=1)[0][0].key == "syn5"
     verify_index(str(idx))
     manifest, added = add_parts(str(emb), str(idx), progress=False)
-    assert added == 2_000 and manifest["count"] == 8_000 and manifest["adds"][0]["executor"]["resumed_tasks"] >= 1
+    assert added == 2_000 and manifest.count == 8_000 and manifest.adds[0]["executor"]["resumed_tasks"] >= 1
     hit = Searcher(idx).search_vectors(vectors[7_000], k=1)[0][0]
     assert (hit.shard, hit.key) == ("new-00007", "new1000")
-    assert verify_index(str(idx))["files"] == len(manifest["files"])
+    assert verify_index(str(idx))["files"] == len(manifest.files)
 
 
 def test_keys_are_merged_from_the_tasks_sorted_runs_and_equal_one_sort_in_ram(tmp_path, monkeypatch):
@@ -392,7 +392,7 @@ def test_keys_are_merged_from_the_tasks_sorted_runs_and_equal_one_sort_in_ram(tm
     write_embeddings_dir(str(tmp_path / "emb"), vectors[1_500:], shard_size=500, first_shard=3)  # keys again
     manifest = build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), BuildOptions(index_key="Flat"),
                            progress=False)
-    assert manifest["build"]["executor"]["tasks"] > 1
+    assert manifest.build["executor"]["tasks"] > 1
     with pa.memory_map(str(tmp_path / "idx" / "keys.arrow")) as source:
         merged = pa.ipc.open_file(source).read_all()
     with pa.memory_map(str(tmp_path / "idx" / "ids.arrow")) as source:

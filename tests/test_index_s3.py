@@ -139,7 +139,7 @@ def test_add_to_an_index_on_s3_uploads_only_the_files_it_wrote(s3, tmp_path, mon
     monkeypatch.setattr(s3fs.S3FileSystem, "_put_file", counted)
     s3fs.S3FileSystem.clear_instance_cache()  # instances made from now on mirror the counted one
     manifest, added = add_parts(str(tmp_path / "emb"), "s3://bucket/added", progress=False)
-    assert added == 1_000 and manifest["count"] == 3_000
+    assert added == 1_000 and manifest.count == 3_000
     assert sorted(uploaded) == sorted(["ids.1.arrow", "keys.1.arrow", "lists.1.ilod", "lists.1.ivfdata",
                                        "recall.1.npz", "manifest.json"])
     assert not fs.exists("bucket/added/recall.npz")  # the replaced recall set is gone from the store

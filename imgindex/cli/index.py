@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from imgindex.cli.args import add_executor_flags, add_index_flags, executor_from
 from imgindex.errors import ConfigError
 from imgindex.plurals import counted
+
+if TYPE_CHECKING:  # faiss loads only when an index is built or read
+    from imgindex.formats.index_dir import IndexManifest
 
 
 def build_options(args: argparse.Namespace):
@@ -15,12 +19,12 @@ def build_options(args: argparse.Namespace):
                         on_disk=args.on_disk)
 
 
-def print_index(manifest: dict, out: str) -> None:
-    params = ", ".join(f"{k}={v}" for k, v in manifest["search_params"].items()) or "exact"
-    print(f"index {manifest['factory']} of {manifest['count']} vectors ({manifest['selection']}) -> {out}")
+def print_index(manifest: IndexManifest, out: str) -> None:
+    params = ", ".join(f"{k}={v}" for k, v in manifest.search_params.items()) or "exact"
+    print(f"index {manifest.factory} of {manifest.count} vectors ({manifest.selection}) -> {out}")
     from imgindex.indexes.build import K
 
-    print(f"recall@{K} vs exact search: {manifest[f'recall_at_{K}']:.4f} on {manifest['recall_queries']} "
+    print(f"recall@{K} vs exact search: {manifest.recall_at_10:.4f} on {manifest.recall_queries} "
           f"held-out queries with {params}")
 
 
@@ -44,7 +48,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         if not added:
             print(f"nothing to add: every complete part of {args.add} is already in {args.out}")
             return 0
-        last = manifest["adds"][-1]
+        last = manifest.adds[-1]
         print(f"added {added} vectors from {last['parts']} new parts to {args.out} "
               f"in {last['seconds']:.1f} s (drift ratio {last['drift_ratio']})")
         if last.get("recall_at_10_on_new") is not None:
@@ -53,13 +57,13 @@ def cmd_index(args: argparse.Namespace) -> int:
         executor = executor_from(args)
         manifest = build_index(args.emb_dir, args.out, build_options(args), overwrite=args.overwrite,
                                progress=progress, executor=executor)
-        run = manifest["build"]["executor"]
+        run = manifest.build["executor"]
         word = executor.worker_word
         how = (f" by {counted(run['workers'], word, word + 'es' if word.endswith('s') else None)} ({executor.flag})"
                if executor.kind != "local" else "")
         retried = f"; {counted(run['retried'], 'task')} retried" if run["retried"] else ""
         resumed = f"; {run['resumed_tasks']} of {run['tasks']} tasks were done before" if run["resumed_tasks"] else ""
-        print(f"built in {manifest['timings']['total_s']:.1f} s{how}{retried}{resumed}")
+        print(f"built in {manifest.timings['total_s']:.1f} s{how}{retried}{resumed}")
     print_index(manifest, args.out)
     return 0
 

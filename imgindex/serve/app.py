@@ -191,11 +191,11 @@ def create_app(index_dir: str | Path, token: str | None = None, max_upload: int 
 
     @app.get("/api/info", response_model=Info, responses=answers())
     async def info() -> dict:
-        emb = manifest["embeddings"]
-        return {"model": emb["model"]["name"], "weights": {k: emb["weights"].get(k) for k in ("source", "sha256")},
-                "count": manifest["count"], "dim": manifest["dim"], "factory": manifest["factory"],
-                "recall_at_10": manifest.get("recall_at_10"), "search_params": manifest.get("search_params"),
-                "shards": len(manifest["parts"])}
+        emb = manifest.embeddings
+        return {"model": emb.model.name, "weights": {"source": emb.weights_source, "sha256": emb.weights_sha256},
+                "count": manifest.count, "dim": manifest.dim, "factory": manifest.factory,
+                "recall_at_10": manifest.recall_at_10, "search_params": manifest.search_params,
+                "shards": len(manifest.parts)}
 
     image_body = {"required": True, "content": {
         "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},

@@ -127,16 +127,16 @@ def calibrate(searcher: Searcher, sample: int = 100, seed: int = 0,
     return {"images": len(originals), "copies": len(copies), "transforms": list(TRANSFORMS),
             "embedding": embedding, "phash": phash_rows,
             "suggested_threshold": good[0]["threshold"] if good else None,
-            "model": searcher.manifest["embeddings"]["model"]["name"],
-            "weights": searcher.manifest["embeddings"]["weights"].get("source")}
+            "model": searcher.manifest.embeddings.model.name,
+            "weights": searcher.manifest.embeddings.weights_source}
 
 
 def _corpus_hashes(searcher: Searcher) -> tuple[np.ndarray, np.ndarray]:
     """Every indexed image's stored phash, in index order: (values, valid)."""
     import pyarrow as pa
 
-    columns = [searcher.embeddings_for(p["shard"]).read_columns(p["shard"], ["phash"])["phash"]
-               for p in searcher.manifest["parts"]]
+    columns = [searcher.embeddings_for(p.shard).read_columns(p.shard, ["phash"])["phash"]
+               for p in searcher.manifest.parts]
     return hashes(pa.chunked_array([c for col in columns for c in col.chunks], type=pa.int64()))
 
 

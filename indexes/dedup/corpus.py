@@ -8,7 +8,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from imgindex.errors import ConfigError
-from imgindex.formats.embeddings_dir import EmbeddingsDir, Part, part_schema
+from imgindex.formats.embeddings_dir import EmbeddingsDir, Part
+from imgindex.formats.records import part_schema
 from imgindex.indexes.query import Searcher
 from imgindex.progress import progress_bar
 
@@ -69,12 +70,12 @@ class Corpus:
                  rows: np.ndarray | None = None, name: str = "vectors") -> "Corpus":
         """The index's rows in index order (all, or only `rows`), checked row by row against ids.parquet."""
         parts = []
-        for part in searcher.manifest["parts"]:
-            emb = searcher.embeddings_for(part["shard"])
+        for part in searcher.manifest.parts:
+            emb = searcher.embeddings_for(part.shard)
             if emb is None:
                 raise ConfigError(f"the embeddings of shard {part['shard']} are gone: dedup reads the stored vectors")
-            parts.append((emb, emb.part(part["shard"], part["rows"])))
-        corpus = cls(parts, searcher.manifest["dim"], workdir, progress, name, rows)
+            parts.append((emb, emb.part(part.shard, part.rows)))
+        corpus = cls(parts, searcher.manifest.dim, workdir, progress, name, rows)
         ids = searcher.ids if rows is None else searcher.ids.take(rows)
         if not (corpus.meta["key"].equals(ids["key"]) and corpus.meta["shard"].equals(ids["shard"])):
             raise ConfigError("the embeddings changed since the index was built (rows do not line up with "

@@ -24,7 +24,6 @@ from imgindex.indexes.dedup.tiers import (METHODS, PAIR_SCHEMA, DedupOptions, Pa
                                           find_pairs, note_capped, tune_on, tuning_rows)
 from imgindex.formats.embeddings_dir import EmbeddingsDir
 from imgindex.indexes.query import Searcher
-from imgindex.formats.embeddings_dir import identity_changes
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +58,13 @@ def resolve_threshold(searcher: Searcher, options: DedupOptions) -> tuple[DedupO
     a number for a threshold, and what was chosen with its measured recall and precision."""
     if "embedding" not in options.methods:
         return options, {}
-    weights = searcher.manifest["embeddings"].get("weights") or {}
-    if weights.get("source") == "random" and not options.allow_random_weights:
+    if searcher.manifest.embeddings.weights_source == "random" and not options.allow_random_weights:
         raise ConfigError("the index was embedded with random weights, which cannot tell images apart: the embedding "
                           "tier would call everything a duplicate. Use --method exact,phash, embed with real "
                           "weights (--config lite0 or --checkpoint), or pass --allow-random-weights for plumbing tests")
     if options.threshold != "auto":
         return options, {"threshold_source": "given"}
-    if not searcher.manifest["embeddings"].get("config"):
+    if not searcher.manifest.embeddings.config:
         raise ConfigError("--threshold auto plants copies and embeds them with the index's model, which these "
                           "embeddings do not record (synthetic vectors?): pass --threshold, e.g. 0.95")
     from imgindex.indexes.dedup.calibrate import FINE_THRESHOLDS, calibrate, choose_threshold
@@ -102,7 +100,7 @@ def _pairs_at_scale(searcher: Searcher, scale: Scale, options: DedupOptions, sta
         candidates, stats["hash_partitions"] = hashed_pairs(searcher, scale, options.methods,
                                                             options.phash_distance, progress)
     if "embedding" in options.methods:
-        rows, rng = tuning_rows(int(searcher.manifest["count"]))
+        rows, rng = tuning_rows(int(searcher.manifest.count))
         sample = Corpus.of_index(searcher, scale.work.root, False, rows=rows, name="tuning")
         stats["search"] = tune_on(searcher, rows, np.asarray(sample.vectors), rng, options.threshold,
                                   options.max_neighbors + 1)
@@ -112,7 +110,7 @@ def _pairs_at_scale(searcher: Searcher, scale: Scale, options: DedupOptions, sta
         else:
             if scale.executor.kind != "local":
                 log.warning("a %s index is searched in this process: %s runs only the exact and phash tiers' "
-                            "tasks", searcher.manifest.get("factory"), scale.executor.flag)
+                            "tasks", searcher.manifest.factory, scale.executor.flag)
             whole = Corpus.of_index(searcher, scale.work.root, progress)
             q, d, capped = embedding_candidates(searcher.index, whole, whole, options.threshold,
                                                 options.max_neighbors, True, progress)
@@ -144,7 +142,7 @@ def find_duplicates(index: str | Path | Searcher, options: DedupOptions | None =
     started = time.time()
     searcher = _searcher(index)
     options, chosen = resolve_threshold(searcher, options)
-    stats: dict = {"images": int(searcher.manifest["count"]), **_tiers(options), **chosen}
+    stats: dict = {"images": int(searcher.manifest.count), **_tiers(options), **chosen}
     with WorkDir(workdir, keep_work) as work:
         scale.work = work
         corpus, found = _pairs_at_scale(searcher, scale, options, stats, progress)
@@ -180,7 +178,7 @@ def find_leaks(index: str | Path | Searcher, against: str, options: DedupOptions
     searcher = _searcher(index)
     options, chosen = resolve_threshold(searcher, options)
     test = EmbeddingsDir(against)
-    changed = identity_changes(test.manifest, searcher.manifest["embeddings"])
+    changed = test.manifest.identity_changes(searcher.manifest.embeddings)
     if changed:
         raise ConfigError(f"{against} was embedded differently from the index (changed: {', '.join(changed)}): "
                           "embed it with the same config")
@@ -194,7 +192,7 @@ def find_leaks(index: str | Path | Searcher, against: str, options: DedupOptions
         if "embedding" in options.methods and not ivf:
             if scale.executor.kind != "local":
                 log.warning("a %s index is searched in this process: %s is not used by --against",
-                            searcher.manifest.get("factory"), scale.executor.flag)
+                            searcher.manifest.factory, scale.executor.flag)
             train = Corpus.of_index(searcher, work.root, progress)
             queries = Corpus([(test, p) for p in test_parts], test.dim, work.root, progress, name="against")
             found = find_pairs(searcher, queries, train, options, False, stats, progress)
@@ -215,7 +213,7 @@ def _leaks_at_scale(searcher: Searcher, scale: Scale, test: EmbeddingsDir, test_
         candidates, stats["hash_partitions"] = hashed_pairs(searcher, scale, options.methods, options.phash_distance,
                                                             progress, against=against_parts(test, test_parts))
     if "embedding" in options.methods:
-        rows, rng = tuning_rows(int(searcher.manifest["count"]))
+        rows, rng = tuning_rows(searcher.manifest.count)
         sample = Corpus.of_index(searcher, scale.work.root, False, rows=rows, name="tuning")
         stats["search"] = tune_on(searcher, rows, np.asarray(sample.vectors), rng, options.threshold,
                                   options.max_neighbors)

@@ -175,8 +175,8 @@ def hashed_pairs(searcher, scale: Scale, methods: tuple[str, ...], distance: int
     exact_groups = max(MIN_TASKS, math.ceil(count * SHA.itemsize / TASK_BYTES)) if "exact" in methods else 0
     phash_groups = (max(MIN_TASKS, math.ceil(count * (distance + 1) * PHASH.itemsize / TASK_BYTES))
                     if "phash" in methods else 0)
-    identity = {"index": str(Path(searcher.dir.path).resolve()), "count": manifest["count"],
-                "files": manifest.get("files"), "layout": LAYOUT, "exact_groups": exact_groups,
+    identity = {"index": str(Path(searcher.dir.path).resolve()), "count": manifest.count,
+                "files": manifest.files, "layout": LAYOUT, "exact_groups": exact_groups,
                 "phash_groups": phash_groups, "phash_distance": distance if phash_groups else None,
                 "against": [[p.embeddings, p.shard, p.rows] for p in against or []]}
     stage = scale.work.stage("hashes", identity)

@@ -73,12 +73,12 @@ class IndexPart:
 def index_parts(searcher) -> list[IndexPart]:
     """The index's parts in index order, with the row each starts at."""
     parts, start = [], 0
-    for number, part in enumerate(searcher.manifest["parts"]):
-        emb = searcher.embeddings_for(part["shard"])
+    for number, part in enumerate(searcher.manifest.parts):
+        emb = searcher.embeddings_for(part.shard)
         if emb is None:
             raise ConfigError(f"the embeddings of shard {part['shard']} are gone: dedup reads the stored vectors")
-        parts.append(IndexPart(number, emb.location, part["shard"], start, part["rows"]))
-        start += part["rows"]
+        parts.append(IndexPart(number, emb.location, part.shard, start, part.rows))
+        start += part.rows
     return parts
 
 
@@ -498,13 +498,13 @@ def partitioned_join(searcher, scale: Scale, threshold: float, cap: int, progres
     nprobe = min(ivf.nprobe, ivf.nlist)
     manifest = searcher.manifest
     precision = scale.product_precision
-    identity = {"index": str(Path(searcher.dir.path).resolve()), "count": manifest["count"],
-                "files": manifest.get("files"), "factory": manifest.get("factory"), "nprobe": nprobe,
+    identity = {"index": str(Path(searcher.dir.path).resolve()), "count": manifest.count,
+                "files": manifest.files, "factory": manifest.factory, "nprobe": nprobe,
                 "threshold": threshold, "max_neighbors": cap, "precision": precision, "layout": LAYOUT,
                 "against": [[p.embeddings, p.shard, p.rows] for p in against or []]}
     stage = scale.work.stage("embedding", identity)
     parts = [PartitionTask(f"partition-{p.shard}", p) for p in index_parts(searcher)]
-    _write_layout(ivf, stage, nprobe, manifest["dim"], np.array([t.part.start for t in parts], np.int64))
+    _write_layout(ivf, stage, nprobe, manifest.dim, np.array([t.part.start for t in parts], np.int64))
     if against and not (stage / "against_starts.npy").exists():
         save_array(stage / "against_starts.npy", np.array([p.start for p in against], np.int64))
     index_tasks = len(parts)
@@ -516,13 +516,13 @@ def partitioned_join(searcher, scale: Scale, threshold: float, cap: int, progres
     stats = {"nprobe": nprobe, "partition_tasks": len(parts), "join_tasks": groups,
              "reused_tasks": len(parts) - len(todo_parts) + groups - len(todo_joins), "precision": precision}
     placement = scale.placement()
-    factory = JoinWorkers(str(stage), manifest["dim"], nprobe, index_tasks, threshold, cap, scale.device, precision,
+    factory = JoinWorkers(str(stage), manifest.dim, nprobe, index_tasks, threshold, cap, scale.device, precision,
                           len(against or []))
     started = time.perf_counter()
     done = run_tasks(placement, factory, todo_parts, "partition", progress)
     stats["partition_s"] = round(time.perf_counter() - started, 2)
     stats["partition_bytes"] = sum(p.stat().st_size for p in (stage / "runs").iterdir() if p.is_file())
-    stats["vector_bytes"] = (int(manifest["count"]) + sum(p.rows for p in against or [])) * 4 * int(manifest["dim"])
+    stats["vector_bytes"] = (manifest.count + sum(p.rows for p in against or [])) * 4 * int(manifest.dim)
     stats["storage"] = "float32"  # the members' vectors, stored once; the products' inputs as stored
     started = time.perf_counter()
     done += run_tasks(placement, factory, todo_joins, "join", progress)

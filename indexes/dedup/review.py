@@ -24,6 +24,7 @@ from imgindex.indexes.gallery import Page, fetch_images
 from imgindex.indexes.dedup.groups import KEEP_RULES
 from imgindex.indexes.query import Searcher
 from imgindex.plurals import counted
+from imgindex.formats.records import ShardStats
 from imgindex.formats.samples import sample_location
 
 REPORT_GROUPS = 200  # groups shown in a report, largest first; all are in groups.parquet
@@ -33,12 +34,12 @@ GROUP_MEMBERS = 12  # members shown per group, the kept one first; the rest are 
 PAGE_THUMBNAILS = 1500
 
 
-def _paths(sources: dict[str, dict], shards: list[str], keys: list[str]) -> list[str]:
+def _paths(sources: dict[str, ShardStats], shards: list[str], keys: list[str]) -> list[str]:
     """Where each image lives (file path, TAR#KEY, FILE.parquet#KEY or URL); shard/key when the source is unknown."""
     out = []
     for shard, key in zip(shards, keys):
-        stats = sources.get(shard, {})
-        out.append(sample_location(stats.get("kind"), stats.get("source"), key) or f"{shard}/{key}")
+        stats = sources.get(shard)
+        out.append((sample_location(stats.kind, stats.source, key) if stats else None) or f"{shard}/{key}")
     return out
 
 
@@ -91,7 +92,7 @@ def write_dedup(result: DedupResult, searcher: Searcher, out: Path, report_group
     return [out / "pairs.parquet", out / "groups.parquet", *lists, out / "report.html"]
 
 
-def dedup_report(groups: pa.Table, sources: dict[str, dict], stats: dict, limit: int,
+def dedup_report(groups: pa.Table, sources: dict[str, ShardStats], stats: dict, limit: int,
                  members_shown: int = GROUP_MEMBERS,
                  ranges: Callable[[str, list[str]], dict[str, tuple[int, int]]] | None = None) -> str:
     """Groups largest first, thumbnails side by side (the kept one first), each member's tie to it."""
@@ -128,7 +129,7 @@ def dedup_report(groups: pa.Table, sources: dict[str, dict], stats: dict, limit:
     return page.render(intro)
 
 
-def write_leaks(result: DedupResult, searcher: Searcher, against_sources: dict[str, dict], out: Path,
+def write_leaks(result: DedupResult, searcher: Searcher, against_sources: dict[str, ShardStats], out: Path,
                 report_groups: int = REPORT_GROUPS) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     pq.write_table(result.pairs, out / "pairs.parquet")
