@@ -1,15 +1,19 @@
 """The index build at scale: one process vs `--procs N` vs `--ray N`, same factory, one run.
 
     python benchmarks/index_scale.py [--count 200000] [--dim 768] [--workers 2] [--index-key IVF1024,Flat]
-                                     [--on-disk never] [--no-ray] [--results results.jsonl]
+                                     [--on-disk never] [--no-ray | --one-only] [--add-fraction 0.05]
+                                     [--keep DIR] [--results results.jsonl]
 
 Writes a clustered synthetic embeddings directory, then builds it with `imgindex index` three
 times (each in a fresh process) and prints, for each: wall time, the build's own timings (sample,
 train, add, merge, tune), the driver's peak RSS and the largest worker's (local processes; Ray
 actors are not the driver's children, so theirs is not measured), recall@10 as measured, and the
 ratios to the one-process build. The merged indexes must agree with the one-process one in count
-and recall (same trained quantizer and sample). Also prints the rates the README's scale table is
-derived from (vectors added a second per worker, training and merge seconds).
+and recall (same trained quantizer and sample). Then an `--add` of `--add-fraction` more vectors
+(new parts in a directory of their own) to the one-process index: its time against the build's,
+the bytes it wrote against the index's, and that it read none of the old parts (they are moved
+away for it). Also prints the rates the README's scale table is derived from (vectors added a
+second per worker, training and merge seconds, the add's rate).
 """
 from __future__ import annotations
 
@@ -39,7 +43,7 @@ sys.exit(code)
 def build(emb: Path, out: Path, key: str, on_disk: str, extra: list[str], env: dict) -> dict:
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", RUN, "index", str(emb), "--out", str(out), "--index-key", key,
-                           "--on-disk", on_disk, "--no-progress", *extra], capture_output=True, text=True, env=env)
+                           "--on-disk", on_disk, "--no-progress", "--overwrite", *extra], capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - start
     if done.returncode:
         raise SystemExit(f"build {extra or 'in-process'} failed:\n{done.stderr[-3000:]}")
@@ -52,6 +56,32 @@ def build(emb: Path, out: Path, key: str, on_disk: str, extra: list[str], env: d
             "bytes_on_disk": sum(p.stat().st_size for p in out.iterdir() if p.is_file())}
 
 
+def add(emb: Path, more: Path, idx: Path, env: dict) -> dict:
+    """`imgindex index --add MORE --out IDX` with the index's own parts moved away (an --add that
+    read one would fail): wall time, RSS, and the bytes of the files it wrote or replaced."""
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in idx.iterdir() if p.is_file()}
+    index_bytes = sum(p.stat().st_size for p in idx.iterdir() if p.is_file())
+    away = emb.parent / "emb-away"
+    (emb / "embeddings").rename(away)
+    try:
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-c", RUN, "index", "--add", str(more), "--out", str(idx),
+                               "--no-progress"], capture_output=True, text=True, env=env)
+        seconds = time.perf_counter() - start
+    finally:
+        away.rename(emb / "embeddings")
+    if done.returncode:
+        raise SystemExit(f"--add failed:\n{done.stderr[-3000:]}")
+    me, _ = next(line.split()[1:] for line in done.stderr.splitlines() if line.startswith("RSS "))
+    manifest = json.loads((idx / "manifest.json").read_text())
+    written = sum(p.stat().st_size for p in idx.iterdir() if p.is_file() and p.name != "manifest.json"
+                  and before.get(p.name) != (p.stat().st_ino, p.stat().st_mtime_ns))
+    last = manifest["adds"][-1]
+    return {"wall_s": round(seconds, 2), "vectors": last["vectors"], "driver_rss_mb": int(me) // 1024,
+            "bytes_written": written, "index_bytes_before": index_bytes, "recall_at_10": manifest["recall_at_10"],
+            "recall_at_10_of_new": last.get("recall_at_10_of_new"), "count": manifest["count"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--count", type=int, default=200_000)
@@ -60,6 +90,9 @@ def main() -> None:
     parser.add_argument("--index-key", default=None, help="default: IVF{4 sqrt(N)},Flat")
     parser.add_argument("--on-disk", default="never", choices=("auto", "always", "never"))
     parser.add_argument("--no-ray", action="store_true")
+    parser.add_argument("--one-only", action="store_true", help="only the one-process build (and the --add)")
+    parser.add_argument("--add-fraction", type=float, default=0.05, help="vectors --add appends, as a share of "
+                        "--count (0: no --add)")
     parser.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (default: a temporary folder)")
     parser.add_argument("--results", metavar="FILE", help="append the figures as one JSON line")
     args = parser.parse_args()
@@ -77,8 +110,9 @@ def main() -> None:
         print(f"wrote {args.count:,} x {args.dim} in {time.perf_counter() - t:.0f} s -> {emb}")
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # a local Ray on loopback only
     runs = {"one": build(emb, root / "one", key, args.on_disk, [], env)}
-    runs["procs"] = build(emb, root / "procs", key, args.on_disk, ["--procs", str(args.workers)], env)
-    if not args.no_ray:
+    if not args.one_only:
+        runs["procs"] = build(emb, root / "procs", key, args.on_disk, ["--procs", str(args.workers)], env)
+    if not args.no_ray and not args.one_only:
         runs["ray"] = build(emb, root / "ray", key, args.on_disk, ["--ray", str(args.workers)], env)
     one = runs["one"]
     print(f"\n{args.count:,} x {args.dim}, {key}, lists on disk: {args.on_disk}, {os.cpu_count()} CPUs")
@@ -89,13 +123,30 @@ def main() -> None:
               f"{run['driver_rss_mb']:>11}{run['worker_rss_mb'] or '-':>11}{run['recall_at_10']:>11.4f}"
               f"{one['wall_s'] / run['wall_s']:>7.2f}x")
         assert run["count"] == one["count"] and run["recall_at_10"] == one["recall_at_10"], (name, run, one)
+    added = None
+    if args.add_fraction > 0:
+        more = root / "more"
+        if not (more / "_manifest.json").exists():
+            extra, first = int(args.count * args.add_fraction), min(args.count, 1_000_000)
+            # fresh draws around the first block's centres (same seed: same centres; the tail is new)
+            fresh = clustered_vectors(first + extra, args.dim, seed=0)[first:]
+            write_embeddings_dir(str(more), fresh, shard_size=50_000, prefix="more")
+            del fresh
+        added = add(emb, more, root / "one", env)
+        print(f"--add of {added['vectors']:,} vectors to the one-process index: {added['wall_s']:.1f} s "
+              f"({added['wall_s'] / one['wall_s']:.2f}x the build's time for {args.add_fraction:.0%} of its vectors), "
+              f"wrote {added['bytes_written'] / 2**20:,.0f} MB ({added['bytes_written'] / added['index_bytes_before']:.2f}x "
+              f"the index's bytes; no old part read: they were moved away), driver {added['driver_rss_mb']} MB, "
+              f"recall@10 {added['recall_at_10']:.4f}, of the new vectors {added['recall_at_10_of_new']}")
     rates = {"add_vec_per_s_per_worker": round(args.count / one["timings"]["add_s"]),
              "sample_s": one["timings"]["sample_s"], "train_s": one["timings"]["train_s"],
              "merge_vec_per_s": round(args.count / max(one["timings"]["merge_s"], 1e-3)),
              "tune_s": one["timings"]["tune_s"], "index_bytes_per_vector": round(one["bytes_on_disk"] / args.count, 1)}
+    if added:
+        rates["add_command_vec_per_s"] = round(added["vectors"] / added["wall_s"])
     print("rates:", json.dumps(rates))
     append_result(args.results, {"benchmark": "index_scale", "count": args.count, "dim": args.dim, "key": key,
-                                 "on_disk": args.on_disk, "runs": runs, "rates": rates})
+                                 "on_disk": args.on_disk, "runs": runs, "add": added, "rates": rates})
 
 
 if __name__ == "__main__":

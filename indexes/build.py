@@ -37,10 +37,10 @@ from imgindex.formats.index_dir import (BUILD, IDS, IDS_MAPPED, IVFDATA, KEYS, R
                                        segment_files, write_lists)
 from imgindex.indexes import parallel
 from imgindex.indexes.factory import (FLAT_THRESHOLD, MIN_TRAIN_PER_LIST, choose_index_key, codes_bytes, human,
-                                      parse_memory, range_params, search_knob)
+                                      parse_memory, search_knob)
 from imgindex.indexes.ondisk import choose_on_disk, merge_to_disk
 from imgindex.indexes.reads import sample
-from imgindex.indexes.recall import TIE_SLACK, Exact, recall_at_k, tune
+from imgindex.indexes.recall import TIE_SLACK, Exact, recall_of_rows, tune
 from imgindex.plurals import counted
 from imgindex.progress import progress_bar
 
@@ -378,8 +378,8 @@ def add_parts(emb_dir: str, index_dir: str, target_recall: float | None = None, 
     The new rows become a segment: their ids and sorted keys in files of their own and, for lists
     on disk, their inverted lists in a file of their own, stacked on the others when the index
     loads. Recall is re-measured on the build's queries, whose exact neighbours (kept in the index)
-    are brought up to date from the new vectors alone; queries drawn from the new parts are
-    measured against the new vectors. Warns when the new vectors sit much further from the IVF
+    are brought up to date from the new vectors alone, and of those neighbours, the new vectors'
+    share that the search finds (are the new vectors found when they are the answer). Warns when the new vectors sit much further from the IVF
     centroids than the training sample did (rebuild then). Returns (updated manifest, vectors added).
     An interrupted --add leaves the index as it was; rerun, it resumes from its finished tasks.
     """
@@ -418,16 +418,13 @@ def add_parts(emb_dir: str, index_dir: str, target_recall: float | None = None, 
     identity = {"add_to": old_count, "segment": segment, "parts": [[p.shard, p.rows] for p in new],
                 "eval_queries": eval_queries, "seed": seed}
     plan = build.read_json(parallel.PLAN)
+    _, new_sample = sample(emb, new, min(eval_queries, count), seed=seed)  # where the new vectors sit (drift)
     if plan is not None and plan.get("identity") == identity and build.exists(parallel.TRAINED) \
             and build.exists(parallel.QUERIES):
         tasks = [parallel.AddTask.from_json(t) for t in plan["tasks"]]
-        found = build.read_arrays(parallel.QUERIES)
-        new_ids, new_queries = found["ids"][len(recall_set["ids"]):], found["vectors"][len(recall_set["ids"]):]
     else:
         build.clear()
         build.makedirs()
-        new_ids, new_queries = sample(emb, new, min(eval_queries, count), seed=seed)
-        new_ids = new_ids + old_count
         if parallel.mergeable(index):  # sub-indexes of the new parts that share the trained quantizer
             build.write_index(parallel.TRAINED, _emptied(target, manifest, index))
             per_vector = max(1, codes_bytes(index, 1) or index.d * 4)
@@ -437,8 +434,7 @@ def add_parts(emb_dir: str, index_dir: str, target_recall: float | None = None, 
         else:  # e.g. HNSW: one graph, the new vectors added to it by one worker
             build.write_index(parallel.TRAINED, index)
             tasks = [parallel.AddTask("add-00000", tuple(new), old_count)]
-        build.write_arrays(parallel.QUERIES, ids=np.concatenate([recall_set["ids"], new_ids]),
-                           vectors=np.concatenate([recall_set["vectors"], new_queries]).astype(np.float32))
+        build.write_arrays(parallel.QUERIES, ids=recall_set["ids"], vectors=recall_set["vectors"].astype(np.float32))
         parallel.save_plan(build, {"identity": identity, "tasks": [t.to_json() for t in tasks]})
     done = parallel.done_tasks(build, tasks)
     todo = [t for t in tasks if t.name not in done]
@@ -451,7 +447,7 @@ def add_parts(emb_dir: str, index_dir: str, target_recall: float | None = None, 
                           f"{error}); rerun the same command to finish them: the index is as it was")
 
     drift = None
-    residual = mean_residual(index, new_queries)  # on the new parts' sample
+    residual = mean_residual(index, new_sample)
     if manifest.train_residual and residual is not None:
         drift = round(residual / manifest.train_residual, 3)
         if drift > DRIFT_WARNING:
@@ -461,9 +457,7 @@ def add_parts(emb_dir: str, index_dir: str, target_recall: float | None = None, 
     depth = K + 1 + TIE_SLACK
     among_new = parallel.read_exact(build, tasks, depth)
     held = len(recall_set["ids"])
-    exact = parallel.merge_exact([Exact(recall_set["scores"], recall_set["exact"]),
-                                  Exact(among_new.scores[:held], among_new.ids[:held])], depth)
-    new_exact = Exact(among_new.scores[held:], among_new.ids[held:])
+    exact = parallel.merge_exact([Exact(recall_set["scores"], recall_set["exact"]), among_new], depth)
 
     files = segment_files(segment, lists=on_disk)
     parallel.concat_ids(build, tasks, None, target.path / files["ids"])  # the new rows only
@@ -501,10 +495,8 @@ def add_parts(emb_dir: str, index_dir: str, target_recall: float | None = None, 
     knob = search_knob(index)
     value, recall, curve = tune(index, knob, recall_set["vectors"], recall_set["ids"], exact,
                                 target_recall or manifest.build["target_recall"], K)
-    recall_new = None
-    if len(new_ids):
-        _, found = index.search(new_queries, K + 1, params=range_params(index, old_count, manifest.count))
-        recall_new = round(recall_at_k(found, new_exact, new_ids, K), 4)
+    _, found = index.search(recall_set["vectors"], K + 1)  # at the setting tune chose
+    of_new, slots = recall_of_rows(found, exact, recall_set["ids"], old_count, manifest.count, K)
     manifest.recall_set = f"recall.{segment}.npz"
     target.write_recall_set(manifest.recall_set, ids=recall_set["ids"], vectors=recall_set["vectors"],
                             scores=exact.scores, exact=exact.ids)
@@ -514,9 +506,9 @@ def add_parts(emb_dir: str, index_dir: str, target_recall: float | None = None, 
     manifest.recall_covers = _covers(held, manifest.count)
     manifest.adds.append({
         "vectors": count, "parts": len(new), "segment": segment, "drift_ratio": drift,
-        f"recall_at_{K}_on_new": recall_new,
-        "on_new_covers": (f"{len(new_ids):,} queries drawn from the new parts, against their exact neighbours among "
-                          f"the {count:,} new vectors only (the search restricted to them)"),
+        f"recall_at_{K}_of_new": None if of_new is None else round(of_new, 4),
+        "of_new_covers": (f"the {slots:,} of the {held:,} queries' exact top-{K} neighbours (among all "
+                          f"{manifest.count:,} vectors) that are new vectors: the share of them the search returns"),
         "executor": {"kind": executor.kind, "asked": executor.flag, "workers": placement.workers,
                      "tasks": len(tasks), "resumed_tasks": len(done), "retried": outcome.retried},
         "seconds": round(time.time() - started, 3),

@@ -52,6 +52,19 @@ def recall_at_k(found: np.ndarray, exact: Exact, query_ids: np.ndarray, k: int =
     return hits / total if total else 1.0
 
 
+def recall_of_rows(found: np.ndarray, exact: Exact, query_ids: np.ndarray, start: int, end: int,
+                   k: int = 10) -> tuple[float | None, int]:
+    """Of the queries' exact top-k neighbours (self excluded) that are rows [start, end), the
+    share the index returns, and how many such neighbours there were (None: there were none)."""
+    hits = total = 0
+    for got, ids, qid in zip(drop_self(found, query_ids, k), exact.ids, query_ids):
+        truth = ids[(ids != qid) & (ids >= 0)][:k]
+        wanted = truth[(truth >= start) & (truth < end)]
+        total += len(wanted)
+        hits += len(np.intersect1d(got, wanted))
+    return (hits / total if total else None), total
+
+
 def sweep(index: faiss.Index, knob: str, measure: Callable[[], float], target: float) -> tuple[int, float, list[dict]]:
     """The smallest knob value whose `measure()` reaches `target`, else the best one tried (left
     set on the index). Returns (value, measure, curve of {knob: value, "recall": measure})."""

@@ -51,8 +51,8 @@ def cmd_index(args: argparse.Namespace) -> int:
         last = manifest.adds[-1]
         print(f"added {added} vectors from {last['parts']} new parts to {args.out} "
               f"in {last['seconds']:.1f} s (drift ratio {last['drift_ratio']})")
-        if last.get("recall_at_10_on_new") is not None:
-            print(f"recall@10 on the new parts: {last['recall_at_10_on_new']:.4f} ({last['on_new_covers']})")
+        if last.get("recall_at_10_of_new") is not None:
+            print(f"recall@10 of the new vectors {last['recall_at_10_of_new']:.4f} ({last['of_new_covers']})")
     else:
         executor = executor_from(args)
         manifest = build_index(args.emb_dir, args.out, build_options(args), overwrite=args.overwrite,
