@@ -164,16 +164,7 @@ def merge_in_memory(build: BuildDir, tasks: list[AddTask]) -> faiss.Index:
     """The tasks' sub-indexes in one index held in RAM, in task order (one sub-index read at a time):
     the first one, with every other one's lists or codes moved into it."""
     index = build.read_index(f"{tasks[0].name}.faiss")
-    ivf = faiss.try_extract_index_ivf(index)
-    for task in tasks[1:]:
-        sub = build.read_index(f"{task.name}.faiss")
-        if ivf is not None:
-            ivf.merge_from(faiss.extract_index_ivf(sub), 0)
-        else:
-            faiss.downcast_index(index).merge_from(faiss.downcast_index(sub), 0)
-        del sub
-    if ivf is not None:
-        index.ntotal = ivf.ntotal  # an IndexPreTransform around it counts its own
+    merge_into(index, build, tasks[1:])
     return index
 
 

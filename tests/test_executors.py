@@ -364,8 +364,10 @@ def test_ctrl_c_ends_any_executor_as_it_ends_a_local_run_and_the_rerun_finishes(
     stuck = StuckJob(corpus, tmp_path / "in")
     command = stuck.command(out, checkpoint, *executor)
     env = request.getfixturevalue("ray_cluster").env if "--ray" in executor else None
+    # as a terminal starts a job: a shell that runs the tests in the background makes its children
+    # ignore SIGINT (inherited across exec), so the job's SIGINT is put back to its default
     job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                           start_new_session=True)
+                           start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         wait_for_shards(job, out)
         if stop == "ctrl-c":
