@@ -1,7 +1,7 @@
 """The index build at scale: one process vs `--procs N` vs `--ray N`, same factory, one run.
 
     python benchmarks/index_scale.py [--count 200000] [--dim 768] [--workers 2] [--index-key IVF1024,Flat]
-                                     [--on-disk never] [--no-ray | --one-only] [--add-fraction 0.05]
+                                     [--on-disk never] [--executors one,procs,ray] [--add-fraction 0.05]
                                      [--keep DIR] [--results results.jsonl]
 
 Writes a clustered synthetic embeddings directory, then builds it with `imgindex index` three
@@ -14,12 +14,19 @@ and recall (same trained quantizer and sample). Then an `--add` of `--add-fracti
 the bytes it wrote against the index's, and that it read none of the old parts (they are moved
 away for it). Also prints the rates the README's scale table is derived from (vectors added a
 second per worker, training and merge seconds, the add's rate).
+
+With `--keep DIR` each finished build's figures are kept in DIR/<name>.json and a rerun with the
+same DIR and arguments skips it (a 5M build takes most of an hour on 2 cores: the runs can be
+spread over several invocations, which the printed table says); the `--procs` and `--ray` indexes
+are deleted once compared (disk: each is as large as the vectors), the one-process index is kept
+for the `--add`.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -89,8 +96,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--index-key", default=None, help="default: IVF{4 sqrt(N)},Flat")
     parser.add_argument("--on-disk", default="never", choices=("auto", "always", "never"))
-    parser.add_argument("--no-ray", action="store_true")
-    parser.add_argument("--one-only", action="store_true", help="only the one-process build (and the --add)")
+    parser.add_argument("--executors", default="one,procs,ray", help="comma list of one, procs, ray (one is "
+                        "always built: the others are compared with it)")
+    parser.add_argument("--no-ray", action="store_true", help="the same as --executors one,procs")
+    parser.add_argument("--one-only", action="store_true", help="the same as --executors one")
     parser.add_argument("--add-fraction", type=float, default=0.05, help="vectors --add appends, as a share of "
                         "--count (0: no --add)")
     parser.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (default: a temporary folder)")
@@ -109,13 +118,28 @@ def main() -> None:
                                  first_shard=start // 50_000, prefix=f"b{start // 1_000_000}-")
         print(f"wrote {args.count:,} x {args.dim} in {time.perf_counter() - t:.0f} s -> {emb}")
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # a local Ray on loopback only
-    runs = {"one": build(emb, root / "one", key, args.on_disk, [], env)}
-    if not args.one_only:
-        runs["procs"] = build(emb, root / "procs", key, args.on_disk, ["--procs", str(args.workers)], env)
-    if not args.no_ray and not args.one_only:
-        runs["ray"] = build(emb, root / "ray", key, args.on_disk, ["--ray", str(args.workers)], env)
+    wanted = ["one"] + [name for name in args.executors.split(",") if name != "one"]
+    if args.one_only:
+        wanted = ["one"]
+    elif args.no_ray:
+        wanted = [name for name in wanted if name != "ray"]
+    flags = {"one": [], "procs": ["--procs", str(args.workers)], "ray": ["--ray", str(args.workers)]}
+    runs, reused = {}, []
+    for name in wanted:
+        kept = root / f"{name}.json"
+        same = {"key": key, "on_disk": args.on_disk, "count": args.count, "workers": args.workers}
+        if kept.exists() and json.loads(kept.read_text()).get("args") == same:
+            runs[name] = json.loads(kept.read_text())["run"]
+            reused.append(name)
+            continue
+        runs[name] = build(emb, root / name, key, args.on_disk, flags[name], env)
+        if name != "one":
+            shutil.rmtree(root / name, ignore_errors=True)
+        if args.keep:
+            kept.write_text(json.dumps({"args": same, "run": runs[name]}))
     one = runs["one"]
-    print(f"\n{args.count:,} x {args.dim}, {key}, lists on disk: {args.on_disk}, {os.cpu_count()} CPUs")
+    print(f"\n{args.count:,} x {args.dim}, {key}, lists on disk: {args.on_disk}, {os.cpu_count()} CPUs"
+          + (f" (kept from an earlier invocation in {root}: {', '.join(reused)})" if reused else ""))
     print(f"{'build':<8}{'wall s':>8}{'add s':>8}{'merge s':>8}{'driver MB':>11}{'worker MB':>11}"
           f"{'recall@10':>11}{'vs one':>8}")
     for name, run in runs.items():
@@ -126,6 +150,8 @@ def main() -> None:
     added = None
     if args.add_fraction > 0:
         more = root / "more"
+        if json.loads((root / "one" / "manifest.json").read_text()).get("adds"):
+            raise SystemExit(f"{root / 'one'} already had an --add (an earlier invocation): delete one.json to rebuild it")
         if not (more / "_manifest.json").exists():
             extra, first = int(args.count * args.add_fraction), min(args.count, 1_000_000)
             # fresh draws around the first block's centres (same seed: same centres; the tail is new)
@@ -146,7 +172,7 @@ def main() -> None:
         rates["add_command_vec_per_s"] = round(added["vectors"] / added["wall_s"])
     print("rates:", json.dumps(rates))
     append_result(args.results, {"benchmark": "index_scale", "count": args.count, "dim": args.dim, "key": key,
-                                 "on_disk": args.on_disk, "runs": runs, "add": added, "rates": rates})
+                                 "on_disk": args.on_disk, "runs": runs, "reused": reused, "add": added, "rates": rates})
 
 
 if __name__ == "__main__":
