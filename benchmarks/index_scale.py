@@ -6,9 +6,11 @@
 
 Writes a clustered synthetic embeddings directory, then builds it with `imgindex index` three
 times (each in a fresh process) and prints, for each: wall time, the build's own timings (sample,
-train, add, merge, tune), the driver's peak RSS and the largest worker's (local processes; Ray
-actors are not the driver's children, so theirs is not measured), recall@10 as measured, and the
-ratios to the one-process build. The merged indexes must agree with the one-process one in count
+train, add, merge, tune), the driver's peak RSS and the largest worker's (ru_maxrss: local
+processes), recall@10 as measured, and the ratios to the one-process build. ru_maxrss counts the
+pages of files a process maps (faiss maps the sub-indexes and the on-disk lists it merges), which
+the kernel drops under pressure, so each process tree is also sampled twice a second for its
+anonymous memory (RssAnon: the driver, and the largest worker, Ray's actors included). The merged indexes must agree with the one-process one in count
 and recall (same trained quantizer and sample). Then an `--add` of `--add-fraction` more vectors
 (new parts in a directory of their own) to the one-process index: its time against the build's,
 the bytes it wrote against the index's, and that it read none of the old parts (they are moved
@@ -30,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -47,11 +50,81 @@ sys.exit(code)
 """
 
 
-def build(emb: Path, out: Path, key: str, on_disk: str, extra: list[str], env: dict) -> dict:
+def _status(pid: int) -> dict[str, int]:
+    """RssAnon and RssFile of a process, in kB ({} once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in status)
+                    if k in ("RssAnon", "RssFile")}
+    except (OSError, ValueError):
+        return {}
+
+
+def _descendants(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of every process under `pid`."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        try:
+            command = (Path("/proc") / str(child) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            command = ""
+        found.append((child, command))
+        todo += children.get(child, [])
+    return found
+
+
+class Watch:
+    """Samples a process tree twice a second: the peak anonymous memory (RssAnon: its own
+    allocations, not the pages of files it maps, which ru_maxrss also counts and the kernel can
+    drop) of the driver and of its largest worker (Ray: the `ray::` actor processes, not Ray's own
+    services), and the driver's peak of mapped file pages."""
+
+    def __init__(self, pid: int):
+        self.pid, self.driver_anon, self.driver_file, self.worker_anon = pid, 0, 0, 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.5):
+            mine = _status(self.pid)
+            self.driver_anon = max(self.driver_anon, mine.get("RssAnon", 0))
+            self.driver_file = max(self.driver_file, mine.get("RssFile", 0))
+            for child, command in _descendants(self.pid):
+                if "ray" in command and not command.startswith("ray::"):
+                    continue  # Ray's own services (raylet, GCS, dashboard), not a worker
+                self.worker_anon = max(self.worker_anon, _status(child).get("RssAnon", 0))
+
+    def close(self) -> dict:
+        self.stop.set()
+        self.thread.join()
+        return {"driver_anon_mb": self.driver_anon // 1024, "driver_file_mb": self.driver_file // 1024,
+                "worker_anon_mb": self.worker_anon // 1024 or None}
+
+
+def watched(args: list[str], env: dict) -> tuple[subprocess.CompletedProcess, float, dict]:
+    """`imgindex ARGS` in a fresh process, watched: (the finished process, seconds, its memory)."""
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", RUN, "index", str(emb), "--out", str(out), "--index-key", key,
-                           "--on-disk", on_disk, "--no-progress", "--overwrite", *extra], capture_output=True, text=True, env=env)
-    seconds = time.perf_counter() - start
+    child = subprocess.Popen([sys.executable, "-c", RUN, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=env)
+    watch = Watch(child.pid)
+    stdout, stderr = child.communicate()
+    memory = watch.close()
+    return subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr), time.perf_counter() - start, memory
+
+
+def build(emb: Path, out: Path, key: str, on_disk: str, extra: list[str], env: dict) -> dict:
+    done, seconds, memory = watched(["index", str(emb), "--out", str(out), "--index-key", key, "--on-disk", on_disk,
+                                     "--no-progress", "--overwrite", *extra], env)
     if done.returncode:
         raise SystemExit(f"build {extra or 'in-process'} failed:\n{done.stderr[-3000:]}")
     me, kids = next(line.split()[1:] for line in done.stderr.splitlines() if line.startswith("RSS "))
@@ -60,6 +133,7 @@ def build(emb: Path, out: Path, key: str, on_disk: str, extra: list[str], env: d
             "nprobe": manifest["search_params"].get("nprobe"), "count": manifest["count"],
             "tasks": manifest["build"]["executor"]["tasks"], "driver_rss_mb": int(me) // 1024,
             "worker_rss_mb": int(kids) // 1024 if "--procs" in extra else None,
+            **memory,
             "bytes_on_disk": sum(p.stat().st_size for p in out.iterdir() if p.is_file())}
 
 
@@ -71,10 +145,7 @@ def add(emb: Path, more: Path, idx: Path, env: dict) -> dict:
     away = emb.parent / "emb-away"
     (emb / "embeddings").rename(away)
     try:
-        start = time.perf_counter()
-        done = subprocess.run([sys.executable, "-c", RUN, "index", "--add", str(more), "--out", str(idx),
-                               "--no-progress"], capture_output=True, text=True, env=env)
-        seconds = time.perf_counter() - start
+        done, seconds, memory = watched(["index", "--add", str(more), "--out", str(idx), "--no-progress"], env)
     finally:
         away.rename(emb / "embeddings")
     if done.returncode:
@@ -85,6 +156,7 @@ def add(emb: Path, more: Path, idx: Path, env: dict) -> dict:
                   and before.get(p.name) != (p.stat().st_ino, p.stat().st_mtime_ns))
     last = manifest["adds"][-1]
     return {"wall_s": round(seconds, 2), "vectors": last["vectors"], "driver_rss_mb": int(me) // 1024,
+            "driver_anon_mb": memory["driver_anon_mb"], "driver_file_mb": memory["driver_file_mb"],
             "bytes_written": written, "index_bytes_before": index_bytes, "recall_at_10": manifest["recall_at_10"],
             "recall_at_10_of_new": last.get("recall_at_10_of_new"), "count": manifest["count"]}
 
@@ -140,12 +212,12 @@ def main() -> None:
     one = runs["one"]
     print(f"\n{args.count:,} x {args.dim}, {key}, lists on disk: {args.on_disk}, {os.cpu_count()} CPUs"
           + (f" (kept from an earlier invocation in {root}: {', '.join(reused)})" if reused else ""))
-    print(f"{'build':<8}{'wall s':>8}{'add s':>8}{'merge s':>8}{'driver MB':>11}{'worker MB':>11}"
-          f"{'recall@10':>11}{'vs one':>8}")
+    print(f"{'build':<8}{'wall s':>8}{'add s':>8}{'merge s':>8}{'driver MB':>11}{'(anon)':>8}{'worker MB':>11}"
+          f"{'(anon)':>8}{'recall@10':>11}{'vs one':>8}")
     for name, run in runs.items():
         print(f"{name:<8}{run['wall_s']:>8.1f}{run['timings']['add_s']:>8.1f}{run['timings']['merge_s']:>8.1f}"
-              f"{run['driver_rss_mb']:>11}{run['worker_rss_mb'] or '-':>11}{run['recall_at_10']:>11.4f}"
-              f"{one['wall_s'] / run['wall_s']:>7.2f}x")
+              f"{run['driver_rss_mb']:>11}{run.get('driver_anon_mb', '-'):>8}{run['worker_rss_mb'] or '-':>11}"
+              f"{run.get('worker_anon_mb') or '-':>8}{run['recall_at_10']:>11.4f}{one['wall_s'] / run['wall_s']:>7.2f}x")
         assert run["count"] == one["count"] and run["recall_at_10"] == one["recall_at_10"], (name, run, one)
     added = None
     if args.add_fraction > 0:
@@ -162,7 +234,8 @@ def main() -> None:
         print(f"--add of {added['vectors']:,} vectors to the one-process index: {added['wall_s']:.1f} s "
               f"({added['wall_s'] / one['wall_s']:.2f}x the build's time for {args.add_fraction:.0%} of its vectors), "
               f"wrote {added['bytes_written'] / 2**20:,.0f} MB ({added['bytes_written'] / added['index_bytes_before']:.2f}x "
-              f"the index's bytes; no old part read: they were moved away), driver {added['driver_rss_mb']} MB, "
+              f"the index's bytes; no old part read: they were moved away), driver {added['driver_rss_mb']} MB "
+              f"({added['driver_anon_mb']} MB anonymous), "
               f"recall@10 {added['recall_at_10']:.4f}, of the new vectors {added['recall_at_10_of_new']}")
     rates = {"add_vec_per_s_per_worker": round(args.count / one["timings"]["add_s"]),
              "sample_s": one["timings"]["sample_s"], "train_s": one["timings"]["train_s"],
