@@ -1,7 +1,7 @@
 """Dedup quality and scale on synthetic vectors with planted duplicate groups, one run.
 
     python benchmarks/dedup_scale.py [--count 200000] [--dim 768] [--executors one,procs2,ray2]
-        [--check-exact] [--sample-exact 2000] [--index-key IVF256,Flat] [--results results.jsonl]
+        [--direct] [--check-exact] [--sample-exact 2000] [--index-key IVF256,Flat] [--results results.jsonl]
 
 Writes `count` clustered vectors plus planted groups (2 to 5 near copies, cosine ~0.99) as an
 embeddings directory, builds the default index in a separate process, then runs the embedding
@@ -12,7 +12,9 @@ peak RSS (each task reports its process's VmHWM), the work folder's size at its 
 partitions, the pairs' rows) and the partitions' bytes, each against the vectors' float32 size, and whether its pairs are identical to
 the in-process run's. Pair recall and precision are measured against the planted groups, against
 brute force for `--sample-exact` sampled rows (every pair they are in), and with --check-exact
-against exact brute force over all pairs (slow at 1M).
+against exact brute force over all pairs (slow at 1M). With --direct, the join without partitions
+(one process, one memory-mapped copy of every vector: what dedup did before the tasks) is timed at
+the same nprobe, its pairs compared, and each run's partition + join time printed against it.
 """
 from __future__ import annotations
 
@@ -50,6 +52,30 @@ json.dump({"pairs": list(zip(pairs["a_key"], pairs["b_key"])), "stats": result.s
            "seconds": time.time() - start,
            "peak_rss_mb": int(dict(line.split(":", 1) for line in open("/proc/self/status"))["VmHWM"].split()[0]) / 1024},
           open(sys.argv[2], "w"))
+"""
+
+# The join without partitions, for reference: the pre-partition one-process path (dedup.ivf_join's
+# range_join over one memory-mapped copy of every vector, the index's own lists), at the nprobe the
+# tier's run chose: the time of the copy and the join, the pairs, the peak RSS.
+RUN_DIRECT = """
+import json, sys, time
+import faiss
+from imgindex.indexes.dedup.corpus import Corpus
+from imgindex.indexes.dedup.find import _searcher
+from imgindex.indexes.dedup.ivf_join import range_join
+from imgindex.indexes.dedup.workdir import WorkDir
+searcher = _searcher(sys.argv[1])
+ivf = faiss.extract_index_ivf(searcher.index)
+nprobe, threshold = int(sys.argv[3]), float(sys.argv[4])
+with WorkDir(sys.argv[5], False) as work:
+    start = time.time()
+    whole = Corpus.of_index(searcher, work.root, False)
+    copied = time.time()
+    q, d, _, _ = range_join(ivf, whole, whole.vectors, nprobe, threshold, 100, True, False)  # DedupOptions.max_neighbors
+    json.dump({"copy_s": copied - start, "join_s": time.time() - copied,
+               "pairs": [[int(a), int(b)] for a, b in zip(q, d)],
+               "peak_rss_mb": int(dict(line.split(":", 1) for line in open("/proc/self/status"))["VmHWM"].split()[0]) / 1024},
+              open(sys.argv[2], "w"))
 """
 
 
@@ -114,6 +140,8 @@ def main() -> None:
     parser.add_argument("--sample-exact", type=int, default=2000, metavar="N",
                         help="compare the pairs of N sampled rows with brute force (default 2000)")
     parser.add_argument("--executors", default="one,procs2,ray2", help="comma list of one, procs2, ray2")
+    parser.add_argument("--direct", action="store_true", help="also time the one-process join without partitions "
+                        "(ivf_join.range_join over a memory-mapped copy of every vector) at the same nprobe")
     parser.add_argument("--results", help="append a JSON line of the figures to this file")
     parser.add_argument("--index-key", metavar="FACTORY",
                         help="the index's faiss factory string (default: imgindex index's choice, flat below 50k: "
@@ -129,6 +157,12 @@ def main() -> None:
                    check=True, cwd=ROOT)
     build_s = time.time() - start
     runs = {name: run_dedup(work, name, args.threshold) for name in args.executors.split(",")}
+    direct = None
+    nprobe = next(iter(runs.values()))["stats"].get("partitions", {}).get("nprobe")
+    if args.direct and nprobe:
+        subprocess.run([sys.executable, "-c", RUN_DIRECT, str(work / "idx"), str(work / "direct.json"), str(nprobe),
+                        str(args.threshold), str(work / "work-direct")], check=True, cwd=ROOT)
+        direct = json.loads((work / "direct.json").read_text())
     keyed = {name: {tuple(sorted((int(a[3:]), int(b[3:])))) for a, b in run["pairs"]} for name, run in runs.items()}
     first = next(iter(runs))
     found = keyed[first]
@@ -160,6 +194,14 @@ def main() -> None:
             "pairs_identical_to_first": keyed[name] == found,
             "speedup_over_first": round(runs[first]["seconds"] / run["seconds"], 2),
         }
+    if direct:  # the partitioned runs' embedding stages against the one-process join without partitions
+        by_index = {tuple(sorted(p)) for p in direct["pairs"]}
+        seconds = direct["copy_s"] + direct["join_s"]
+        figures["direct"] = {"copy_s": round(direct["copy_s"], 1), "join_s": round(direct["join_s"], 1),
+                             "peak_rss_mb": round(direct["peak_rss_mb"]), "pairs": len(by_index),
+                             "pairs_identical": all(found == by_index for found in keyed.values())}
+        for name, run in figures["runs"].items():
+            run["stages_over_direct"] = round(((run["partition_s"] or 0) + (run["join_s"] or 0)) / seconds, 2)
     if args.check_exact:
         exact = exact_pairs(vectors, args.threshold)
         figures["exact_pairs"] = len(exact)

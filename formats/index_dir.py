@@ -14,6 +14,7 @@ import os
 import posixpath
 import re
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Annotated, Any
@@ -574,13 +575,17 @@ class BuildDir:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        else:
-            buffer = io.BytesIO()
-            write(buffer)
-            self.fs.pipe_file(path, buffer.getvalue())
+        else:  # spooled to a local file, then one upload: never a copy of the file in memory
+            with tempfile.TemporaryDirectory(prefix="imgindex-put-") as spool:
+                tmp = os.path.join(spool, "file")
+                with open(tmp, "wb") as f:
+                    write(f)
+                self.fs.put_file(tmp, path)
 
     def write_index(self, name: str, index: faiss.Index) -> None:
-        self._put(name, lambda f: f.write(faiss.serialize_index(index).tobytes()))
+        """Streamed to the file a block at a time: a sub-index is never copied in memory (the
+        serialized bytes were two more copies of it, tripling a worker's peak)."""
+        self._put(name, lambda f: faiss.write_index(index, faiss.PyCallbackIOWriter(f.write)))
 
     def local_file(self, name: str, where: Path) -> str:
         """A local path of the file: itself, or a copy downloaded into `where`."""
@@ -593,7 +598,8 @@ class BuildDir:
     def read_index(self, name: str, flags: int = 0) -> faiss.Index:
         if self.local:
             return faiss.read_index(self.path(name), flags)
-        return faiss.deserialize_index(np.frombuffer(self.fs.cat_file(self.path(name)), dtype=np.uint8))
+        with self.fs.open(self.path(name), "rb") as f:  # read a block at a time, not whole into memory first
+            return faiss.read_index(faiss.PyCallbackIOReader(f.read), flags)
 
     def write_table(self, name: str, table: pa.Table, row_group_size: int | None = None) -> None:
         self._put(name, lambda f: pq.write_table(table, f, compression="zstd", row_group_size=row_group_size))

@@ -431,3 +431,52 @@ def test_merging_sorted_runs_of_any_sizes_gives_the_one_sort(tmp_path):
     assert rows == start and merged.select(["key", "shard"]).equals(whole.select(["key", "shard"]))
     triples = lambda t: sorted(zip(t["key"].to_pylist(), t["shard"].to_pylist(), t["row"].to_pylist()))  # noqa: E731
     assert triples(merged) == triples(whole)  # every row once, under its own key and shard
+
+
+def _sub_index(count: int = 40_000, dim: int = 64):
+    import faiss
+
+    vectors = clustered_vectors(count, dim, clusters=64, seed=3)
+    index = faiss.index_factory(dim, "IVF64,Flat", faiss.METRIC_INNER_PRODUCT)
+    index.train(vectors[:5_000])
+    index.add(vectors)
+    return index, vectors[:20], count * dim * 4
+
+
+def traced_peak(step) -> tuple[object, int]:
+    """(step's result, the peak of Python-tracked memory while it ran: numpy arrays and bytes)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        result = step()
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("where", ["local", "remote"])
+def test_a_sub_index_is_written_and_read_back_without_a_copy_of_it_in_memory(tmp_path, where):
+    """Before: BuildDir.write_index held faiss.serialize_index's array and its .tobytes() copy at
+    once, so a build worker peaked at three times its sub-index (the 5M benchmark's one-process
+    build: 12.7 GB of anonymous memory for sub-indexes of 3.9 GB); on a remote store it also built
+    the whole file in a BytesIO and uploaded its getvalue(), and read an index back as one bytes
+    object. "remote" is the fsspec code path of object stores, on a filesystem that is not local
+    (a DirFileSystem over this folder), so that only this process's copies are counted."""
+    from fsspec.implementations.dirfs import DirFileSystem
+    from fsspec.implementations.local import LocalFileSystem
+
+    from imgindex.formats.index_dir import BuildDir
+
+    index, queries, codes = _sub_index()
+    build = BuildDir(str(tmp_path / "_build"))
+    build.makedirs()
+    if where == "remote":
+        build.fs, build.root, build.local = DirFileSystem(str(tmp_path / "_build"), LocalFileSystem()), "", False
+    _, peak = traced_peak(lambda: build.write_index("add-00000.faiss", index))
+    assert peak < codes / 4, (peak, codes)
+    assert (tmp_path / "_build" / "add-00000.faiss").stat().st_size > codes
+    back, peak = traced_peak(lambda: build.read_index("add-00000.faiss"))
+    assert peak < codes / 4, (peak, codes)
+    index.nprobe = back.nprobe = 8
+    assert np.array_equal(back.search(queries, 5)[1], index.search(queries, 5)[1])

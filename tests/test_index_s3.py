@@ -133,7 +133,8 @@ def test_add_to_an_index_on_s3_uploads_only_the_files_it_wrote(s3, tmp_path, mon
     put = s3fs.S3FileSystem._put_file  # the coroutine behind put_file (mirrored on each instance)
 
     async def counted(self, local, remote, *args, **kwargs):
-        uploaded.append(remote.rsplit("/", 1)[1])
+        if "/_build/" not in remote:  # the index's files (the build's scratch files are uploaded too)
+            uploaded.append(remote.rsplit("/", 1)[1])
         return await put(self, local, remote, *args, **kwargs)
 
     monkeypatch.setattr(s3fs.S3FileSystem, "_put_file", counted)
@@ -146,3 +147,23 @@ def test_add_to_an_index_on_s3_uploads_only_the_files_it_wrote(s3, tmp_path, mon
     monkeypatch.setenv("IMGINDEX_CACHE", str(tmp_path / "fresh"))  # a searcher with nothing cached
     hit = Searcher("s3://bucket/added").search_vectors(vectors[2_500], k=1)[0][0]
     assert (hit.shard, hit.key) == ("new-00002", "new500")
+
+
+def test_a_sub_index_goes_to_the_store_and_back_streamed(s3):
+    """A remote BuildDir spools a file locally and uploads it in one put (no BytesIO of the whole
+    file), and reads an index back through a block reader: both on a real S3 API. (Their memory
+    is measured in test_index_parallel, on a filesystem that is not local: the server here runs in
+    this process, so its own copies would be counted.)"""
+    from imgindex.formats.index_dir import BuildDir
+    from test_index_parallel import _sub_index
+
+    _, fs = s3
+    index, queries, codes = _sub_index()
+    build = BuildDir("s3://bucket/streamed/_build")
+    build.fs = fs  # the test's store (its endpoint and keys)
+    build.write_index("add-00000.faiss", index)
+    assert fs.info("bucket/streamed/_build/add-00000.faiss")["size"] > codes
+    assert not fs.ls("bucket/streamed/_build")[1:]  # one object, no temporary one left beside it
+    back = build.read_index("add-00000.faiss")
+    index.nprobe = back.nprobe = 8
+    assert np.array_equal(back.search(queries, 5)[1], index.search(queries, 5)[1])

@@ -201,19 +201,25 @@ class JoinWorker(StageWorker):
             _, _, queries, query_rank = read_ranks(self.runs, self.spec.against_parts, lo, hi, prefix="q")
         order = np.lexsort((queries, query_rank))
         queries, query_rank = queries[order], query_rank[order]
-        # every query's vector once: from this group's members where it is one, else read (sorted,
-        # memory-mapped) from the partition of the list that holds it
+        # every query's vector once, in `held` after the members: from this group's members where it
+        # is one, else read (sorted, memory-mapped) from the partition of the list that holds it,
+        # straight into its place (one copy)
         unique, where = np.unique(queries, return_inverse=True)
-        query_vectors = np.empty((len(unique), self.spec.dim), np.float32)
         local = np.zeros(len(unique), bool)
+        place = np.empty(len(unique), np.int64)  # each unique query's row in `held`
         if not against:
             by_row = np.argsort(members, kind="stable")
             at = np.searchsorted(members, unique, sorter=by_row)
             local = at < len(members)
             local[local] = members[by_row[at[local]]] == unique[local]
-            query_vectors[local] = member_vectors[by_row[at[local]]]
-        query_vectors[~local] = read_rows(self.runs, self.against_starts if against else self.starts,
-                                          unique[~local], self.spec.dim, "q" if against else "")
+            place[local] = by_row[at[local]]
+        remote = unique[~local]
+        held = np.empty((len(members) + len(remote), self.spec.dim), np.float32)
+        held[:len(members)] = member_vectors
+        del member_vectors
+        place[~local] = len(members) + read_rows(self.runs, self.against_starts if against else self.starts,
+                                                 remote, held[len(members):], "q" if against else "")
+        slot_of = place[where]  # each (query, list) record's row in `held`
         pairs = CappedPairs(self.spec.cap)
         m_edges = np.searchsorted(member_rank, np.arange(lo, hi + 1))
         q_edges = np.searchsorted(query_rank, np.arange(lo, hi + 1))
@@ -221,9 +227,9 @@ class JoinWorker(StageWorker):
             m0, m1, q0, q1 = m_edges[r], m_edges[r + 1], q_edges[r], q_edges[r + 1]
             if m0 == m1 or q0 == q1:
                 continue
-            slots = where[q0:q1]
-            list_pairs(queries[q0:q1], lambda a, b: query_vectors[slots[a:b]], members[m0:m1],
-                       lambda a, b: member_vectors[m0 + a:m0 + b], self.spec.threshold, not against, pairs.add,
+            slots = slot_of[q0:q1]
+            list_pairs(queries[q0:q1], lambda a, b: held[slots[a:b]], members[m0:m1],
+                       lambda a, b: held[m0 + a:m0 + b], self.spec.threshold, not against, pairs.add,
                        self.product)
         q, d, s, capped = pairs.final()
         save_arrays(self.pairs / f"{task.group:06d}.npz", q=q, d=d, s=s, capped=capped)
@@ -305,21 +311,23 @@ def read_member_vectors(folder: Path, runs: int, lo: int, hi: int) -> np.ndarray
     return np.concatenate(taken)
 
 
-def read_rows(folder: Path, starts: np.ndarray, rows: np.ndarray, dim: int, prefix: str = "") -> np.ndarray:
-    """The stored vectors of `rows` (ascending), each read from the run of its part at its slot
-    there (memory-mapped, slots sorted: only those rows' pages are read)."""
+def read_rows(folder: Path, starts: np.ndarray, rows: np.ndarray, out: np.ndarray, prefix: str = "") -> np.ndarray:
+    """The stored vectors of `rows` (ascending) into `out` (len(rows) x dim, C-contiguous), each
+    read from the run of its part at its slot there (memory-mapped, slots sorted: only those rows'
+    pages are read, and each is copied once, straight into `out`). Returns where each row went:
+    rows[i]'s vector is out[returned[i]] (the rows of a part in the order of their slots)."""
+    placed = np.empty(len(rows), np.int64)
     parts = np.searchsorted(starts, rows, side="right") - 1
-    taken = []
-    for number in np.unique(parts):
-        mine = rows[parts == number] - starts[number]
-        slots = np.load(folder / f"{prefix}{number:06d}.where.npy", mmap_mode="r")[mine]
+    edges = np.r_[0, np.nonzero(np.diff(parts))[0] + 1, len(rows)] if len(rows) else [0]
+    for lo, hi in zip(edges[:-1], edges[1:]):  # `rows` ascending: each part's rows are consecutive
+        number = int(parts[lo])
+        slots = np.load(folder / f"{prefix}{number:06d}.where.npy", mmap_mode="r")[rows[lo:hi] - starts[number]]
+        order = np.argsort(slots, kind="stable")
         vectors = np.load(folder / f"{prefix}{number:06d}.vectors.npy", mmap_mode="r")
-        order = np.argsort(slots)
-        block = np.empty((len(slots), vectors.shape[1]), np.float32)
-        block[order] = vectors[slots[order]]
-        taken.append(block)
+        np.take(vectors, slots[order], axis=0, out=out[lo:hi], mode="clip")  # (clip: no buffered copy)
+        placed[lo + order] = np.arange(lo, hi)
         del vectors
-    return np.concatenate(taken) if taken else np.zeros((0, dim), np.float32)
+    return placed
 
 
 def partition_done(folder: Path, part: IndexPart) -> bool:
